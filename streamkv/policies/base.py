@@ -1,0 +1,57 @@
+"""The policy interface: a policy only *decides* which cached tokens stay; it never touches K/V."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass
+class Decision:
+    """Keep these cache slots (indices into the current cache order, ascending); drop the rest."""
+
+    keep: np.ndarray
+    refreshed: int = 0  # tokens moved into the refresh region by this prune (refresh policies)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepView:
+    """What a policy may look at after a step, host-side and cheap.
+
+    token_pos: original text positions of the cached tokens, in cache order.
+    step: text position of the step's (last) input token.
+    """
+
+    token_pos: np.ndarray
+    step: int
+
+
+class Policy:
+    """Base class. Subclasses set `name` and implement `decide`.
+
+    position_mode: "shift" = StreamingLLM (kept tokens get contiguous positions in cache order);
+    "original" = each token keeps its position in the text (score-based baselines, as kvpress).
+    """
+
+    name = "base"
+    position_mode = "shift"
+
+    def __init__(self, cfg):
+        self.n_sink = int(cfg.n_sink)
+        self.window = int(cfg.window)
+        self.compress_every = int(cfg.compress_every)
+        self.pcfg = cfg.policy
+
+    def reset(self) -> None:
+        """Forget per-run state (called before warm-up and before the timed run)."""
+
+    def decide(self, view: StepView) -> Optional[Decision]:
+        raise NotImplementedError
+
+    def sink_and_recent(self, length: int, recent: int) -> np.ndarray:
+        """Slots of the first n_sink tokens and the `recent` most recent ones."""
+        recent = min(recent, length - self.n_sink)
+        return np.concatenate([np.arange(self.n_sink), np.arange(length - recent, length)])

@@ -1,0 +1,12 @@
+from __future__ import annotations
+
+from streamkv.policies.base import Policy
+
+
+class FullPolicy(Policy):
+    """No eviction: the oracle (equals one plain forward pass over the whole text)."""
+
+    name = "full"
+
+    def decide(self, view):
+        return None

@@ -1,0 +1,86 @@
+"""The run record (docs/run-record.md): per-token and per-prune tables, then result.json, written
+atomically and last so that a half-written run never looks finished."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SCHEMA_VERSION = 1
+# Fields that do not change what a run measures: left out of its identity.
+NON_IDENTITY_KEYS = ("progress",)
+EVENT_COLUMNS = ["step", "dropped", "kept", "visible_before", "visible_after", "refreshed"]
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def run_identity(config: dict) -> str:
+    """sha256 of the resolved run config minus presentation-only fields (used to skip finished runs)."""
+    core = {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    import streamkv
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "streamkv": streamkv.__version__}
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_parquet(path: Path, df: pd.DataFrame) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def write_tables(run_dir: Path, result) -> None:
+    tokens = pd.DataFrame({
+        "index": result.index.astype(np.int64), "token_id": result.token_id.astype(np.int64),
+        "nll": result.nll.astype(np.float32), "visible_kv": result.visible_kv.astype(np.int32),
+        "entropy": result.entropy.astype(np.float32)})
+    write_parquet(run_dir / "tokens.parquet", tokens)
+    events = pd.DataFrame(result.events, columns=EVENT_COLUMNS).astype("int64")
+    write_parquet(run_dir / "events.parquet", events)
+
+
+def write_result(run_dir: Path, payload: dict) -> None:
+    payload = {"schema": SCHEMA_VERSION, **payload}
+    _atomic_write_bytes(run_dir / "result.json", (json.dumps(payload, indent=2, default=str) + "\n").encode())
+
+
+def read_result(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / "result.json").read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,124 @@
+"""One run: config -> model + text -> evaluate -> run record. Knows nothing about Hydra beyond
+receiving a composed, validated config (an OmegaConf node) and a run directory."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from streamkv import config as C
+from streamkv.cache import build_cache
+from streamkv.decoder import Decoder
+from streamkv.evaluate import Evaluator
+from streamkv.metrics import summarize
+from streamkv.models import load_model, resolve_device, resolve_dtype
+from streamkv.policies import build_policy
+from streamkv.record import git_commit, run_identity, utc_now, versions, write_result, write_tables
+
+log = logging.getLogger("streamkv")
+
+# Reused across the runs of one process (a local sweep): the last model and the last text.
+_MODEL_MEMO: dict = {}
+_TEXT_MEMO: dict = {}
+
+
+def _memo(store: dict, key, make):
+    if key not in store:
+        store.clear()  # keep one: a sweep over models must not hold them all in memory
+        gc.collect()
+        store[key] = make()
+    return store[key]
+
+
+def load_token_ids(dcfg, tokenizer, tokenizer_key: str) -> list[int]:
+    from streamkv.corpora import load_text
+
+    def make():
+        text = load_text(dcfg.name, path=dcfg.path)
+        ids = tokenizer.encode(text)
+        return ids[: dcfg.max_tokens] if dcfg.max_tokens else ids
+
+    key = (dcfg.name, dcfg.path, dcfg.max_tokens, tokenizer_key)
+    return _memo(_TEXT_MEMO, key, make)
+
+
+def plain_config(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
+    import platform
+
+    return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def run_job(cfg, run_dir: Path) -> dict:
+    """Run one config and write its record. Returns the result payload (status ok); raises on failure
+    (the caller records the failure)."""
+    C.validate(cfg)
+    started = utc_now()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise C.ConfigError("device: cuda requested but no CUDA device is available (use device=cpu)")
+    dtype = resolve_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+
+    mkey = (str(OmegaConf.to_container(cfg.model)), str(device), str(dtype))
+    loaded = _memo(_MODEL_MEMO, mkey, lambda: load_model(cfg.model, device, dtype))
+    ids_list = load_token_ids(cfg.dataset, loaded.tokenizer, getattr(loaded.tokenizer, "name_or_path", ""))
+    if len(ids_list) <= max(cfg.prefill_tokens, 1):
+        raise C.ConfigError(f"prefill_tokens: the text has only {len(ids_list)} tokens; "
+                            f"need more than prefill_tokens={cfg.prefill_tokens}")
+    ids = torch.tensor(ids_list, dtype=torch.long, device=device)
+    log.info("model %s (%s), %d tokens of %s, device %s %s", cfg.model.name, loaded.info["arch"], len(ids),
+             cfg.dataset.name, device, dtype)
+
+    policy = build_policy(cfg)
+    decoder = Decoder(loaded.model, max_positions=len(ids) + 1)
+    s = decoder.shape
+    cache = build_cache(cfg.cache.name, n_layers=s.n_layers, n_kv_heads=s.n_kv_heads, head_dim=s.head_dim,
+                        dtype=decoder.dtype, device=device, position_mode=policy.position_mode,
+                        capacity=cfg.n_sink + cfg.window + cfg.compress_every)
+    evaluator = Evaluator(decoder, cache, policy, device, progress=cfg.progress)
+    evaluator.warm_up(ids, cfg.prefill_tokens, cfg.warmup_steps)
+    result = evaluator.run(ids, cfg.prefill_tokens)
+    metrics = summarize(result)
+
+    write_tables(run_dir, result)
+    payload = {
+        "status": "ok", "error": None, "identity": run_identity(plain_config(cfg)), "config": plain_config(cfg),
+        "metrics": metrics, "model": loaded.info,
+        "dataset": {"name": cfg.dataset.name, "n_tokens": len(ids), "path": cfg.dataset.path},
+        "device": device_info(device), "versions": versions(), "git_commit": git_commit(),
+        "started_at": started, "finished_at": utc_now(),
+    }
+    write_result(run_dir, payload)
+    return payload
+
+
+def record_failure(cfg, run_dir: Path, exc: BaseException, started: str) -> dict:
+    """Write a failed record (status, error type and message); free GPU memory for the next run."""
+    kind = type(exc).__name__
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        kind = "OutOfMemoryError"
+    _MODEL_MEMO.clear() if kind == "OutOfMemoryError" else None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        config = plain_config(cfg)
+        identity = run_identity(config)
+    except Exception:  # an unresolvable config still gets a record
+        config, identity = None, None
+    payload = {"status": "failed", "error": {"type": kind, "message": str(exc).strip().splitlines()[0][:500]
+                                              if str(exc).strip() else kind},
+               "identity": identity, "config": config, "metrics": {}, "versions": versions(),
+               "git_commit": git_commit(), "started_at": started, "finished_at": utc_now()}
+    write_result(run_dir, payload)
+    return payload
