@@ -23,7 +23,7 @@ data: $(STAMP)
 	$(VPY) -m streamkv.fetch
 
 run: setup
-	$(VPY) run.py
+	$(VPY) run.py dataset.max_tokens=512 window=256
 
 test: setup
 	$(VPY) -m pytest -q -x --timeout=900 tests

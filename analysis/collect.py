@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -47,7 +48,12 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
                 dirnames[:] = []
             else:
                 dirnames[:] = sorted(n for n in dirnames if n != ".hydra")
-    return sorted(found, key=str)
+    return sorted(found, key=natural_key)
+
+
+def natural_key(p: Path | str) -> list:
+    """Sort key that puts Hydra job dirs in numeric order (2 before 10)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -140,20 +146,22 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _tidy_column(s: pd.Series) -> pd.Series:
-    """Give a config column one clean dtype so parquet accepts it and CSV prints `4`, not `4.0`."""
-    vals = [v for v in s if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return s.astype("object")
-    if all(isinstance(v, bool) for v in vals):
-        return s.astype("boolean")
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-        return s.astype("Int64")
-    if all(_is_number(v) for v in vals):
-        return s.astype("float64")
-    if all(isinstance(v, str) for v in vals):
-        return s.astype("object")
-    return s.map(lambda v: v if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)).astype("object")
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _tidy_column(raw: list[Any]) -> pd.Series:
+    """One clean dtype per config column, decided from the raw Python values (before pandas turns
+    ints with gaps into floats), so parquet accepts it and CSV prints `4`, not `4.0`."""
+    vals = [v for v in raw if not _missing(v)]
+    if vals and all(isinstance(v, bool) for v in vals):
+        return pd.Series(raw, dtype="boolean")
+    if vals and all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        return pd.Series([None if _missing(v) else v for v in raw], dtype="Int64")
+    if vals and all(_is_number(v) for v in vals):
+        return pd.Series([float("nan") if _missing(v) else float(v) for v in raw], dtype="float64")
+    # strings, or mixed kinds (e.g. a knob that is a number in one policy and a word in another): text
+    return pd.Series([None if _missing(v) else (v if isinstance(v, str) else str(v)) for v in raw], dtype="object")
 
 
 def order_config_columns(cols: Iterable[str]) -> list[str]:
@@ -171,7 +179,7 @@ def order_config_columns(cols: Iterable[str]) -> list[str]:
 def collect(paths: Iterable[str | os.PathLike]) -> tuple[pd.DataFrame, list[str], list[str]]:
     """Scan `paths` -> (runs DataFrame, config column names, metric column names).
 
-    Rows are sorted by path, columns by a fixed order, so the same inputs give the same table.
+    Rows are sorted by path (numbers numerically), columns by a fixed order, so the same inputs give the same table.
     """
     dirs = find_run_dirs(paths)
     if not dirs:
@@ -194,14 +202,10 @@ def collect(paths: Iterable[str | os.PathLike]) -> tuple[pd.DataFrame, list[str]
         r.update({met_names[m]: metrics.get(m) for m in met_cols})
         records.append(r)
     met_order = sorted(met_names.values())
-    df = pd.DataFrame.from_records(records, columns=cfg_order + list(INFO) + met_order)
-    for c in cfg_order:
-        df[c] = _tidy_column(df[c])
-    for c in INFO:
-        df[c] = df[c].astype("object")
-    for c in met_order:
-        df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
-    return df.reset_index(drop=True), cfg_order, met_order
+    cols: dict[str, pd.Series] = {c: _tidy_column([r[c] for r in records]) for c in cfg_order}
+    cols.update({c: pd.Series([r[c] for r in records], dtype="object") for c in INFO})
+    cols.update({c: pd.Series([r[c] for r in records], dtype="float64") for c in met_order})
+    return pd.DataFrame(cols, columns=cfg_order + list(INFO) + met_order), cfg_order, met_order
 
 
 def write_runs(df: pd.DataFrame, out: Path) -> None:

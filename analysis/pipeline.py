@@ -44,6 +44,7 @@ class Result:
     summary: Summary
     findings: list[Finding]
     plots: list[Path]
+    traces: list[str]   # run directories whose NLL / visible-KV traces were drawn
     warnings: list[str]
 
 
@@ -54,6 +55,8 @@ def _slug(s: str) -> str:
 def _validate(opts: Options, runs: pd.DataFrame, group_cols: list[str]) -> tuple[dict, dict]:
     baseline = parse_spec(opts.baseline, "--baseline")
     lazy = parse_spec(opts.lazy, "--lazy-prune")
+    if not (runs["status"] == "ok").any():
+        return baseline, lazy  # nothing to summarise: report the failed/incomplete runs only
     check_columns(runs, baseline, "--baseline")
     check_columns(runs, lazy, "--lazy-prune")
     check_columns(runs, opts.match, "--match")
@@ -105,6 +108,8 @@ def _choose_traces(opts: Options, runs: pd.DataFrame, s: Summary) -> tuple[list[
     picked: list[int] = []
     for i in range(max((len(x) for x in lists), default=0)):
         picked += [x[i] for x in lists if i < len(x) and x[i] not in picked]
+    if not picked:  # no baseline/Pareto/lazy config (e.g. no baseline at all): the first configs
+        picked = list(t.index)
     chosen = []
     for i in picked:
         if len(chosen) >= opts.traces:
@@ -122,9 +127,10 @@ def _load_trace(r: pd.Series, label: str):
     return label, tok, ev
 
 
-def make_plots(opts: Options, runs: pd.DataFrame, s: Summary, group_cols: list[str]) -> tuple[list[Path], list[str], list[str]]:
+def make_plots(opts: Options, runs: pd.DataFrame, s: Summary,
+               group_cols: list[str]) -> tuple[list[Path], list[str], list[str], list[str]]:
     """Write all figures under out/plots (stale PNG/SVG there removed first); return PNGs, their
-    captions, and warnings."""
+    captions, the traced run dirs, and warnings."""
     pdir = opts.out / "plots"
     if pdir.is_dir():
         for f in sorted(pdir.iterdir()):
@@ -147,17 +153,25 @@ def make_plots(opts: Options, runs: pd.DataFrame, s: Summary, group_cols: list[s
         fig = plots.tpot_vs_compress_plot(t, ["model", "dataset"] + (["device_name"] if multi_dev else []), series)
         pngs.append(plots.save(fig, pdir, "tpot_vs_compress_every"))
         captions.append("Median TPOT vs compress_every")
-    chosen, warn = _choose_traces(opts, runs, s)
+    chosen, trace_warn = _choose_traces(opts, runs, s)
+    warn += trace_warn
+    tvary = [c for c in varying(runs, group_cols) if c != "device_name"] or ["policy"]
+    traces, ok_chosen = [], []
+    for r in chosen:
+        try:
+            traces.append(_load_trace(r, config_label(r, tvary)))
+            ok_chosen.append(r)
+        except Exception as e:  # a damaged parquet loses its trace, not the report
+            warn.append(f"trace of {r['path']} skipped: {type(e).__name__}: {e}")
+    chosen = ok_chosen
     if chosen:
-        tvary = [c for c in varying(runs, group_cols) if c != "device_name"] or ["policy"]
-        traces = [_load_trace(r, config_label(r, tvary)) for r in chosen]
         pngs.append(plots.save(plots.trace_plot(traces, opts.rolling), pdir, "nll_traces"))
         captions.append(f"NLL per token (rolling mean of {opts.rolling}) with prunes")
         pngs.append(plots.save(plots.visible_kv_plot(traces), pdir, "visible_kv"))
-        captions.append("Visible KV per token")
-    elif opts.traces or opts.trace_runs:
+        captions.append("Visible KV per token (traced runs: " + ", ".join(f"`{r['path']}`" for r in chosen) + ")")
+    elif (opts.traces or opts.trace_runs) and len(t):
         warn.append("no NLL traces: no chosen ok run has a tokens.parquet")
-    return pngs, captions, warn
+    return pngs, captions, [str(r["path"]) for r in chosen], warn
 
 
 def _findings_table(fs: list[Finding], scope_cols: list[str]) -> pd.DataFrame:
@@ -178,11 +192,11 @@ def run(opts: Options) -> Result:
     write_runs(runs, opts.out)
     write_summary(s, opts.out)
     findings = verdicts(s, opts.long_ppl_max, opts.wiki_ppl_max) + recommend(s, opts.short_ppl_max)
-    pngs, captions, plot_warn = make_plots(opts, runs, s, group_cols)
+    pngs, captions, traced, plot_warn = make_plots(opts, runs, s, group_cols)
     warnings = list(s.warnings) + plot_warn
     _write_summary_md(opts, s, warnings)
     _write_report(opts, runs, s, findings, pngs, captions, warnings)
-    return Result(runs, s, findings, pngs, warnings)
+    return Result(runs, s, findings, pngs, traced, warnings)
 
 
 def _settings_blocks(opts: Options, s: Summary) -> list:
@@ -239,7 +253,7 @@ def _write_report(opts: Options, runs: pd.DataFrame, s: Summary, findings: list[
     for png, cap in zip(pngs, captions):
         blocks += [("p", f"**{cap}**"), ("img", str(png.relative_to(opts.out)), cap)]
     bad = runs[runs["status"] != "ok"]
-    lab_cols = [c for c in varying(runs, s.group_cols) if c != "device_name"] or ["policy"]
+    lab_cols = [c for c in varying(runs, s.group_cols) if c != "device_name"] or [c for c in ("policy",) if c in runs]
     bad_view = pd.DataFrame({"status": bad["status"], "config": [config_label(r, lab_cols) for _, r in bad.iterrows()],
                              "error_type": bad["error_type"], "error": bad["error"], "path": bad["path"]})
     blocks += [("h", 2, "Failed and incomplete runs"),

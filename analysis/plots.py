@@ -25,6 +25,8 @@ plt.rcParams["figure.max_open_warning"] = 0
 TPOT_LABEL = "TPOT (ms)"
 PPL_INC_LABEL = "PPL increase vs baseline (%)"
 # Short names for point labels; other knobs keep their own (last) name.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+DASHES = ("-", "--", ":", "-.")
 ABBREV = {"window": "w", "compress_every": "R", "n_sink": "s", "prefill_tokens": "pf"}
 
 
@@ -66,23 +68,30 @@ def pareto_plot(t: pd.DataFrame, title: str, label_cols: list[str], facet_cols: 
     out: the report lists them.
     """
     t = t[t["tpot_ms_median"].notna() & t["ppl_increase_pct"].notna()].copy()
-    t["policy_"] = norm_series(t["policy"]) if "policy" in t else "-"
+    t = t.drop(columns=[c for c in ("policy ", "cache/backend") if c in t])
+    # seaborn titles the legend sections by column name: "policy " (text form of policy) and "cache/backend".
+    t["policy "] = norm_series(t["policy"]) if "policy" in t else "-"
     t["cache/backend"] = _style_col(t)
     fkey = _facet_key(t, list(facet_cols))
     facets = sorted(set(fkey)) or [""]
     fig, axes = plt.subplots(1, len(facets), figsize=(6.4 * len(facets), 4.8), squeeze=False)
-    pal = palette(t["policy_"])
+    pal = palette(t["policy "])
     styles = sorted(set(t["cache/backend"]))
     for ax, f in zip(axes[0], facets):
         g = t[fkey == f].sort_values(["tpot_ms_median", "ppl_increase_pct"], kind="mergesort")
         if not g.empty:
-            sns.scatterplot(data=g, x="tpot_ms_median", y="ppl_increase_pct", hue="policy_", style="cache/backend",
+            sns.scatterplot(data=g, x="tpot_ms_median", y="ppl_increase_pct", hue="policy ", style="cache/backend",
                             hue_order=list(pal), style_order=styles, palette=pal, s=60, ax=ax, zorder=3)
             ax.collections[-1].set_gid("configs")
             front = g[g["pareto"]]
             if len(front):
-                ax.step(front["tpot_ms_median"], front["ppl_increase_pct"], where="post", color="0.4",
-                        lw=1, ls="--", zorder=2, label="Pareto frontier", gid="frontier")
+                # Staircase from the top of the plot down through the frontier points (sorted by TPOT),
+                # then flat to the slowest config: the boundary of the dominated region, visible even
+                # when a single point is optimal.
+                fx = [front["tpot_ms_median"].iloc[0]] + list(front["tpot_ms_median"]) + [g["tpot_ms_median"].max()]
+                fy = [g["ppl_increase_pct"].max()] + list(front["ppl_increase_pct"]) + [front["ppl_increase_pct"].iloc[-1]]
+                ax.step(fx, fy, where="post", color="0.4", lw=1, ls="--", zorder=2, label="Pareto frontier",
+                        gid="frontier")
             base = g[g["is_baseline"]]
             if len(base):
                 ax.scatter(base["tpot_ms_median"], base["ppl_increase_pct"], s=220, facecolors="none",
@@ -90,7 +99,7 @@ def pareto_plot(t: pd.DataFrame, title: str, label_cols: list[str], facet_cols: 
             for _, r in g.iterrows():
                 ax.annotate(compact_label(r, label_cols), (r["tpot_ms_median"], r["ppl_increase_pct"]),
                             xytext=(4, 4), textcoords="offset points", fontsize=7, color="0.25")
-            ax.legend(fontsize=7, loc="best")
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a point
         ax.axhline(0, color="0.8", lw=0.8, zorder=1)
         ax.set_xlabel(TPOT_LABEL)
         ax.set_ylabel(PPL_INC_LABEL)
@@ -152,19 +161,25 @@ def tpot_vs_compress_plot(t: pd.DataFrame, facet_cols: list[str], series_cols: l
         skey = pd.Series("", index=g.index)
         for c in series_cols:
             skey = skey + " " + g.apply(lambda r, c=c: compact_label(r, [c]), axis=1)
+        seen: dict[str, int] = {}
         for k in sorted(set(skey)):
             s = g[skey == k].sort_values("compress_every")
             pol = norm(s["policy"].iloc[0]) if "policy" in s else "-"
-            ax.plot(s["compress_every"].astype(float), s["tpot_ms_median"], marker="o", ms=4, lw=1,
-                    color=pal.get(pol, "C0"), label=f"{pol}{k}", gid=f"series:{pol}{k}")
-        vals = g["compress_every"].astype(float)
-        if len(vals) and vals.max() / max(vals.min(), 1) >= 8:
+            n = seen[pol] = seen.get(pol, -1) + 1  # same policy, other knobs: same colour, other marker/dash
+            ax.plot(s["compress_every"].astype(float), s["tpot_ms_median"], marker=MARKERS[n % len(MARKERS)],
+                    ls=DASHES[n % len(DASHES)], ms=5, lw=1, color=pal.get(pol, "C0"), label=f"{pol}{k}",
+                    gid=f"series:{pol}{k}")
+        vals = sorted(set(g["compress_every"].astype(float)))
+        if vals and vals[-1] / max(vals[0], 1) >= 8:
             ax.set_xscale("log", base=2)
+        if vals:
+            ax.set_xticks(vals, [f"{v:g}" for v in vals])
+            ax.minorticks_off()
         ax.set_xlabel("compress_every (R)")
         ax.set_ylabel(TPOT_LABEL)
         ax.set_title(f, fontsize=10)
         if len(g):
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

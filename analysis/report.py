@@ -59,16 +59,14 @@ def summary_view(t: pd.DataFrame, group_cols: list[str]) -> tuple[pd.DataFrame, 
         vals = {norm(v) for v in t[c]}
         if c in CORE or len(vals) > 1:
             keys.append(c)
-        elif c != "device_name":  # a single device is named in the caption under the table
-            v = vals.pop()
-            if v != NA:
-                common[c] = v
+        elif c != "device_name" and vals and (v := vals.pop()) != NA:  # one device: named in the caption
+            common[c] = v
+    keys = [c for c in keys if c in t]
     return display(t[keys + [c for c in SUMMARY_SHOW if c in t]]), common
 
 
 def devices_caption(df: pd.DataFrame) -> str:
-    names = sorted({norm(v) for v in df["device_name"]}) if "device_name" in df else []
-    names = [n if n != NA else "unknown" for n in names]
+    names = sorted({norm(v) if norm(v) != NA else "unknown" for v in df["device_name"]}) if "device_name" in df else []
     return "Devices: " + (", ".join(names) if names else "none")
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from .collect import order_config_columns
 from .select import NA, check_columns, matches, norm, norm_series
 
 # Metrics summarised per config (median, min, max); the names already carry their unit.
@@ -43,6 +41,7 @@ def group_columns(runs: pd.DataFrame, cfg_cols: list[str], group_by: list[str] |
         check_columns(runs, group_by, "--group-by")
         return list(group_by)
     ok = runs[runs["status"] == "ok"]
+    ok = ok if len(ok) else runs  # no ok run: the (empty) summary still gets sensible columns
     cols = [c for c in cfg_cols if c not in ignore and ok[c].notna().any()]
     return cols + ["device_name"]
 
@@ -173,18 +172,9 @@ def varying(t: pd.DataFrame, cols: list[str]) -> list[str]:
 
 def config_label(row: pd.Series, cols: list[str]) -> str:
     """`policy=streaming compress_every=4` from the given columns (missing values left out)."""
-    return " ".join(f"{c}={norm(row[c])}" for c in cols if norm(row[c]) != NA)
+    return " ".join(f"{c}={norm(row[c])}" for c in cols if c in row and norm(row[c]) != NA)
 
 
 def write_summary(s: Summary, out) -> None:
     s.table.to_parquet(out / "summary.parquet", index=False)
     s.table.to_csv(out / "summary.csv", index=False, float_format="%.10g", lineterminator="\n")
-
-
-def is_finite(v) -> bool:
-    return v is not None and isinstance(v, (int, float, np.floating)) and math.isfinite(v)
-
-
-__all__ = ["Summary", "summarize", "group_columns", "aggregate", "pareto_mask", "varying", "config_label",
-           "order_config_columns", "METRICS", "DEFAULT_IGNORE", "DEFAULT_BASELINE", "DEFAULT_MATCH",
-           "DEFAULT_PARETO_BY", "write_summary", "sort_table", "is_finite"]

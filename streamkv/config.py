@@ -13,8 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
-class ConfigError(ValueError):
-    """A user-facing config mistake; its message is one line: `field: what is allowed`."""
+from streamkv.errors import ConfigError  # noqa: F401  (re-exported: most callers import it from here)
 
 
 @dataclass
@@ -93,9 +92,6 @@ def register_configs() -> None:
 
 MODEL_KINDS = ("gguf", "hf", "tiny_llama", "tiny_neox")
 DATASETS = ("wiki", "book", "text_file", "wikitext", "pg19")
-CACHES = ("concat",)
-POLICIES = ("full", "streaming")
-BACKENDS = ("eager",)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -114,9 +110,6 @@ def validate(cfg: Any) -> None:
         _need(bool(cfg.dataset.path), "dataset.path: required for dataset=text_file (a UTF-8 text file)")
     if cfg.dataset.max_tokens is not None:
         _need(cfg.dataset.max_tokens >= 2, f"dataset.max_tokens: must be >= 2 (got {cfg.dataset.max_tokens})")
-    _need(cfg.cache.name in CACHES, f"cache: '{cfg.cache.name}' is not one of {', '.join(CACHES)}")
-    _need(cfg.policy.name in POLICIES, f"policy: '{cfg.policy.name}' is not one of {', '.join(POLICIES)}")
-    _need(cfg.backend.name in BACKENDS, f"backend: '{cfg.backend.name}' is not one of {', '.join(BACKENDS)}")
     _need(cfg.window >= 1, f"window: must be >= 1 (got {cfg.window})")
     _need(cfg.n_sink >= 0, f"n_sink: must be >= 0 (got {cfg.n_sink})")
     _need(cfg.compress_every >= 1, f"compress_every: must be >= 1 (got {cfg.compress_every})")
@@ -127,6 +120,14 @@ def validate(cfg: Any) -> None:
     dev = str(cfg.device)
     _need(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
           f"device: '{dev}' is not one of auto, cpu, cuda, cuda:N")
+    # each registry checks its own group (names and knobs): one place per concept
+    from streamkv.backends import check_backend
+    from streamkv.cache import check_cache
+    from streamkv.policies import check_policy
+
+    check_policy(cfg)
+    check_cache(cfg)
+    check_backend(cfg)
     if cfg.dataset.max_tokens is not None:
         _need(cfg.prefill_tokens < cfg.dataset.max_tokens,
               f"prefill_tokens: must be < dataset.max_tokens ({cfg.prefill_tokens} >= {cfg.dataset.max_tokens})")

@@ -132,13 +132,13 @@ class Decoder:
                     x = x + attn
                     x = x + layer.mlp(layer.post_attention_layernorm(x))
             x = self.base.final_layer_norm(x)
-            logits = self.model.embed_out(x)
+            logits = self.model.get_output_embeddings()(x)
         else:
             x = self.base.embed_tokens(ids)
             for i, layer in enumerate(self.layers):
                 x = x + self._attention(i, layer, layer.input_layernorm(x), cache, q_pos)
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
             x = self.base.norm(x)
-            logits = self.model.lm_head(x)
+            logits = self.model.get_output_embeddings()(x)
         cache.end()
         return logits

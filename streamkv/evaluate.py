@@ -60,7 +60,8 @@ class Evaluator:
 
     def _maybe_prune(self, step: int, events: list | None) -> None:
         before = len(self.cache)
-        decision = self.policy.decide(StepView(token_pos=self.cache.token_pos, step=step))
+        decision = self.policy.decide(StepView(token_pos=self.cache.token_pos, step=step, entropy=self._entropy,
+                                               token_ids=self._ids_np))
         if decision is None:
             return
         self.cache.evict(decision.keep)
@@ -69,15 +70,22 @@ class Evaluator:
             events.append({"step": step, "dropped": before - after, "kept": after, "visible_before": before,
                            "visible_after": after, "refreshed": decision.refreshed})
 
+    def _prepare(self, ids: torch.Tensor) -> None:
+        self._ids_np = ids.cpu().numpy()
+        self._entropy = torch.zeros(len(ids), device=self.device)
+
     def warm_up(self, ids: torch.Tensor, prefill: int, steps: int) -> None:
         if steps <= 0:
             return
         self._reset()
+        self._prepare(ids)
         if prefill:
-            self.decoder.forward(ids[None, :prefill], self.cache)
+            logits = self.decoder.forward(ids[None, :prefill], self.cache)[0]
+            _, self._entropy[:prefill] = _score(logits, ids[1:prefill + 1])
             self._maybe_prune(prefill - 1, None)
         for t in range(prefill, min(prefill + steps, len(ids) - 1)):
-            self.decoder.forward(ids[None, t:t + 1], self.cache)
+            logits = self.decoder.forward(ids[None, t:t + 1], self.cache)[0]
+            _, self._entropy[t:t + 1] = _score(logits, ids[t + 1:t + 2])
             self._maybe_prune(t, None)
         _sync(self.device)
 
@@ -85,10 +93,11 @@ class Evaluator:
         n = len(ids)
         dev = self.device
         self._reset()
+        self._prepare(ids)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         nll = torch.zeros(n - 1, device=dev)
-        entropy = torch.zeros(n - 1, device=dev)
+        entropy = self._entropy[: n - 1]  # a view: policies read it through StepView
         visible = np.zeros(n - 1, dtype=np.int32)
         events: list = []
         _sync(dev)

@@ -46,6 +46,18 @@ def load_token_ids(dcfg, tokenizer, tokenizer_key: str) -> list[int]:
     return _memo(_TEXT_MEMO, key, make)
 
 
+def make_evaluator(cfg, hf_model, n_tokens: int, device: torch.device, tokenizer=None) -> Evaluator:
+    """Wire decoder, cache manager and policy for one run (also used by tests and benchmarks)."""
+    policy = build_policy(cfg)
+    decoder = Decoder(hf_model, max_positions=n_tokens + 1)
+    s = decoder.shape
+    cache = build_cache(cfg.cache.name, n_layers=s.n_layers, n_kv_heads=s.n_kv_heads, head_dim=s.head_dim,
+                        dtype=decoder.dtype, device=device, position_mode=policy.position_mode,
+                        capacity=cfg.n_sink + cfg.window + cfg.compress_every)
+    policy.attach(decoder, cache, tokenizer)
+    return Evaluator(decoder, cache, policy, device, progress=cfg.get("progress", False))
+
+
 def plain_config(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
@@ -79,13 +91,7 @@ def run_job(cfg, run_dir: Path) -> dict:
     log.info("model %s (%s), %d tokens of %s, device %s %s", cfg.model.name, loaded.info["arch"], len(ids),
              cfg.dataset.name, device, dtype)
 
-    policy = build_policy(cfg)
-    decoder = Decoder(loaded.model, max_positions=len(ids) + 1)
-    s = decoder.shape
-    cache = build_cache(cfg.cache.name, n_layers=s.n_layers, n_kv_heads=s.n_kv_heads, head_dim=s.head_dim,
-                        dtype=decoder.dtype, device=device, position_mode=policy.position_mode,
-                        capacity=cfg.n_sink + cfg.window + cfg.compress_every)
-    evaluator = Evaluator(decoder, cache, policy, device, progress=cfg.progress)
+    evaluator = make_evaluator(cfg, loaded.model, len(ids), device, loaded.tokenizer)
     evaluator.warm_up(ids, cfg.prefill_tokens, cfg.warmup_steps)
     result = evaluator.run(ids, cfg.prefill_tokens)
     metrics = summarize(result)

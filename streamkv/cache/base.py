@@ -26,6 +26,10 @@ class CacheManager:
         self.capacity = capacity  # upper bound on cached tokens (for preallocating managers)
         self.reset()
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Raise ConfigError if this manager cannot run `cfg` (policy, device, ...)."""
+
     def reset(self) -> None:
         self.token_pos = np.zeros(0, dtype=np.int64)  # original text position per slot, cache order
         self.next_pos = 0  # text position of the next token fed

@@ -7,8 +7,17 @@ from streamkv.policies.streaming import StreamingPolicy
 POLICIES = {cls.name: cls for cls in (FullPolicy, StreamingPolicy)}
 
 
+def check_policy(cfg) -> None:
+    """Raise ConfigError (one line) for an unknown policy or a bad knob combination."""
+    from streamkv.errors import ConfigError
+
+    if cfg.policy.name not in POLICIES:
+        raise ConfigError(f"policy: '{cfg.policy.name}' is not one of {', '.join(sorted(POLICIES))}")
+    POLICIES[cfg.policy.name].check(cfg)
+
+
 def build_policy(cfg) -> Policy:
     return POLICIES[cfg.policy.name](cfg)
 
 
-__all__ = ["Decision", "Policy", "StepView", "POLICIES", "build_policy"]
+__all__ = ["Decision", "Policy", "StepView", "POLICIES", "build_policy", "check_policy"]

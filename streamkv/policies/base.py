@@ -19,14 +19,20 @@ class Decision:
 
 @dataclass
 class StepView:
-    """What a policy may look at after a step, host-side and cheap.
+    """What a policy may look at after a step.
 
-    token_pos: original text positions of the cached tokens, in cache order.
+    token_pos: original text positions of the cached tokens, in cache order (host, cheap).
     step: text position of the step's (last) input token.
+    entropy: device tensor; entropy[i] = predictive entropy (nats) of the step whose input was
+      text position i (filled up to `step`). Reading it on the host syncs the GPU: only the
+      entropy-driven policies should.
+    token_ids: the whole text's token ids (host numpy), e.g. for structural token choices.
     """
 
     token_pos: np.ndarray
     step: int
+    entropy: Optional[object] = None
+    token_ids: Optional[np.ndarray] = None
 
 
 class Policy:
@@ -44,6 +50,14 @@ class Policy:
         self.window = int(cfg.window)
         self.compress_every = int(cfg.compress_every)
         self.pcfg = cfg.policy
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Raise ConfigError (one line naming the field) if cfg's knobs make no sense for this policy."""
+
+    def attach(self, decoder, cache, tokenizer=None) -> None:
+        """Called once before the run: score-based policies hook `decoder.attention_observer` here,
+        token-class policies read the tokenizer."""
 
     def reset(self) -> None:
         """Forget per-run state (called before warm-up and before the timed run)."""

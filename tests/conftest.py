@@ -1,0 +1,83 @@
+"""Shared helpers: compose a run config the way run.py does, load models once per session, and
+run the evaluator in-process (fast) for the numerical tests."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from streamkv.config import register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=["device=cpu", "dtype=float32", *overrides])
+    validate(cfg)
+    return cfg
+
+
+@functools.lru_cache(maxsize=4)
+def load(kind: str):
+    from omegaconf import OmegaConf
+
+    from streamkv.models import load_model
+
+    mcfg = compose(f"model={kind}").model
+    return load_model(mcfg, torch.device("cpu"), torch.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def text_ids(kind: str, name: str = "wiki", n: int = 400) -> torch.Tensor:
+    from streamkv.corpora import load_text
+
+    return torch.tensor(load(kind).tokenizer.encode(load_text(name))[:n])
+
+
+def evaluate(kind: str, ids: torch.Tensor, *overrides: str, spy=None):
+    """Run one config in-process on `ids`; returns the EvalResult. `spy(cache)` runs after each prune."""
+    from streamkv.runner import make_evaluator
+
+    cfg = compose(f"model={kind}", *overrides)
+    ev = make_evaluator(cfg, load(kind).model, len(ids), torch.device("cpu"), load(kind).tokenizer)
+    if spy is not None:
+        evict = ev.cache.evict
+
+        def spying_evict(keep):
+            evict(keep)
+            spy(ev.cache)
+
+        ev.cache.evict = spying_evict
+    return ev.run(ids, cfg.prefill_tokens)
+
+
+def hf_nll(kind: str, ids: torch.Tensor) -> np.ndarray:
+    """The oracle: one plain HF forward pass over the whole text."""
+    with torch.inference_mode():
+        logp = load(kind).model(ids[None]).logits[0].float().log_softmax(-1)
+    return (-logp[:-1].gather(-1, ids[1:, None])[:, 0]).numpy()
+
+
+def run_cli(*args: str, timeout: float = 600, cwd=ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([PYTHON, str(ROOT / "run.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
