@@ -76,6 +76,7 @@ wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
         if "$@" >/dev/null 2>&1; then return 0; fi
         sleep 0.2
     done
+    log "timed out after ${secs} s waiting for $what"
     return 1
 }
 
@@ -101,9 +102,12 @@ install_packages() {
     fi
     local rc=0
     export DEBIAN_FRONTEND=noninteractive
-    if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then apt-get update -q || rc=$?; fi
+    # Fresh containers have no package lists (Packages or Packages.lz4): update first.
+    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+        apt-get update -q >"$LOG/apt.log" 2>&1 || rc=$?
+    fi
     if ((rc == 0)); then
-        apt-get install -y -q --no-install-recommends "${missing[@]}" >"$LOG/apt.log" 2>&1 || {
+        apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$LOG/apt.log" 2>&1 || {
             log "apt-get install failed; running apt-get update and retrying"
             apt-get update -q >>"$LOG/apt.log" 2>&1 &&
                 apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$LOG/apt.log" 2>&1
@@ -242,6 +246,7 @@ start_munge() {
     wait_for 10 munge munge_ok || die "munged did not start (see $LOG/munged.log)"
 }
 
+# shellcheck disable=SC2120
 mysql_cli() { mariadb --no-defaults --socket="$MYSQL_SOCK" -uroot "$@"; }
 
 start_mariadb() {
@@ -254,12 +259,15 @@ start_mariadb() {
             --auth-root-authentication-method=socket --skip-test-db >"$LOG/mariadb-install.log" 2>&1 ||
             die "mariadb-install-db failed (see $LOG/mariadb-install.log)"
         fresh=1
+        # A new accounting DB does not know the cluster id saved by slurmctld ("CLUSTER ID
+        # MISMATCH" is fatal): start the controller state afresh too.
+        rm -rf "${VAR:?}/slurmctld" && mkdir -p "$VAR/slurmctld"
     fi
     # setsid: detach from our session so the daemon outlives the calling shell / CI step.
     setsid mariadbd --no-defaults --datadir="$MYSQL_DATA" --user=root \
         --socket="$MYSQL_SOCK" --port="$MYSQL_PORT" --bind-address=127.0.0.1 \
         --pid-file="$(pidfile mariadbd)" --log-error="$LOG/mariadb.log" \
-        --skip-log-bin --innodb-buffer-pool-size=128M --innodb-log-file-size=64M \
+        --skip-log-bin --innodb-buffer-pool-size=512M --innodb-log-file-size=64M \
         --innodb-lock-wait-timeout=900 --max-connections=100 \
         </dev/null >>"$LOG/mariadb.log" 2>&1 &
     wait_for 60 mariadb mysql_cli -e 'SELECT 1' || die "MariaDB did not start (see $LOG/mariadb.log)"
@@ -328,9 +336,12 @@ any_running() {
     return 1
 }
 
+# daemon $1 serving: ours (PID file), or for munge any munged answering on the socket
+daemon_ok() { [[ -n $(daemon_pid "$1") ]] || { [[ $1 == munged ]] && munge_ok; }; }
+
 all_running() {
     local d
-    for d in "${DAEMONS[@]}"; do [[ -n $(daemon_pid "$d") ]] || return 1; done
+    for d in "${DAEMONS[@]}"; do daemon_ok "$d" || return 1; done
     return 0
 }
 
@@ -388,7 +399,8 @@ our_stepds() {
     local p
     for p in /proc/[0-9]*; do
         [[ $(cat "$p/comm" 2>/dev/null) == slurmstepd ]] || continue
-        tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$SLURM_CONF_FILE" && echo "${p#/proc/}"
+        alive "${p#/proc/}" || continue
+        { tr '\0' '\n' <"$p/environ"; } 2>/dev/null | grep -qxF "SLURM_CONF=$SLURM_CONF_FILE" && echo "${p#/proc/}"
     done
     return 0
 }
@@ -400,10 +412,11 @@ cmd_down() {
             log "cancelling jobs still in the queue"
             scancel --quiet --partition="$PARTITION" 2>/dev/null || true
             squeue -h -o %A 2>/dev/null | xargs -r scancel --quiet 2>/dev/null || true
+            # shellcheck disable=SC2016
             wait_for 20 jobs bash -c '[[ -z $(squeue -h -o %A -t R,CG,PD 2>/dev/null) ]]' || true
         fi
     fi
-    local d i
+    local i
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop_pid "${DAEMONS[i]}"; done
     local left
     left=$(our_stepds)
@@ -420,6 +433,7 @@ cmd_status() {
     local d pid rc=0
     for d in "${DAEMONS[@]}"; do
         pid=$(daemon_pid "$d")
+        if [[ -z $pid ]] && daemon_ok "$d"; then pid="(not ours: $MUNGE_SOCK)"; fi
         printf '%-10s %s\n' "$d" "${pid:-not running}"
         [[ -n $pid ]] || rc=1
     done

@@ -53,15 +53,21 @@ def expand_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [list(c) for c in itertools.product(*axes)] if axes else [[]]
 
 
-def precheck(argv: list[str]) -> int:
-    """Validate all jobs of this command line. Returns the number of jobs; raises ConfigError."""
+def precheck(argv: list[str]) -> list[str | None]:
+    """Validate all jobs of this command line; raise ConfigError on the first bad one.
+    Returns one identity per job (None where rerun=true: such a job never counts as done)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    from omegaconf import OmegaConf
+
+    from streamkv.record import run_identity
+
     jobs = expand_overrides(overrides, multirun)
+    identities: list[str | None] = []
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for job in jobs:
@@ -72,7 +78,8 @@ def precheck(argv: list[str]) -> int:
             except (HydraException, OmegaConfBaseException) as exc:
                 raise ConfigError(_first_line(exc)) from None
             validate(cfg)
-    return len(jobs)
+            identities.append(None if cfg.rerun else run_identity(OmegaConf.to_container(cfg, resolve=True)))
+    return identities
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -80,13 +87,22 @@ def fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def print_summary(payload: dict, run_dir) -> None:
+def print_summary(payload: dict, run_dir, compact: bool = False) -> None:
+    """One screen for a single run; one line per run inside a sweep."""
     from rich.console import Console
     from rich.table import Table
 
     cfg, m = payload["config"], payload["metrics"]
     pol = cfg["policy"]
-    knobs = ", ".join(f"{k}={v}" for k, v in pol.items() if k != "name" and v not in (None, 0, "uniform"))
+    from streamkv.policies.base import knob_defaults  # knobs away from their neutral default
+
+    defaults = knob_defaults()
+    knobs = ", ".join(f"{k}={v}" for k, v in pol.items() if k != "name" and v != defaults.get(k))
+    if compact:
+        print(f"ok  {pol['name']}{'(' + knobs + ')' if knobs else ''} n_sink={cfg['n_sink']} window={cfg['window']} "
+              f"R={cfg['compress_every']} {cfg['cache']['name']}/{cfg['backend']['name']}: PPL {m['ppl']:.3f}, "
+              f"TPOT {m['tpot_ms']:.3f} ms, {m['n_prunes']} prunes  -> {run_dir}", file=sys.stderr)
+        return
     table = Table(title=f"streamkv run — {payload['status']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -106,3 +122,14 @@ def print_summary(payload: dict, run_dir) -> None:
     table.add_row("total", f"{m['total_s']:.1f} s")
     table.add_row("record", str(run_dir))
     Console(stderr=False).print(table)
+
+
+def default_sweep_dir(args: list[str]) -> str:
+    """multirun/<readable overrides>-<hash>: the same command lands in the same dir (resumable)."""
+    import hashlib
+    import re
+
+    overrides = sorted(a for a in args if not a.startswith("-") and "=" in a)
+    digest = hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
+    slug = re.sub(r"[^A-Za-z0-9=,._+-]", "_", "_".join(overrides))[:80] or "defaults"
+    return f"multirun/{slug}-{digest}"

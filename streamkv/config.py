@@ -44,18 +44,32 @@ class DatasetConfig:
 @dataclass
 class CacheConfig:
     name: str = "concat"
+    # preallocating managers (ring / static / soft_ring): tokens held at most; null = the policy's bound
+    capacity: Optional[int] = None
 
 
 @dataclass
 class PolicyConfig:
+    """Every policy knob (docs/policies.md). Defaults are neutral: a knob at its default is off, so
+    `policy.<knob>=` composes onto any preset; validation rejects a knob the preset does not take."""
+
     name: str = "streaming"
-    # knobs of the controlled policies (issue 3); ignored by full/streaming when at defaults
-    max_drop: Optional[int] = None
-    overlap: int = 0
-    refresh_budget: int = 0
-    refresh_select: str = "uniform"
-    mode: Optional[str] = None
-    extra_slack: int = 0
+    # lazy-streaming pieces (streaming / max_drop / overlap / refresh / adaptive)
+    max_drop: Optional[int] = None  # cap on tokens dropped per prune; larger overflows prune over several steps
+    overlap: int = 0  # extra recent tokens kept by each prune (< compress_every): drops R - overlap per prune
+    refresh_budget: int = 0  # size of the dynamic sink region fed from evicted segments (0 = off)
+    refresh_per_prune: Optional[int] = None  # M: tokens refreshed per prune (None = refresh_budget)
+    refresh_select: str = "uniform"  # uniform | structural | entropy
+    mode: Optional[str] = None  # adaptive trigger: slack | entropy (None = the fixed period compress_every)
+    extra_slack: int = 0  # adaptive: the cache may exceed n_sink + window by this many tokens
+    entropy_window: int = 16  # adaptive entropy: steps averaged into the "recent entropy"
+    entropy_low: float = 2.0  # nats: at or below, the cache may grow to the full extra_slack
+    entropy_high: float = 4.0  # nats: at or above, prune at once (no slack); linear in between
+    # score-based baselines (snapkv / h2o / tova)
+    obs_window: int = 8  # snapkv: recent queries that score the cache (and recent tokens always kept)
+    kernel_size: int = 5  # snapkv: 1D pooling kernel over the scores (odd)
+    pooling: str = "avg"  # snapkv: avg | max
+    recent_frac: float = 0.5  # h2o: share of the window kept as the recent window (rest: heavy hitters)
 
 
 @dataclass
@@ -80,6 +94,7 @@ class RunConfig:
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
     warmup_steps: int = 8  # decode steps run (and discarded) before timing
     progress: bool = True
+    rerun: bool = False  # run even if an ok record of this exact config exists in the sweep dir
 
 
 def register_configs() -> None:

@@ -87,6 +87,10 @@ class Decoder:
                                 max_positions, dtype)
         # optional hook for score-based policies: f(layer, q_rot, k_rot, mask) after each attention
         self.attention_observer: Optional[Callable] = None
+        # optional hook for backends (Llama family): an object with qkv(i, x) -> (q, k, v) [B, H, T, D]
+        # (input norm + projections) and out(i, x, attn) -> x (o_proj, residuals, norm, MLP); see
+        # streamkv/backends. None = the HF modules, as above.
+        self.dense = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -107,16 +111,22 @@ class Decoder:
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _attention(self, i: int, layer, h: torch.Tensor, cache, q_pos: torch.Tensor) -> torch.Tensor:
-        B, T, _ = h.shape
         q, k, v = self._qkv(layer, h)
+        out = self._attend(i, q, k, v, cache, q_pos)
+        return layer.attention.dense(out) if self.arch == "neox" else layer.self_attn.o_proj(out)
+
+    def _attend(self, i: int, q, k, v, cache, q_pos: torch.Tensor) -> torch.Tensor:
+        """q, k, v: [B, H, T, D], un-rotated -> attention output [B, T, H*D] (before the output projection)."""
+        B, _, T, _ = q.shape
         k_all, v_all, mask = cache.update(i, k, v, self.rope)
         q = self.rope.rotate(q, q_pos)
         if self.attention_observer is not None:
-            self.attention_observer(i, q, k_all, mask)
+            # keys (and mask) in cache order whatever the manager's slot layout (identity for concat)
+            self.attention_observer(i, q, cache.to_cache_order(k_all, 2),
+                                    None if mask is None else cache.to_cache_order(mask, -1))
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale,
                                              enable_gqa=self.shape.n_kv_heads != self.shape.n_heads)
-        out = out.transpose(1, 2).reshape(B, T, -1)
-        return layer.attention.dense(out) if self.arch == "neox" else layer.self_attn.o_proj(out)
+        return out.transpose(1, 2).reshape(B, T, -1)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
@@ -136,8 +146,12 @@ class Decoder:
         else:
             x = self.base.embed_tokens(ids)
             for i, layer in enumerate(self.layers):
-                x = x + self._attention(i, layer, layer.input_layernorm(x), cache, q_pos)
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
+                if self.dense is None:
+                    x = x + self._attention(i, layer, layer.input_layernorm(x), cache, q_pos)
+                    x = x + layer.mlp(layer.post_attention_layernorm(x))
+                else:  # a backend's dense blocks (compiled / fused kernels); attention stays with the cache
+                    q, k, v = self.dense.qkv(i, x)
+                    x = self.dense.out(i, x, self._attend(i, q, k, v, cache, q_pos))
             x = self.base.norm(x)
             logits = self.model.get_output_embeddings()(x)
         cache.end()

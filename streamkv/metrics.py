@@ -6,8 +6,13 @@ import math
 
 import numpy as np
 
+from streamkv.spikes import SPIKE_K, spike_metrics
 
-def summarize(result) -> dict:
+
+def summarize(result, reference=None, spike_k: int = SPIKE_K) -> dict:
+    """Run metrics (docs/run-record.md). reference: optional per-token NLL of a reference run on the
+    same text (e.g. strict streaming), for the spike statistics (streamkv.spikes); without it the
+    spikes are measured against the mean NLL before each prune."""
     nll_mean = float(np.mean(result.nll))
     drops = np.array([e["dropped"] for e in result.events], dtype=np.int64)
     decode_tokens = result.decode_tokens
@@ -23,5 +28,7 @@ def summarize(result) -> dict:
         "drop_min": int(drops.min()) if len(drops) else 0,
         "drop_median": float(np.median(drops)) if len(drops) else 0.0,
         "drop_max": int(drops.max()) if len(drops) else 0,
+        "refreshed_total": int(sum(e.get("refreshed", 0) for e in result.events)),
     }
+    m.update(spike_metrics(result.nll, result.index, result.events, k=spike_k, reference=reference))
     return m

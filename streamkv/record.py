@@ -16,7 +16,7 @@ import pandas as pd
 
 SCHEMA_VERSION = 1
 # Fields that do not change what a run measures: left out of its identity.
-NON_IDENTITY_KEYS = ("progress",)
+NON_IDENTITY_KEYS = ("progress", "rerun")
 EVENT_COLUMNS = ["step", "dropped", "kept", "visible_before", "visible_after", "refreshed"]
 
 

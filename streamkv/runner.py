@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from streamkv import config as C
-from streamkv.cache import build_cache
+from streamkv.cache import build_cache, cache_sizes
 from streamkv.decoder import Decoder
 from streamkv.evaluate import Evaluator
 from streamkv.metrics import summarize
@@ -53,7 +53,7 @@ def make_evaluator(cfg, hf_model, n_tokens: int, device: torch.device, tokenizer
     s = decoder.shape
     cache = build_cache(cfg.cache.name, n_layers=s.n_layers, n_kv_heads=s.n_kv_heads, head_dim=s.head_dim,
                         dtype=decoder.dtype, device=device, position_mode=policy.position_mode,
-                        capacity=cfg.n_sink + cfg.window + cfg.compress_every)
+                        **cache_sizes(cfg, n_tokens, policy))
     policy.attach(decoder, cache, tokenizer)
     return Evaluator(decoder, cache, policy, device, progress=cfg.get("progress", False))
 

@@ -72,8 +72,8 @@ def hf_nll(kind: str, ids: torch.Tensor) -> np.ndarray:
     return (-logp[:-1].gather(-1, ids[1:, None])[:, 0]).numpy()
 
 
-def run_cli(*args: str, timeout: float = 600, cwd=ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+def run_cli(*args: str, timeout: float = 600, cwd=ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run([PYTHON, str(ROOT / "run.py"), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
 

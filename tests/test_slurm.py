@@ -35,9 +35,20 @@ def _env() -> dict[str, str]:
 ENV = _env()
 
 
+def _pid_alive(pidfile: Path) -> bool:
+    try:
+        os.kill(int(pidfile.read_text().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _cluster_skip_reason() -> str | None:
     if shutil.which("sinfo") is None:
         return "SLURM not installed (no sinfo); start the test cluster: bash slurm/local-cluster.sh up"
+    if ENV.get("SLURM_CONF") == str(STATE / "etc" / "slurm.conf") and not _pid_alive(STATE / "run" / "slurmctld.pid"):
+        # fast path: sinfo would retry the dead controller for ~10 s
+        return f"the test cluster in {STATE} is down; start it: bash slurm/local-cluster.sh up"
     try:
         p = subprocess.run(["sinfo", "-h", "-p", PARTITION, "-o", "%t"], env=ENV, capture_output=True,
                            text=True, timeout=20)
@@ -125,18 +136,75 @@ def test_array_job(tmp_path):
     assert "array" in err.value.stderr.lower()
 
 
-@pytest.mark.skipif(not (ROOT / "run.py").exists(), reason="run.py not present")
-def test_hydra_sweep_on_slurm_local(tmp_path):
-    """python run.py -m hydra/launcher=slurm_local: one array task per run, records in the sweep dir."""
+SWEEP = ["-m", "hydra/launcher=slurm_local", "model=tiny_llama", "compress_every=1,4", "window=16,32",
+         "dataset.max_tokens=200", "device=cpu", "progress=false"]
+
+
+def run_py(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _array_job_id(sweep: Path) -> str:
+    ids = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()}
+    assert len(ids) == 1, ids
+    return ids.pop()
+
+
+def test_sweep_survives_crashes_and_resumes(tmp_path):
+    """4 runs as one array job: one raises, one is killed hard; the others finish; the summary says
+    so; the same command then runs only the two failed ones; a third time it launches nothing."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "run.py", "-m", "hydra/launcher=slurm_local", "model=tiny_llama",
-           "window=16,32", "dataset.max_tokens=200", "device=cpu", "progress=false",
-           f"hydra.sweep.dir={sweep}"]
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for i in range(2):
-        rec = json.loads((sweep / str(i) / "result.json").read_text())
-        assert rec["status"] == "ok", rec.get("error")
-    job_dirs = [d.name for d in (sweep / ".submitit").iterdir() if d.is_dir() and "_" in d.name]
-    array_id = job_dirs[0].split("_")[0]
-    assert wait_states(array_id, n_tasks=2, timeout=60) == {f"{array_id}_{i}": "COMPLETED" for i in range(2)}
+    p = run_py(*SWEEP, f"hydra.sweep.dir={sweep}", env={"STREAMKV_FAULT": "1:raise,2:kill"})
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "2 ok, 1 failed, 0 skipped as complete, 1 crashed" in p.stderr
+    states = wait_states(_array_job_id(sweep), n_tasks=4)
+    assert sorted(states.values()) == ["COMPLETED", "COMPLETED", "COMPLETED", "FAILED"]  # the kill
+    assert json.loads((sweep / "1" / "result.json").read_text())["status"] == "failed"
+    assert not (sweep / "2" / "result.json").exists()
+
+    p = run_py(*SWEEP, f"hydra.sweep.dir={sweep}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 ok, 0 failed, 2 skipped as complete" in p.stderr
+    recs = [json.loads((sweep / str(i) / "result.json").read_text()) for i in range(4)]
+    assert [r["status"] for r in recs] == ["ok"] * 4
+    assert {(r["config"]["compress_every"], r["config"]["window"]) for r in recs} == {(1, 16), (1, 32), (4, 16), (4, 32)}
+
+    p = run_py(*SWEEP, f"hydra.sweep.dir={sweep}", timeout=60)
+    assert p.returncode == 0 and "0 ok, 0 failed, 4 skipped as complete" in p.stderr
+    assert "Submitit" not in p.stderr  # nothing was submitted
+
+
+def test_preempted_job_is_requeued_and_finishes(tmp_path):
+    """SLURM's pre-timeout/preemption signal (USR2) makes submitit checkpoint and requeue the job;
+    the requeued attempt finishes with a complete record."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "run.py", "-m", "hydra/launcher=slurm_local", "model=tiny_llama", "window=16",
+           "dataset.max_tokens=200", "device=cpu", "progress=false", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "STREAMKV_FAULT": "0:sleep120"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        job = None
+        while time.monotonic() < deadline:  # wait until the job runs (sleeping in its first attempt)
+            out = _run("squeue", "-h", "-o", "%A %T").stdout.split()
+            if len(out) >= 2 and out[1] == "RUNNING" and (sweep / "0" / ".hydra").exists():
+                job = out[0]
+                break
+            time.sleep(1)
+        assert job, "the job never started"
+        _run("scancel", "--signal=USR2", job)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # requeued jobs wait ~2 min (BeginTime): start it now
+            st = _run("squeue", "-h", "-j", job, "-o", "%T %r").stdout.strip()
+            if st.startswith("PENDING"):
+                _run("scontrol", "update", f"JobId={job}", "StartTime=now")
+                break
+            time.sleep(1)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads((sweep / "0" / "result.json").read_text())["status"] == "ok"
+    history = _run("sacct", "-D", "-X", "-n", "-P", "-j", job, "-o", "State").stdout.split()
+    assert "REQUEUED" in history or "PREEMPTED" in history, history

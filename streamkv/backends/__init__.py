@@ -1,10 +1,90 @@
-"""Backends run the decode step: eager for now (compile / cudagraph / fused: the fast-path issue)."""
+"""Backends run the decode step; they never change what is computed (same NLL within a stated tolerance,
+docs/benchmarks.md). One name per backend (conf/backend/<name>.yaml):
 
-BACKENDS = ("eager",)
+  eager            PyTorch eager over the HF modules; the cache manager and the policy run on the host.
+  compile          as eager, with each layer's dense halves (norm + q/k/v projection; o_proj + residual
+                   + norm + MLP + residual) compiled by torch.compile (inductor): fewer, fused kernels.
+                   Any cache manager, CPU or CUDA. Attention and the cache stay eager (their shapes
+                   change as the cache fills; compiling them would recompile).
+  fused            as eager, with liger-kernel's fused RMSNorm, fused residual-add + RMSNorm and fused
+                   SwiGLU in the dense halves. CUDA only.
+  cudagraph        the whole decode step (cache write, sink re-rotation, attention, scoring, the
+                   policy's eviction) on preallocated slot buffers, captured once as a CUDA graph and
+                   replayed per token; the policy's decisions are precomputed on the host as a slot
+                   schedule (streamkv/backends/schedule.py). Needs cache=ring or cache=static and CUDA.
+  cudagraph_fused  cudagraph + liger-kernel (RMSNorm, residual-add + RMSNorm, SwiGLU) + our Triton kernels
+                   (RoPE fused with the slot write; split-KV masked decode attention).
+
+Data-dependent policies (entropy-driven adaptive/refresh, snapkv, h2o, tova) cannot be precomputed:
+with a cudagraph backend they run on the eager path with a warning (`evaluator.backend_used` says
+which path ran). All but eager support the Llama family only (Llama, Mistral, Qwen2, Qwen3, SmolLM2).
+"""
+
+from __future__ import annotations
+
+BACKENDS = {
+    "eager": "PyTorch eager, host-driven cache manager",
+    "compile": "torch.compile (inductor) of the dense halves of each layer, host-driven cache manager",
+    "fused": "liger-kernel fused RMSNorm / add+RMSNorm / SwiGLU, host-driven cache manager (CUDA)",
+    "cudagraph": "whole decode step captured as one CUDA graph over a slot schedule (CUDA; cache=ring|static)",
+    "cudagraph_fused": "cudagraph + liger-kernel + own Triton RoPE/cache-write and decode attention",
+}
+CUDA_ONLY = ("fused", "cudagraph", "cudagraph_fused")
+GRAPH = ("cudagraph", "cudagraph_fused")
+PREALLOCATED = ("ring", "static")
 
 
 def check_backend(cfg) -> None:
+    """Raise ConfigError (one line) if cfg.backend cannot run this config. Runs before any model loads."""
     from streamkv.errors import ConfigError
 
-    if cfg.backend.name not in BACKENDS:
-        raise ConfigError(f"backend: '{cfg.backend.name}' is not one of {', '.join(BACKENDS)}")
+    name = cfg.backend.name
+    if name not in BACKENDS:
+        raise ConfigError(f"backend: '{name}' is not one of {', '.join(BACKENDS)}")
+    if name == "eager":
+        return
+    if cfg.model.kind == "tiny_neox":
+        raise ConfigError(f"backend: '{name}' supports the Llama family only (model={cfg.model.name} is GPT-NeoX); "
+                          f"use backend=eager")
+    if name in CUDA_ONLY:
+        dev = str(cfg.device)
+        if dev == "cpu":
+            raise ConfigError(f"backend: '{name}' needs a CUDA device (device=cpu); on CPU use backend=eager or "
+                              f"backend=compile")
+        if dev == "auto":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"backend: '{name}' needs a CUDA device (device=auto finds none here); on CPU "
+                                  f"use backend=eager or backend=compile")
+    if name in GRAPH and cfg.cache.name not in PREALLOCATED:
+        raise ConfigError(f"backend: '{name}' needs a preallocated cache manager (cache=ring or cache=static), "
+                          f"not cache={cfg.cache.name}")
+
+
+def attach_backend(cfg, evaluator, tokenizer=None):
+    """Wire cfg.backend into an Evaluator built for the run (streamkv.runner.make_evaluator); returns the
+    object to call warm_up/run on (the same evaluator, or a GraphEvaluator wrapping it)."""
+    name = cfg.backend.name
+    evaluator.backend_name = evaluator.backend_used = name
+    if name == "eager":
+        return evaluator
+    from streamkv.backends import functional as fn
+
+    weights = fn.gather_weights(evaluator.decoder.model, name)
+    if name == "compile":
+        from streamkv.backends.compile import compiled_dense
+
+        evaluator.decoder.dense = compiled_dense(weights)
+        return evaluator
+    if name == "fused":
+        from streamkv.backends.fused import fused_dense
+
+        evaluator.decoder.dense = fused_dense(weights)
+        return evaluator
+    from streamkv.backends.graph import GraphEvaluator
+
+    return GraphEvaluator(evaluator, layout=cfg.cache.name, fused=name == "cudagraph_fused", tokenizer=tokenizer)
+
+
+__all__ = ["BACKENDS", "attach_backend", "check_backend"]

@@ -1,9 +1,44 @@
-"""Cache managers: one class each; `build_cache(name, ...)` picks one by `cache.name`."""
+"""Cache managers: one class each; `build_cache(name, ...)` picks one by `cache.name`.
+
+concat (the seed's baseline), soft_ring, ring, static: see docs/cache.md.
+"""
 
 from streamkv.cache.base import CacheManager
 from streamkv.cache.concat import ConcatCache
+from streamkv.cache.ring import RingCache
+from streamkv.cache.slots import SlotCache
+from streamkv.cache.soft_ring import SoftRingCache
+from streamkv.cache.static import StaticCache
 
-CACHES = {cls.name: cls for cls in (ConcatCache,)}
+CACHES = {cls.name: cls for cls in (ConcatCache, SoftRingCache, RingCache, StaticCache)}
+
+
+def policy_bound(cfg, policy=None) -> int | None:
+    """The most tokens the policy lets the cache hold during a step (its input token included, before
+    the prune): the policy's `capacity`; None if the policy never evicts (full)."""
+    if cfg.policy.name == "full":
+        return None
+    if policy is None:
+        from streamkv.policies import build_policy
+
+        policy = build_policy(cfg)
+    bound = getattr(policy, "capacity", None)
+    return None if bound is None else int(bound)
+
+
+def cache_sizes(cfg, n_tokens: int, policy=None) -> dict:
+    """build_cache's sizes for a run over `n_tokens` tokens: capacity (tokens held at most) = the
+    `cache.capacity` override if set, else the policy's bound, at least the prefill and at most the
+    text; side_capacity = sinks + refresh budget (the side tokens that get re-rotated; a hint,
+    the side buffer grows if a policy exceeds it)."""
+    explicit = cfg.cache.get("capacity")
+    if explicit is not None:
+        capacity = int(explicit)
+    else:
+        bound = policy_bound(cfg, policy)
+        capacity = n_tokens if bound is None else min(max(bound, int(cfg.prefill_tokens)), n_tokens)
+    side = int(cfg.n_sink) + int(cfg.policy.get("refresh_budget") or 0)
+    return {"capacity": max(1, capacity), "side_capacity": max(1, side)}
 
 
 def check_cache(cfg) -> None:
@@ -18,4 +53,4 @@ def build_cache(name: str, **kwargs) -> CacheManager:
     return CACHES[name](**kwargs)
 
 
-__all__ = ["CacheManager", "CACHES", "build_cache", "check_cache"]
+__all__ = ["CacheManager", "SlotCache", "CACHES", "build_cache", "cache_sizes", "check_cache", "policy_bound"]

@@ -14,16 +14,25 @@ class CacheManager:
       k, v, mask = update(layer, k_new, v_new, rope)   # per layer; k_new un-rotated
       end()
     then, between steps: evict(keep) with the policy's kept slots.
+
+    `token_pos` (host numpy, int64) holds the original text positions of the cached tokens in
+    *cache order*, which is text order for every manager: policies read it and answer with
+    `keep`, ascending indices into it. How a manager lays the tokens out in memory (slots) is its
+    own business; `to_cache_order` maps a per-key tensor from the layout of the keys returned by
+    `update` (the last dim by default) to cache order, for score-based policies that observe
+    attention (identity for managers whose keys are already in cache order, like concat).
     """
 
     name = "base"
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, position_mode: str = "shift", capacity: int | None = None):
+                 device: torch.device, position_mode: str = "shift", capacity: int | None = None,
+                 side_capacity: int | None = None):
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.position_mode = position_mode
         self.capacity = capacity  # upper bound on cached tokens (for preallocating managers)
+        self.side_capacity = side_capacity  # expected non-window tokens (sinks + refresh), a hint
         self.reset()
 
     @classmethod
@@ -48,3 +57,17 @@ class CacheManager:
 
     def evict(self, keep: np.ndarray) -> None:
         raise NotImplementedError
+
+    def to_cache_order(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """`x` indexed along `dim` like the keys `update` returned this step -> indexed in cache
+        order (len(self) entries). Identity here: the keys are returned in cache order."""
+        return x
+
+    def nbytes(self) -> int:
+        """Bytes of K/V storage held now (preallocating managers: everything they allocated)."""
+        total = 0
+        for name in ("k", "v"):
+            for t in getattr(self, name, None) or []:
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total

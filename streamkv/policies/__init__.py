@@ -1,10 +1,23 @@
-"""Eviction policies: one small class each; `build_policy(cfg)` picks one by `policy.name`."""
+"""Eviction policies: one small class each; `build_policy(cfg)` picks one by `policy.name`.
 
+streaming / max_drop / overlap / refresh / adaptive are presets of one lazy-streaming core whose
+pieces compose (streamkv.policies.lazy); snapkv / h2o / tova are attention-score baselines
+(streamkv.policies.scored); full never evicts. See docs/policies.md.
+"""
+
+from streamkv.policies.adaptive import AdaptivePolicy
 from streamkv.policies.base import Decision, Policy, StepView
 from streamkv.policies.full import FullPolicy
+from streamkv.policies.h2o import H2OPolicy
+from streamkv.policies.max_drop import MaxDropPolicy
+from streamkv.policies.overlap import OverlapPolicy
+from streamkv.policies.refresh import RefreshPolicy
+from streamkv.policies.snapkv import SnapKVPolicy
 from streamkv.policies.streaming import StreamingPolicy
+from streamkv.policies.tova import TOVAPolicy
 
-POLICIES = {cls.name: cls for cls in (FullPolicy, StreamingPolicy)}
+POLICIES = {cls.name: cls for cls in (FullPolicy, StreamingPolicy, MaxDropPolicy, OverlapPolicy, RefreshPolicy,
+                                      AdaptivePolicy, SnapKVPolicy, H2OPolicy, TOVAPolicy)}
 
 
 def check_policy(cfg) -> None:

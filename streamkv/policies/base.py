@@ -44,6 +44,7 @@ class Policy:
 
     name = "base"
     position_mode = "shift"
+    knobs: tuple = ()  # the `policy.<knob>` fields this policy takes; any other knob must stay at its default
 
     def __init__(self, cfg):
         self.n_sink = int(cfg.n_sink)
@@ -54,6 +55,13 @@ class Policy:
     @classmethod
     def check(cls, cfg) -> None:
         """Raise ConfigError (one line naming the field) if cfg's knobs make no sense for this policy."""
+        check_knobs(cls, cfg)
+
+    @property
+    def capacity(self) -> int:
+        """Most tokens the cache holds during a decode step (its input token included), i.e. the
+        largest cache before a prune: what a preallocating cache manager must hold."""
+        return self.n_sink + self.window + self.compress_every
 
     def attach(self, decoder, cache, tokenizer=None) -> None:
         """Called once before the run: score-based policies hook `decoder.attention_observer` here,
@@ -69,3 +77,26 @@ class Policy:
         """Slots of the first n_sink tokens and the `recent` most recent ones."""
         recent = min(recent, length - self.n_sink)
         return np.concatenate([np.arange(self.n_sink), np.arange(length - recent, length)])
+
+
+def knob_defaults() -> dict:
+    """Neutral value of every `policy.<knob>` (the PolicyConfig dataclass defaults)."""
+    from dataclasses import fields
+
+    from streamkv.config import PolicyConfig
+
+    return {f.name: f.default for f in fields(PolicyConfig) if f.name != "name"}
+
+
+def knob_is_set(cfg, knob: str) -> bool:
+    return cfg.policy.get(knob) != knob_defaults()[knob]
+
+
+def check_knobs(cls, cfg) -> None:
+    """A knob away from its default that `cls` does not take is a config error (one line)."""
+    from streamkv.errors import ConfigError
+
+    for knob in knob_defaults():
+        if knob not in cls.knobs and knob_is_set(cfg, knob):
+            takes = f"its knobs: {', '.join(cls.knobs)}" if cls.knobs else "it takes none"
+            raise ConfigError(f"policy.{knob}: not a knob of policy={cls.name} ({takes}; got {cfg.policy.get(knob)})")

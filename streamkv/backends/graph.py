@@ -1,0 +1,349 @@
+"""The `cudagraph` backends: the whole decode step on preallocated buffers, captured once as a CUDA
+graph and replayed once per token.
+
+One step (`_decode_step`) reads everything from device memory: the token id at `ids[t]` and the
+slot schedule at `schedule[t]` (streamkv/backends/schedule.py) for a device step counter `t`; it
+writes the step's K/V into its slot, re-rotates the scheduled sink/refresh slots (ring), attends
+over the valid slots, scores the next token (NLL and entropy into device arrays at `t`), applies the
+eviction that ends the step (slots marked invalid) and increments `t`. The host only calls
+`graph.replay()` per token (plus a compaction graph after a prune in the static layout): no host
+sync, no per-token copies, no recompiles as the cache fills.
+
+`cudagraph` runs the step with PyTorch ops (SDPA for attention); `cudagraph_fused` swaps in
+liger-kernel's fused RMSNorm (+ residual add) and SwiGLU and our Triton kernels for RoPE + cache
+write and split-KV decode attention (streamkv/backends/triton_kernels.py).
+
+The same class runs un-captured on the CPU (`capture=False`): that is how tests check the schedule,
+the slot layouts and the positions against the concat manager in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from streamkv.backends import functional as fn
+from streamkv.backends.schedule import Schedule, Unschedulable, build_schedule
+from streamkv.evaluate import EvalResult
+
+log = logging.getLogger("streamkv")
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class GraphEvaluator:
+    """Evaluator for the cudagraph backends (same interface as streamkv.evaluate.Evaluator).
+
+    `eager` is the host-driven Evaluator of the same run: a policy that cannot be scheduled
+    (data-dependent) runs through it, with a warning, and `backend_used` says so.
+    """
+
+    def __init__(self, eager, layout: str, fused: bool = False, capture: bool = True, tokenizer=None):
+        self.eager = eager
+        self.decoder, self.cache, self.policy, self.device = eager.decoder, eager.cache, eager.policy, eager.device
+        self.layout, self.fused, self.capture = layout, fused, capture
+        self.tokenizer = tokenizer
+        self.backend_name = "cudagraph_fused" if fused else "cudagraph"
+        self.backend_used = self.backend_name
+        self.fallback_reason = None
+        self.w = fn.gather_weights(self.decoder.model, self.backend_name)
+        if fused and any(lw.q_norm is not None for lw in self.w.layers):
+            raise NotImplementedError("backend: 'cudagraph_fused' does not fuse Qwen3's q/k norms; use "
+                                      "backend=cudagraph")
+        self._key = None
+        self.memory: dict = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def _ensure(self, ids: torch.Tensor, prefill: int) -> bool:
+        """Schedule, buffers and graphs for this text; False if the policy cannot be scheduled."""
+        key = (ids.data_ptr(), len(ids), prefill)
+        if key == self._key:
+            return self.fallback_reason is None
+        self._key = key
+        try:
+            sched = build_schedule(self.policy, self.layout, ids.cpu().numpy(), prefill, self.decoder, self.cache,
+                                   self.tokenizer)
+        except Unschedulable as exc:
+            self.fallback_reason = str(exc)
+            self.backend_used = f"eager (fallback from {self.backend_name})"
+            log.warning("backend=%s: policy '%s' cannot be precomputed (%s); running it on the eager path",
+                        self.backend_name, getattr(self.policy, "name", "?"), exc)
+            return False
+        self.fallback_reason = None
+        self.backend_used = self.backend_name
+        with torch.inference_mode():
+            self._allocate(sched, ids)
+            if self.capture and len(ids) - 1 > prefill:
+                self._capture()
+        return True
+
+    def _allocate(self, s: Schedule, ids: torch.Tensor) -> None:
+        self.s = s
+        dev, dt = self.device, self.decoder.dtype
+        w = self.w
+        L, Hkv, D, C = len(w.layers), w.n_kv_heads, w.head_dim, s.capacity
+        self.graph = self.compact_graph = None
+        self.k = self.v = self.side = None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated(dev)
+        # the cache: C slots + 1 scratch slot (padding target of the schedule), per layer
+        self.k = torch.zeros(L, Hkv, C + 1, D, device=dev, dtype=dt)
+        self.v = torch.zeros_like(self.k)
+        self.rotate_stored = self.layout == "ring"  # ring stores keys rotated; static rotates at read
+        self.has_side = self.layout == "ring" and s.n_side > 0
+        self.side = torch.zeros(L, Hkv, s.n_side + 1, D, device=dev, dtype=dt) if self.has_side else None
+        self.valid = torch.zeros(C + 1, device=dev, dtype=torch.bool)
+        kv_bytes = self.k.nbytes + self.v.nbytes + (self.side.nbytes if self.side is not None else 0)
+        # the schedule and the text, on the device
+        def put(a, dtype=torch.int64):
+            return torch.as_tensor(np.ascontiguousarray(a), device=dev, dtype=dtype)
+
+        self.ids = ids.to(dev)
+        self.write_slot, self.qpos, self.side_write = put(s.write_slot), put(s.qpos), put(s.side_write)
+        self.evict = put(s.evict)
+        self.n_fix = s.n_fix
+        self.fix_slot, self.fix_src, self.fix_pos = put(s.fix_slot), put(s.fix_src), put(s.fix_pos)
+        self.perms = put(s.perms, torch.int64) if len(s.perms) else None
+        self.t = torch.zeros(1, device=dev, dtype=torch.int64)
+        self.prune_ctr = torch.zeros(1, device=dev, dtype=torch.int64)
+        n = s.n
+        self.nll = torch.zeros(max(n - 1, 1), device=dev, dtype=torch.float32)
+        self.entropy = torch.zeros_like(self.nll)
+        self.cos, self.sin = self.decoder.rope.cos, self.decoder.rope.sin
+        self.scale = self.decoder.scale
+        if self.fused:
+            from streamkv.backends.triton_kernels import DecodeAttention
+
+            self.attn = DecodeAttention(w.n_heads, Hkv, D, C, dev, dt, rotate_k=self.layout == "static")
+            self.q_rot = torch.empty(w.n_heads, D, device=dev, dtype=dt)
+        if dev.type == "cuda":
+            total = torch.cuda.memory_allocated(dev) - before
+            self.memory = {"kv_cache_bytes": kv_bytes, "kv_capacity_slots": C, "side_rows": s.n_side,
+                           "schedule_and_buffers_bytes": total - kv_bytes}
+        else:
+            self.memory = {"kv_cache_bytes": kv_bytes, "kv_capacity_slots": C, "side_rows": s.n_side}
+
+    def _reset_state(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+        if self.side is not None:
+            self.side.zero_()
+        self.valid.zero_()
+        self.t.zero_()
+        self.prune_ctr.zero_()
+        self.nll.zero_()
+        self.entropy.zero_()
+
+    def _capture(self) -> None:
+        P = self.s.prefill
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up outside the graph: Triton JIT, cuBLAS handles
+            for _ in range(2):
+                self._reset_state()
+                self.t.fill_(P)
+                self._decode_step()
+                if self.perms is not None:
+                    self._compact()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._decode_step()
+        if self.perms is not None:
+            self.compact_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.compact_graph, pool=self.graph.pool()):
+                self._compact()
+        torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ the step
+
+    def _decode_step(self) -> None:
+        """One token, entirely from device memory (capturable)."""
+        t = self.t
+        w = self.w
+        ws = self.write_slot.index_select(0, t)
+        self.valid.index_fill_(0, ws, True)
+        x = w.embed.index_select(0, self.ids.index_select(0, t)).unsqueeze(0)  # [1, 1, hidden]
+        if self.fused:
+            x = self._layers_fused(x, t)
+        else:
+            x = self._layers_torch(x, t, ws)
+        logits = F.linear(x.view(1, -1), w.lm_head)
+        nll, ent = fn.score(logits, self.ids.index_select(0, t + 1))
+        self.nll.index_copy_(0, t, nll)
+        self.entropy.index_copy_(0, t, ent)
+        self.valid.index_fill_(0, self.evict.index_select(0, t).view(-1), False)  # the step's eviction
+        self.t.add_(1)
+
+    def _layers_torch(self, x, t, ws):
+        w = self.w
+        C = self.s.capacity
+        pos = self.qpos.index_select(0, t)
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, D]
+        if self.has_side:
+            sw = self.side_write.index_select(0, t)
+        if self.n_fix:
+            fix_slot = self.fix_slot.index_select(0, t).view(-1)
+            fix_src = self.fix_src.index_select(0, t).view(-1)
+            fpos = self.fix_pos.index_select(0, t).view(-1)
+            fcos, fsin = self.cos.index_select(0, fpos), self.sin.index_select(0, fpos)
+        mask = self.valid[:C].view(1, 1, 1, C)
+        G = w.n_heads // w.n_kv_heads
+        for i, lw in enumerate(w.layers):
+            q, k, v = fn.qkv_proj(x, lw.ln1, lw.wqkv, lw.bqkv, lw.q_norm, lw.k_norm, w.eps, w.n_heads,
+                                  w.n_kv_heads, w.head_dim)  # [1, H, 1, D]
+            if self.has_side:
+                self.side[i].index_copy_(1, sw, k[0])
+            q = fn.rope(q, cos, sin)
+            if self.rotate_stored:
+                k = fn.rope(k, cos, sin)
+            self.k[i].index_copy_(1, ws, k[0])
+            self.v[i].index_copy_(1, ws, v[0])
+            if self.n_fix:
+                self.k[i].index_copy_(1, fix_slot, fn.rope(self.side[i].index_select(1, fix_src), fcos, fsin))
+            keys = self.k[i, :, :C]
+            if not self.rotate_stored:  # static: StreamingLLM positions = slot index
+                keys = fn.rope(keys, self.cos[:C], self.sin[:C])
+            qg = q.reshape(1, w.n_kv_heads, G, w.head_dim)  # GQA: a KV head's query heads as rows
+            a = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), self.v[i, :, :C].unsqueeze(0),
+                                               attn_mask=mask, scale=self.scale)
+            x = fn.attn_out_mlp(x, a.reshape(1, 1, -1), lw.wo, lw.ln2, lw.wgu, lw.wd, w.eps)
+        return fn.rms_norm(x, w.norm, w.eps)
+
+    def _layers_fused(self, x, t):
+        from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
+
+        from streamkv.backends.triton_kernels import kv_update
+
+        w = self.w
+        x = x.view(1, -1)
+        h = LigerRMSNormFunction.apply(x, w.layers[0].ln1, w.eps, 0.0, "llama", False)
+        for i, lw in enumerate(w.layers):
+            qkv = F.linear(h, lw.wqkv, lw.bqkv)
+            kv_update(qkv, self.q_rot, self.k[i], self.v[i], self.side[i] if self.has_side else None,
+                      self.cos, self.sin, t, self.qpos, self.write_slot, self.side_write,
+                      self.fix_slot if self.n_fix else None, self.fix_src, self.fix_pos,
+                      n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=self.rotate_stored, has_side=self.has_side)
+            a = self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
+                          None if self.rotate_stored else self.cos, None if self.rotate_stored else self.sin)
+            o = F.linear(a.view(1, -1), lw.wo)
+            h, x = LigerFusedAddRMSNormFunction.apply(o, x, lw.ln2, w.eps, 0.0, "llama", False)
+            m = F.linear(LigerFusedGateUpSiLUMulFunction.apply(F.linear(h, lw.wgu)), lw.wd)
+            nxt = w.layers[i + 1].ln1 if i + 1 < len(w.layers) else w.norm
+            h, x = LigerFusedAddRMSNormFunction.apply(m, x, nxt, w.eps, 0.0, "llama", False)
+        return h
+
+    def _compact(self) -> None:
+        """Static layout, after a prune: move the kept slots to the front (one gather per tensor)."""
+        C = self.s.capacity
+        perm = self.perms.index_select(0, self.prune_ctr).view(-1)
+        self.k[:, :, :C] = self.k[:, :, :C].index_select(2, perm)
+        self.v[:, :, :C] = self.v[:, :, :C].index_select(2, perm)
+        self.valid[:C] = self.valid[:C].index_select(0, perm)
+        self.prune_ctr.add_(1)
+
+    def _prefill(self, P: int) -> None:
+        """The first P tokens in one forward pass (PyTorch ops, not captured), then the prune after it."""
+        w, s = self.w, self.s
+        dev = self.device
+        slots = self.write_slot[:P]
+        x = w.embed.index_select(0, self.ids[:P]).unsqueeze(0)
+        cos, sin = self.cos[:P], self.sin[:P]
+        for i, lw in enumerate(w.layers):
+            q, k, v = fn.qkv_proj(x, lw.ln1, lw.wqkv, lw.bqkv, lw.q_norm, lw.k_norm, w.eps, w.n_heads,
+                                  w.n_kv_heads, w.head_dim)  # [1, H, P, D]
+            if self.has_side:
+                self.side[i].index_copy_(1, self.side_write[:P], k[0])
+            q, k_rot = fn.rope(q, cos, sin), fn.rope(k, cos, sin)
+            self.k[i].index_copy_(1, slots, (k_rot if self.rotate_stored else k)[0])
+            self.v[i].index_copy_(1, slots, v[0])
+            a = F.scaled_dot_product_attention(q, k_rot, v, is_causal=True, scale=self.scale,
+                                               enable_gqa=w.n_kv_heads != w.n_heads)
+            x = fn.attn_out_mlp(x, a.transpose(1, 2).reshape(1, P, -1), lw.wo, lw.ln2, lw.wgu, lw.wd, w.eps)
+        logits = F.linear(fn.rms_norm(x, w.norm, w.eps)[0], w.lm_head)
+        self.nll[:P], self.entropy[:P] = fn.score(logits, self.ids[1:P + 1])
+        del logits
+        self.valid[slots] = True
+        if len(s.prefill_evict):
+            self.valid[torch.as_tensor(s.prefill_evict, device=dev)] = False
+        if s.prefill_perm is not None:
+            perm = torch.as_tensor(s.prefill_perm, device=dev, dtype=torch.int64)
+            C = s.capacity
+            self.k[:, :, :C] = self.k[:, :, :C].index_select(2, perm)
+            self.v[:, :, :C] = self.v[:, :, :C].index_select(2, perm)
+            self.valid[:C] = self.valid[:C].index_select(0, perm)
+        self.t.fill_(P)
+
+    def _replay(self, t: int) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            if self.s.compact[t]:
+                self.compact_graph.replay()
+        else:
+            self._decode_step()
+            if self.s.compact[t]:
+                self._compact()
+
+    # ------------------------------------------------------------------ the Evaluator interface
+
+    def warm_up(self, ids: torch.Tensor, prefill: int, steps: int) -> None:
+        if not self._ensure(ids, prefill):
+            return self.eager.warm_up(ids, prefill, steps)
+        if steps <= 0:
+            return
+        with torch.inference_mode():
+            self._reset_state()
+            if prefill:
+                self._prefill(prefill)
+            else:
+                self.t.fill_(0)
+            for t in range(prefill, min(prefill + steps, len(ids) - 1)):
+                self._replay(t)
+        _sync(self.device)
+
+    def run(self, ids: torch.Tensor, prefill: int) -> EvalResult:
+        if not self._ensure(ids, prefill):
+            return self.eager.run(ids, prefill)
+        n, dev, s = len(ids), self.device, self.s
+        with torch.inference_mode():
+            self._reset_state()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            _sync(dev)
+            start = time.perf_counter()
+            prefill_ms = 0.0
+            if prefill:
+                self._prefill(prefill)
+                _sync(dev)
+                prefill_ms = (time.perf_counter() - start) * 1e3
+            ttft_ms = prefill_ms
+            decode_start = time.perf_counter()
+            for t in range(prefill, n - 1):
+                self._replay(t)
+                if t == prefill and not prefill:
+                    _sync(dev)
+                    ttft_ms = (time.perf_counter() - decode_start) * 1e3
+            _sync(dev)
+            end = time.perf_counter()
+        if dev.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+        else:
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ids_np = ids.cpu().numpy()
+        return EvalResult(
+            index=np.arange(1, n), token_id=ids_np[1:], nll=self.nll[:n - 1].cpu().numpy(),
+            entropy=self.entropy[:n - 1].cpu().numpy(), visible_kv=s.visible.copy(), events=list(s.events),
+            prefill_ms=prefill_ms, ttft_ms=ttft_ms, decode_ms=(end - decode_start) * 1e3, total_s=end - start,
+            peak_mem_mb=peak_mb, prefill_tokens=prefill, decode_tokens=n - 1 - prefill)

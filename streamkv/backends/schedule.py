@@ -1,0 +1,279 @@
+"""Host-precomputed slot schedules: what lets a data-independent policy run inside one CUDA graph.
+
+With teacher forcing, a policy that reads only the cache's bookkeeping (positions held, step
+counter, the text's token ids) decides the same thing whatever the model computes. So the whole run's
+decisions can be simulated on the host before the first token, with the real policy object and a
+bookkeeping-only cache, and turned into per-step tensors that a captured decode step reads at
+`schedule[step]` from a device step counter: no host sync, no recompiles, static shapes.
+
+Two slot layouts (the two preallocated managers):
+
+* ``ring`` (DESIGN fact 2): a token is written once into a free slot and never moves. Its key is
+  stored rotated at its true text position, so the query (at its true position) sees the recent
+  window at exactly StreamingLLM's distances. Tokens separated from the query by a gap (sinks,
+  refresh tokens) need StreamingLLM's contiguous position instead: the schedule lists them per step
+  as *fixes* (slot, side-buffer row, position), and the step re-rotates their un-rotated copy kept
+  in a small side buffer into their slot: O(sinks + refresh) work per step, never O(window).
+  Eviction = marking slots invalid; a later token reuses the slot.
+* ``static``: slots are the cache order (compacted after each prune by a gather with a precomputed
+  permutation) and keys are stored un-rotated; the step rotates every key at its slot index, i.e.
+  the StreamingLLM positions, as the concat manager does.
+
+A policy that reads model outputs (entropy, attention scores) cannot be scheduled: the simulation
+hands it a StepView whose `entropy` raises `DataDependent` on any use, and policies that register
+an attention observer are refused up front; the graph backends then fall back to the eager path
+with a warning (see streamkv/backends/__init__.py).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamkv.cache.base import CacheManager
+from streamkv.policies import StepView
+
+LAYOUTS = ("ring", "static")
+
+
+class Unschedulable(Exception):
+    """The run cannot be precomputed as a slot schedule (the message says why)."""
+
+
+class DataDependent(Unschedulable):
+    """The policy's decision depends on model outputs (entropy, attention scores)."""
+
+
+class _NoData:
+    """StepView.entropy during the simulation: any use means the policy reads model outputs."""
+
+    def _refuse(self, *args, **kwargs):
+        raise DataDependent("the policy reads the predictive entropy")
+
+    __getitem__ = __len__ = __iter__ = __array__ = __bool__ = __float__ = __int__ = _refuse
+    cpu = numpy = item = tolist = float = _refuse
+
+    def __getattr__(self, name):
+        self._refuse()
+
+
+class BookkeepingCache(CacheManager):
+    """A cache manager that only keeps the bookkeeping (token_pos, next_pos): no tensors."""
+
+    name = "bookkeeping"
+
+    def begin(self, n_new: int):
+        self.token_pos = np.concatenate([self.token_pos, np.arange(self.next_pos, self.next_pos + n_new)])
+        self._n_new = n_new
+        return None
+
+    def end(self) -> None:
+        self.next_pos += self._n_new
+
+    def evict(self, keep: np.ndarray) -> None:
+        self.token_pos = self.token_pos[keep]
+
+
+@dataclass
+class Schedule:
+    layout: str
+    position_mode: str
+    n: int  # text length; tokens 0..n-2 are fed
+    prefill: int
+    capacity: int  # slots (the most tokens held at once, the step's own token included)
+    n_side: int  # side-buffer rows (ring): tokens that need re-rotation at some point
+    # per text position t (the token fed at step t; prefill tokens use their own rows):
+    write_slot: np.ndarray  # [n] slot the token is written to
+    qpos: np.ndarray  # [n] RoPE position of the token as a query (and of its key when written)
+    side_write: np.ndarray  # [n] side-buffer row for the un-rotated key, or n_side (a scratch row)
+    evict: np.ndarray  # [n, E] slots freed after step t; padded with `capacity` (a scratch slot)
+    fix_slot: np.ndarray  # [n, F] slots to re-rotate before step t's attention (pad: capacity)
+    fix_src: np.ndarray  # [n, F] their side-buffer rows (pad: n_side)
+    fix_pos: np.ndarray  # [n, F] the positions to rotate them at (pad: 0)
+    prefill_evict: np.ndarray  # slots freed by the prune after prefill (any number)
+    # static layout only: a slot permutation after every prune (kept slots first)
+    compact: np.ndarray  # [n] bool: step t ends with a compaction
+    perms: np.ndarray  # [n_compactions, capacity] int32 (decode steps, in order)
+    prefill_perm: np.ndarray | None
+    visible: np.ndarray  # [n-1] visible cached tokens per step (as the evaluator records)
+    events: list = field(default_factory=list)
+
+    @property
+    def n_fix(self) -> int:
+        return self.fix_slot.shape[1]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.write_slot, self.qpos, self.side_write, self.evict, self.fix_slot,
+                                       self.fix_src, self.fix_pos, self.perms))
+
+
+def _pad(rows: list, width: int, fill: int) -> np.ndarray:
+    out = np.full((len(rows), max(width, 1)), fill, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def build_schedule(policy, layout: str, ids: np.ndarray, prefill: int, decoder=None, cache=None,
+                   tokenizer=None) -> Schedule:
+    """Simulate `policy` over the text `ids` exactly as streamkv.evaluate.Evaluator drives it (prefill,
+    then one token per step, a decision after each) and lay the result out in slots.
+
+    Raises Unschedulable (DataDependent) if the policy needs model outputs or the layout cannot hold it.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}")
+    if decoder is not None and getattr(decoder, "attention_observer", None) is not None:
+        raise DataDependent("the policy observes attention scores")
+    mode = getattr(policy, "position_mode", "shift")
+    if layout == "static" and mode != "shift":
+        raise Unschedulable(f"the static layout keeps StreamingLLM positions only; policy "
+                            f"'{getattr(policy, 'name', policy)}' uses position_mode='{mode}' (use cache=ring)")
+    n = len(ids)
+    book = BookkeepingCache(n_layers=0, n_kv_heads=0, head_dim=0, dtype=None, device=None, position_mode=mode,
+                            capacity=getattr(cache, "capacity", None))
+    if cache is not None:  # re-attach the policy to the bookkeeping cache for the simulation, then back
+        policy.attach(decoder, book, tokenizer)
+    policy.reset()
+    try:
+        feeds = _simulate(policy, book, ids, prefill, n)
+    finally:
+        policy.reset()
+        if cache is not None:
+            policy.attach(decoder, cache, tokenizer)
+    return _layout(feeds, layout, mode, n, prefill)
+
+
+def _simulate(policy, book, ids, prefill, n):
+    """One entry per feed step: (step t, new token positions, held after the write (cache order),
+    kept indices or None, the decision, is_prefill)."""
+    feeds = []
+    nodata = _NoData()
+
+    def feed(new_tokens, t, is_prefill):
+        book.begin(len(new_tokens))
+        held = book.token_pos.copy()
+        book.end()
+        decision = policy.decide(StepView(token_pos=book.token_pos, step=t, entropy=nodata, token_ids=ids))
+        keep = None
+        if decision is not None:
+            keep = np.asarray(decision.keep, dtype=np.int64)
+            book.evict(keep)
+        feeds.append((t, new_tokens, held, keep, decision, is_prefill))
+
+    if prefill:
+        feed(np.arange(prefill), prefill - 1, True)
+    for t in range(prefill, n - 1):
+        feed(np.array([t]), t, False)
+    return feeds
+
+
+def _layout(feeds, layout, mode, n, prefill) -> Schedule:
+    write_slot = np.zeros(n, dtype=np.int64)
+    qpos = np.arange(n, dtype=np.int64)  # true positions (ring; prefill of both layouts)
+    visible = np.zeros(max(n - 1, 0), dtype=np.int32)
+    evict_rows: list = [[] for _ in range(n)]
+    fix_rows: list = [[] for _ in range(n)]  # (slot, token, position)
+    dropped_at: list = [[] for _ in range(n)]  # tokens dropped by the prune that ends step t
+    compact = np.zeros(n, dtype=bool)
+    perms: list = []
+    prefill_perm, prefill_evict = None, np.zeros(0, dtype=np.int64)
+    events = []
+    capacity = 0
+
+    slot_of: dict = {}
+    free: deque = deque()  # ring: freed slots, reused oldest first
+    next_slot = 0
+    for t, new, held, keep, decision, is_prefill in feeds:
+        m = len(held)
+        capacity = max(capacity, m)
+        if is_prefill:
+            visible[:prefill] = np.arange(prefill)
+        else:
+            visible[t] = m - 1
+            if layout == "static":
+                qpos[t] = m - 1
+        # 1. write the new tokens (they are the last len(new) entries of `held`)
+        for i, j in enumerate(new):
+            j = int(j)
+            if layout == "ring":
+                if free:
+                    s = free.popleft()
+                else:
+                    s, next_slot = next_slot, next_slot + 1
+                slot_of[j] = s
+            else:  # static: the slot is the cache-order index
+                s = m - len(new) + i
+            write_slot[j] = s
+        # 2. ring + shift positions: held tokens whose stored rotation (their true position) is not
+        #    StreamingLLM's contiguous position: everything before the last gap (sinks, refresh tokens)
+        if layout == "ring" and mode == "shift" and not is_prefill:
+            required = t - (m - 1 - np.arange(m))
+            for c in np.flatnonzero(held != required):
+                j = int(held[c])
+                fix_rows[t].append((slot_of[j], j, int(required[c])))
+        # 3. the policy's prune
+        if keep is None:
+            continue
+        drop = np.setdiff1d(np.arange(m), keep, assume_unique=True)
+        dropped_at[t] = [int(j) for j in held[drop]]
+        if layout == "ring":
+            slots = [slot_of.pop(j) for j in dropped_at[t]]
+            free.extend(slots)
+        else:
+            slots = [int(c) for c in drop]
+            perm = np.concatenate([keep, drop])
+            if is_prefill:
+                prefill_perm = perm
+            else:
+                compact[t] = True
+                perms.append(perm)
+        if is_prefill:
+            prefill_evict = np.asarray(slots, dtype=np.int64)
+        else:
+            evict_rows[t] = slots
+        events.append({"step": int(t), "dropped": m - len(keep), "kept": len(keep), "visible_before": m,
+                       "visible_after": len(keep), "refreshed": int(getattr(decision, "refreshed", 0))})
+
+    # Side buffer (ring + shift): an un-rotated copy of every token that will ever need a fix, kept
+    # from its write until its eviction; rows are reused.
+    ever_fixed = {j for rows in fix_rows for (_, j, _) in rows}
+    side_of: dict = {}
+    side_free: deque = deque()
+    n_side = 0
+    side_write = np.full(n, -1, dtype=np.int64)
+    fix_at: dict = {}
+    for t, new, held, keep, decision, is_prefill in feeds:
+        for j in new:
+            j = int(j)
+            if j in ever_fixed:
+                if side_free:
+                    r = side_free.popleft()
+                else:
+                    r, n_side = n_side, n_side + 1
+                side_of[j] = r
+                side_write[j] = r
+        fix_at[t] = [(slot, side_of[j], pos) for (slot, j, pos) in fix_rows[t]]
+        for j in dropped_at[t]:
+            if j in side_of:
+                side_free.append(side_of.pop(j))
+    side_write[side_write < 0] = n_side  # the scratch row
+
+    width = max((len(r) for r in fix_at.values()), default=0)
+    rows = [fix_at.get(t, []) for t in range(n)]
+    fix_slot = _pad([[s for s, _, _ in r] for r in rows], width, capacity)[:, :width]
+    fix_src = _pad([[q for _, q, _ in r] for r in rows], width, n_side)[:, :width]
+    fix_pos = _pad([[p for _, _, p in r] for r in rows], width, 0)[:, :width]
+    evict = _pad(evict_rows, max((len(r) for r in evict_rows), default=0), capacity)
+    perm_arr = np.zeros((len(perms), capacity), dtype=np.int32)
+    for i, p in enumerate(perms):
+        perm_arr[i, :len(p)] = p
+        perm_arr[i, len(p):] = np.arange(len(p), capacity)
+    if prefill_perm is not None:
+        prefill_perm = np.concatenate([prefill_perm, np.arange(len(prefill_perm), capacity)]).astype(np.int32)
+    return Schedule(layout=layout, position_mode=mode, n=n, prefill=prefill, capacity=capacity, n_side=n_side,
+                    write_slot=write_slot, qpos=qpos, side_write=side_write, evict=evict, fix_slot=fix_slot,
+                    fix_src=fix_src, fix_pos=fix_pos, prefill_evict=prefill_evict, compact=compact, perms=perm_arr,
+                    prefill_perm=prefill_perm, visible=visible, events=events)

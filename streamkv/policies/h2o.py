@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from streamkv.errors import ConfigError
+from streamkv.policies.base import check_knobs
+from streamkv.policies.scored import ScoredPolicy, attention_weights
+
+
+class H2OPolicy(ScoredPolicy):
+    """H2O (Zhang et al. 2023): heavy hitters + a recent window.
+
+    Each cached token accumulates the attention it receives from every query since it entered the
+    cache (every query row of every step, mean over heads and layers). A prune keeps the n_sink
+    sinks, the round(recent_frac * window) newest tokens, and the heavy hitters (highest accumulated
+    attention) filling the rest of the budget n_sink + window. Positions: original text positions
+    (position_mode "original"), as kvpress.
+    """
+
+    name = "h2o"
+    knobs = ("recent_frac",)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        check_knobs(cls, cfg)
+        f = cfg.policy.recent_frac
+        if not 0.0 <= f <= 1.0:
+            raise ConfigError(f"policy.recent_frac: must be between 0 and 1 (got {f})")
+
+    @property
+    def n_recent(self) -> int:
+        return int(round(float(self.pcfg.recent_frac) * self.window))
+
+    def reset(self) -> None:
+        self._acc = None
+
+    def observe(self, layer, q, k, mask) -> None:
+        L = k.shape[2]
+        if layer == 0:
+            if self._acc is None:
+                self._acc = torch.zeros(L, device=k.device)
+            elif len(self._acc) < L:
+                self._acc = torch.cat([self._acc, self._acc.new_zeros(L - len(self._acc))])
+        w = attention_weights(q, k, mask, self.scale)
+        self._acc += w.sum(2).mean((0, 1)) / self.n_layers
+
+    def scores(self, length: int) -> np.ndarray:
+        return self._acc.cpu().numpy()
+
+    def on_evict(self, keep: np.ndarray) -> None:
+        self._acc = self._acc[torch.as_tensor(keep, device=self._acc.device)]

@@ -1,0 +1,185 @@
+"""The lazy-streaming core: StreamingLLM (n_sink sinks + a recent window) pruned lazily, with four
+small composable pieces. Every controlled policy (streaming, max_drop, overlap, refresh, adaptive)
+is a preset of this one class; knobs of different pieces compose (docs/policies.md).
+
+Cache layout (cache order = text order, which `keep` ascending preserves):
+
+    [ sinks: n_sink ][ refresh region: 0..refresh_budget ][ body: the contiguous most recent tokens ]
+
+Per step, with body = tokens after the sinks and the refresh region:
+  trigger   (when)   periodic: body > window + R - 1 (R = compress_every; R = 1 is strict StreamingLLM)
+                     adaptive slack: body > window + extra_slack
+                     adaptive entropy: body > window + s(recent entropy), s in [0, extra_slack]
+  target    (to)     body -> window + overlap                                  (overlap piece)
+  cap       (how much) drop at most max_drop; the rest on the following steps  (max_drop piece,
+                     "pruning mode": prune every step, whatever the trigger, until body <= target)
+  refresh   (rescue) up to M tokens of the dropped segment join the refresh region; when it holds
+                     more than refresh_budget, its oldest tokens leave first       (refresh piece)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from streamkv.errors import ConfigError
+from streamkv.policies.base import Decision, Policy, check_knobs, knob_is_set
+from streamkv.policies.pieces import (ADAPTIVE_MODES, REFRESH_SELECTS, TokenClasses, entropy_slack,
+                                      select_refresh)
+
+# The knobs of the pieces (all of them fields of PolicyConfig).
+PIECES = {
+    "max_drop": ("max_drop",),
+    "overlap": ("overlap",),
+    "refresh": ("refresh_budget", "refresh_per_prune", "refresh_select"),
+    "adaptive": ("mode", "extra_slack", "entropy_window", "entropy_low", "entropy_high"),
+}
+LAZY_KNOBS = tuple(k for knobs in PIECES.values() for k in knobs)
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _to_host(x) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float64)
+
+
+class LazyStreamingPolicy(Policy):
+    """The core. Presets subclass it, set `name`, and name the piece they are about (`piece`):
+    that piece's switch knob may be required (`requires`), and its sub-knobs may be swept even
+    while its switch is at the neutral value (a control point, e.g. refresh_budget=0)."""
+
+    name = "lazy"
+    knobs = LAZY_KNOBS
+    piece: Optional[str] = None
+    requires: Optional[str] = None  # switch knob the preset cannot run without
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        p = cfg.policy
+        self.max_drop = None if p.max_drop is None else int(p.max_drop)
+        self.overlap = int(p.overlap)
+        self.refresh_budget = int(p.refresh_budget)
+        m = p.refresh_budget if p.refresh_per_prune is None else p.refresh_per_prune
+        self.refresh_per_prune = min(int(m), self.refresh_budget)
+        self.refresh_select = str(p.refresh_select)
+        self.mode = None if p.mode is None else str(p.mode)
+        # largest body beyond `window` that may stay in the cache after a step (the prune bound)
+        self.max_slack = self.compress_every - 1 if self.mode is None else int(p.extra_slack)
+        self.entropy_window = int(p.entropy_window)
+        self.entropy_low, self.entropy_high = float(p.entropy_low), float(p.entropy_high)
+        self._classes: Optional[TokenClasses] = None
+        self.reset()
+
+    # ------------------------------------------------------------------ config
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        check_knobs(cls, cfg)
+        if cls.knobs != LAZY_KNOBS:  # a preset that takes no knobs (streaming): nothing else to check
+            return
+        p, R = cfg.policy, cfg.compress_every
+        if cls.requires is not None:
+            _need(p.get(cls.requires) is not None,
+                  f"policy.{cls.requires}: required for policy={cls.name} (see docs/policies.md)")
+        if p.max_drop is not None:
+            _need(p.max_drop >= 1, f"policy.max_drop: must be >= 1 (got {p.max_drop})")
+        _need(p.overlap >= 0, f"policy.overlap: must be >= 0 (got {p.overlap})")
+        _need(p.refresh_budget >= 0, f"policy.refresh_budget: must be >= 0 (got {p.refresh_budget})")
+        _need(p.refresh_select in REFRESH_SELECTS,
+              f"policy.refresh_select: '{p.refresh_select}' is not one of {', '.join(REFRESH_SELECTS)}")
+        if p.refresh_per_prune is not None:
+            _need(p.refresh_per_prune >= 1, f"policy.refresh_per_prune: must be >= 1 (got {p.refresh_per_prune})")
+            _need(p.refresh_budget == 0 or p.refresh_per_prune <= p.refresh_budget,
+                  f"policy.refresh_per_prune: must be <= policy.refresh_budget "
+                  f"(got {p.refresh_per_prune} > {p.refresh_budget})")
+        if p.mode is None:
+            _need(p.overlap < R, f"policy.overlap: must be < compress_every (got {p.overlap} >= {R})")
+        else:
+            _need(p.mode in ADAPTIVE_MODES, f"policy.mode: '{p.mode}' is not one of {', '.join(ADAPTIVE_MODES)}")
+            _need(R == 1, f"compress_every: policy.mode={p.mode} replaces the fixed period by policy.extra_slack; "
+                          f"leave compress_every at 1 (got {R})")
+            _need(p.extra_slack >= 0, f"policy.extra_slack: must be >= 0 (got {p.extra_slack})")
+            _need(p.overlap <= p.extra_slack,
+                  f"policy.overlap: must be <= policy.extra_slack with policy.mode set "
+                  f"(got {p.overlap} > {p.extra_slack})")
+            _need(p.entropy_window >= 1, f"policy.entropy_window: must be >= 1 (got {p.entropy_window})")
+            _need(0 <= p.entropy_low < p.entropy_high,
+                  f"policy.entropy_low: must be >= 0 and < policy.entropy_high "
+                  f"(got {p.entropy_low}, {p.entropy_high})")
+        # a sub-knob whose piece is switched off does nothing: an error, except on the preset of that
+        # piece (where e.g. refresh_budget=0 is the control point of a sweep over refresh_select)
+        off = {"refresh": p.refresh_budget == 0, "adaptive": p.mode is None}
+        for piece, is_off in off.items():
+            if is_off and cls.piece != piece:
+                for knob in PIECES[piece][1:]:
+                    if knob_is_set(cfg, knob):
+                        switch = PIECES[piece][0]
+                        raise ConfigError(f"policy.{knob}: has no effect while policy.{switch} is off "
+                                          f"(set policy.{switch}, or use policy={piece})")
+        if p.mode == "slack" and cls.piece != "adaptive":
+            for knob in ("entropy_window", "entropy_low", "entropy_high"):
+                if knob_is_set(cfg, knob):
+                    raise ConfigError(f"policy.{knob}: only used with policy.mode=entropy (got mode=slack)")
+
+    @property
+    def capacity(self) -> int:
+        return self.n_sink + self.refresh_budget + self.window + self.max_slack + 1
+
+    # ------------------------------------------------------------------ run
+
+    def attach(self, decoder, cache, tokenizer=None) -> None:
+        if self.refresh_budget and self.refresh_select == "structural":
+            if tokenizer is None:
+                raise ValueError("policy.refresh_select=structural needs the tokenizer (attach(..., tokenizer))")
+            self._classes = TokenClasses(tokenizer)
+
+    def reset(self) -> None:
+        self.n_refresh = 0  # tokens in the refresh region (slots n_sink .. n_sink + n_refresh - 1)
+        self.pruning = False  # max_drop's pruning mode: an overflow left over from the last prune
+
+    def recent_entropy(self, view) -> float:
+        lo = max(0, view.step - self.entropy_window + 1)
+        return float(_to_host(view.entropy[lo:view.step + 1]).mean())
+
+    def _due(self, view, body: int) -> bool:
+        if body > self.window + self.max_slack:
+            return True
+        if self.mode == "entropy":  # reads the entropy on the host: one sync per step on a GPU
+            slack = entropy_slack(self.recent_entropy(view), self.max_slack, self.entropy_low, self.entropy_high)
+            return body > self.window + slack
+        return False
+
+    def decide(self, view) -> Optional[Decision]:
+        pos = view.token_pos
+        L = len(pos)
+        S = min(self.n_sink, L)
+        r = self.n_refresh
+        body = L - S - r
+        target = self.window + self.overlap
+        if body <= target:
+            self.pruning = False
+            return None
+        if not self.pruning and not self._due(view, body):
+            return None
+        n_drop = body - target if self.max_drop is None else min(body - target, self.max_drop)
+        self.pruning = body - n_drop > target
+        start = S + r  # the dropped segment: the oldest n_drop tokens of the body
+        new_ref = np.zeros(0, dtype=np.int64)
+        if self.refresh_per_prune > 0:
+            seg_pos = pos[start:start + n_drop]
+            ent = None
+            if self.refresh_select == "entropy":
+                ent = _to_host(view.entropy[seg_pos.tolist()] if hasattr(view.entropy, "detach")
+                               else np.asarray(view.entropy)[seg_pos])
+            picks = select_refresh(self.refresh_select, self.refresh_per_prune, seg_pos, entropy=ent,
+                                   token_ids=view.token_ids, classes=self._classes)
+            new_ref = start + picks
+        ref = np.concatenate([np.arange(S, S + r), new_ref])[-self.refresh_budget:] if self.refresh_budget \
+            else np.zeros(0, dtype=np.int64)
+        self.n_refresh = len(ref)
+        keep = np.concatenate([np.arange(S), ref, np.arange(start + n_drop, L)]).astype(np.int64)
+        return Decision(keep=keep, refreshed=len(new_ref))

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from streamkv.policies.lazy import LazyStreamingPolicy
+
+
+class MaxDropPolicy(LazyStreamingPolicy):
+    """Lazy streaming whose prunes drop at most `policy.max_drop` tokens each.
+
+    A prune is triggered as in `streaming`; if the overflow is larger than max_drop, max_drop tokens
+    go now and the policy stays in "pruning mode", dropping up to max_drop more after each following
+    step until the cache is back to n_sink + window. max_drop >= R equals `streaming`.
+    """
+
+    name = "max_drop"
+    piece = "max_drop"
+    requires = "max_drop"

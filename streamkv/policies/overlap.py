@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from streamkv.policies.lazy import LazyStreamingPolicy
+
+
+class OverlapPolicy(LazyStreamingPolicy):
+    """Lazy streaming whose prunes keep `policy.overlap` extra recent tokens (overlap < R).
+
+    Triggered as in `streaming` (cache > n_sink + window + R - 1), but the prune keeps
+    n_sink + window + overlap tokens, so each prune drops R - overlap and prunes come every
+    R - overlap steps. overlap = 0 equals `streaming`.
+    """
+
+    name = "overlap"
+    piece = "overlap"

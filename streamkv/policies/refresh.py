@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from streamkv.policies.lazy import LazyStreamingPolicy
+
+
+class RefreshPolicy(LazyStreamingPolicy):
+    """Lazy streaming with a dynamic sink region fed from the evicted segments.
+
+    Before a segment is evicted, up to M = `policy.refresh_per_prune` (default refresh_budget) of its
+    tokens move into the refresh region, placed after the sinks (text order kept); the region holds
+    at most `policy.refresh_budget` tokens, its oldest leaving first. `policy.refresh_select` picks
+    them: uniform (evenly spread), structural (newline > sentence end > quote tokens, by their
+    decoded strings), entropy (highest predictive entropy of the token's own step).
+    refresh_budget = 0 equals `streaming`.
+    """
+
+    name = "refresh"
+    piece = "refresh"

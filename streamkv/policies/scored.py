@@ -1,0 +1,99 @@
+"""Score-based baselines (snapkv, h2o, tova): shared plumbing.
+
+They read attention weights through `decoder.attention_observer(layer, q_rot, k_rot, mask)`, computed
+here as an explicit softmax(q K^T * scale) of the step's query rows against the cached keys (a
+[H, T, L] product per layer: cheap at decode, no eager full attention). The cache managers evict the
+same slots in every layer and head, so each baseline reduces its scores to one number per cached
+token (mean over heads and layers).
+
+Budget: like `streaming`, a prune fires when the cache exceeds n_sink + window + compress_every - 1
+and brings it back to exactly n_sink + window (R = 1: every step, the classic per-step setting).
+The n_sink first tokens are always kept (sinks), like every policy here.
+
+Positions: position_mode = "original" — a kept token keeps its text position (gaps stay), as
+kvpress does; no StreamingLLM shift.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from streamkv.policies.base import Decision, Policy
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask, scale: float) -> torch.Tensor:
+    """softmax(q K^T * scale) per query head: q [1, H, T, D], k [1, Hkv, L, D] -> [Hkv, G, T, L]
+    (float32; G = H / Hkv query heads per KV head). mask: None, bool [T, L] (True = attend), or
+    additive float."""
+    _, H, T, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    qg = q[0].float().reshape(Hkv, H // Hkv, T, D)
+    s = torch.matmul(qg, k[0].float().transpose(-1, -2)[:, None]) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    return s.softmax(-1)
+
+
+def keep_top(scores: np.ndarray, length: int, n_sink: int, n_recent: int, budget: int) -> np.ndarray:
+    """Slots to keep (ascending): the sinks, the n_recent newest, and the highest-scoring others up to
+    `budget` in all (ties: the older token first). scores[i] belongs to slot i."""
+    S = min(n_sink, length)
+    recent = max(0, min(n_recent, length - S))
+    middle = np.arange(S, length - recent)
+    n_top = max(0, min(budget - S - recent, len(middle)))
+    order = np.argsort(-np.asarray(scores, dtype=np.float64)[middle], kind="stable")
+    top = middle[order[:n_top]]
+    return np.sort(np.concatenate([np.arange(S), top, np.arange(length - recent, length)])).astype(np.int64)
+
+
+class ScoredPolicy(Policy):
+    """Base of the attention-score baselines. Subclasses implement `observe` and `scores` and set
+    `n_recent` (newest tokens always kept)."""
+
+    position_mode = "original"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.n_layers = 1
+        self.scale = 1.0
+        self.cache = None
+        self.reset()
+
+    @property
+    def n_recent(self) -> int:
+        return 0
+
+    @property
+    def budget(self) -> int:
+        return self.n_sink + self.window
+
+    def attach(self, decoder, cache, tokenizer=None) -> None:
+        self.n_layers = decoder.shape.n_layers
+        self.scale = decoder.scale
+        self.cache = cache
+        decoder.attention_observer = self.observe
+
+    def due(self, length: int) -> bool:
+        """A prune follows this step (same trigger as `streaming`)."""
+        return length > self.n_sink + self.window + self.compress_every - 1
+
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, mask) -> None:
+        raise NotImplementedError
+
+    def scores(self, length: int) -> np.ndarray:
+        """One score per cached slot (higher = keep), for the current cache of `length` tokens."""
+        raise NotImplementedError
+
+    def on_evict(self, keep: np.ndarray) -> None:
+        """Re-index per-slot state after the cache keeps `keep`."""
+
+    def decide(self, view) -> Optional[Decision]:
+        L = len(view.token_pos)
+        if not self.due(L):
+            return None
+        keep = keep_top(self.scores(L), L, self.n_sink, self.n_recent, self.budget)
+        self.on_evict(keep)
+        return Decision(keep=keep)

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from streamkv.errors import ConfigError
+from streamkv.policies.base import check_knobs
+from streamkv.policies.scored import ScoredPolicy, attention_weights
+
+POOLINGS = ("avg", "max")
+
+
+def snapkv_scores(attn: torch.Tensor, n_window: int, kernel_size: int, pooling: str) -> torch.Tensor:
+    """SnapKV's scores of the keys before the observation window.
+
+    attn: [Hkv, G, w, L] attention of the w observation queries (softmax over all L keys). Mean over
+    the queries, 1D pooling along the keys (stride 1, same length), mean over the G query heads of
+    each KV group, then (one decision for all heads) mean over the KV heads -> [L - n_window].
+    """
+    Hkv, G, _, L = attn.shape
+    n = L - n_window
+    if n <= 0:
+        return attn.new_zeros(0)
+    x = attn[..., :n].mean(2).reshape(Hkv * G, 1, n)
+    pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
+    x = pool(x, kernel_size, stride=1, padding=kernel_size // 2)
+    return x.reshape(Hkv, G, n).mean(1).mean(0)
+
+
+class SnapKVPolicy(ScoredPolicy):
+    """SnapKV (Li et al. 2024) applied during decoding, every compress_every steps.
+
+    A ring of the last `obs_window` query vectors per layer scores the cache at each prune: their
+    attention (softmax over the current cache, causal by text position), averaged over the window,
+    pooled with a 1D `kernel_size` kernel (`pooling` avg|max), averaged per KV group (GQA) and then
+    over KV heads and layers. Keeps the n_sink sinks, the obs_window newest tokens (the
+    observation window) and the top-scored others, n_sink + window in all. Positions: original text
+    positions (position_mode "original"), as kvpress.
+    """
+
+    name = "snapkv"
+    knobs = ("obs_window", "kernel_size", "pooling")
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        check_knobs(cls, cfg)
+        p = cfg.policy
+        if not 1 <= p.obs_window <= cfg.window:
+            raise ConfigError(f"policy.obs_window: must be between 1 and window={cfg.window} (got {p.obs_window})")
+        if p.kernel_size < 1 or p.kernel_size % 2 == 0:
+            raise ConfigError(f"policy.kernel_size: must be an odd number >= 1 (got {p.kernel_size})")
+        if p.pooling not in POOLINGS:
+            raise ConfigError(f"policy.pooling: '{p.pooling}' is not one of {', '.join(POOLINGS)}")
+
+    @property
+    def n_recent(self) -> int:
+        return int(self.pcfg.obs_window)
+
+    def reset(self) -> None:
+        self._q: dict = {}  # layer -> [H, <=w, D] the most recent query vectors (rotated)
+        self._qpos = np.zeros(0, dtype=np.int64)  # their text positions
+        self._acc = None
+
+    def observe(self, layer, q, k, mask) -> None:
+        w = self.n_recent
+        T = q.shape[2]
+        prev = self._q.get(layer)
+        self._q[layer] = (q[0] if prev is None else torch.cat([prev, q[0]], dim=1))[:, -w:]
+        if layer == 0:
+            self._qpos = np.concatenate([self._qpos, self.cache.token_pos[-T:]])[-w:]
+        L = k.shape[2]
+        if not self.due(L):
+            return
+        kpos = torch.as_tensor(self.cache.token_pos, device=k.device)
+        qpos = torch.as_tensor(self._qpos, device=k.device)
+        causal = kpos[None, :] <= qpos[:, None]  # a query sees only keys at or before its position
+        attn = attention_weights(self._q[layer][None], k, causal, self.scale)
+        s = snapkv_scores(attn, min(w, L), int(self.pcfg.kernel_size), str(self.pcfg.pooling))
+        self._acc = s if layer == 0 or self._acc is None else self._acc + s
+
+    def scores(self, length: int) -> np.ndarray:
+        out = np.zeros(length)
+        s = self._acc.cpu().numpy()
+        out[:len(s)] = s  # the observation window itself is always kept (n_recent)
+        return out

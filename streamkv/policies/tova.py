@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import numpy as np
+
+from streamkv.policies.scored import ScoredPolicy, attention_weights
+
+
+class TOVAPolicy(ScoredPolicy):
+    """TOVA (Oren et al. 2024): evict the tokens the current query attends to least.
+
+    Score of a cached token = attention weight of the step's (last) query, averaged over all heads
+    and layers. With compress_every = R > 1 the prune removes the R lowest-scored tokens at once
+    (R = 1 is TOVA's per-step eviction). Keeps the n_sink sinks and, as kvpress does, the newest
+    token. Positions: original text positions (position_mode "original"), as kvpress.
+    """
+
+    name = "tova"
+    knobs = ()
+
+    @property
+    def n_recent(self) -> int:
+        return 1
+
+    def reset(self) -> None:
+        self._acc = None
+
+    def observe(self, layer, q, k, mask) -> None:
+        if not self.due(k.shape[2]):  # the scores are only needed right before a prune
+            return
+        w = attention_weights(q[:, :, -1:], k, None if mask is None else mask[-1:], self.scale)
+        s = w[:, :, 0].mean((0, 1))
+        self._acc = s if layer == 0 or self._acc is None else self._acc + s
+
+    def scores(self, length: int) -> np.ndarray:
+        return self._acc.cpu().numpy()
