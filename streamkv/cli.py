@@ -29,7 +29,7 @@ def expand_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    axes = []
+    axes: dict[str, list[str]] = {}  # by key: a later override of a key replaces an earlier one
     for ov in parsed:
         key = ov.get_key_element()
         group = ov.key_or_group.lstrip("+~")
@@ -44,41 +44,72 @@ def expand_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
             for v in values:
                 if v not in allowed:
                     raise ConfigError(f"{group}: unknown option '{v}' (allowed: {', '.join(allowed)})")
-        axes.append([f"{key}={v}" if v is not None else ov.input_line for v in values])
+        axes[key] = [f"{key}={v}" if v is not None else ov.input_line for v in values]
     combos = 1
-    for a in axes:
+    for a in axes.values():
         combos *= len(a)
     if combos > MAX_COMBINATIONS:
         raise ConfigError(f"sweep: {combos} combinations is more than {MAX_COMBINATIONS}")
-    return [list(c) for c in itertools.product(*axes)] if axes else [[]]
+    return [list(c) for c in itertools.product(*axes.values())] if axes else [[]]
 
 
-def precheck(argv: list[str]) -> list[str | None]:
-    """Validate all jobs of this command line; raise ConfigError on the first bad one.
-    Returns one identity per job (None where rerun=true: such a job never counts as done)."""
+def preset_blocks(overrides: list[str]) -> list[list[str]]:
+    """The override lists of a sweep: one per block of a preset using the `blocks` sweeper
+    (conf/sweep/*.yaml), else [overrides + hydra.sweeper.params] as Hydra's basic sweeper does."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from hydra_plugins.streamkv_sweeper.blocks_sweeper import block_overrides
+    from omegaconf.errors import OmegaConfBaseException
+
+    fixed = [o for o in overrides if "," not in o.split("=", 1)[-1] and not o.lstrip("+~").startswith("hydra")]
+    try:
+        sweeper = compose(config_name="config", overrides=fixed, return_hydra_config=True).hydra.sweeper
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_first_line(exc)) from None
+    return block_overrides(sweeper.get("blocks"), sweeper.get("params"), overrides)
+
+
+def compose_jobs(argv: list[str]) -> list:
+    """Compose every job of this command line (a sweep's union of products), as Hydra will."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
-    from omegaconf import OmegaConf
-
-    from streamkv.record import run_identity
-
-    jobs = expand_overrides(overrides, multirun)
-    identities: list[str | None] = []
     register_configs()
+    cfgs = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        blocks = preset_blocks(overrides) if multirun else [overrides]
+        jobs, seen = [], set()
+        for block in blocks:  # the union of the blocks' products, each job once
+            for job in expand_overrides(block, multirun):
+                if tuple(sorted(job)) not in seen:
+                    seen.add(tuple(sorted(job)))
+                    jobs.append(job)
+        if len(jobs) > MAX_COMBINATIONS:
+            raise ConfigError(f"sweep: {len(jobs)} jobs is more than {MAX_COMBINATIONS}")
         for job in jobs:
             # hydra.* settings are Hydra's own business (launcher, dirs); compose the run config only
             job_overrides = [o for o in job if not o.lstrip("+~").startswith("hydra")]
             try:
-                cfg = compose(config_name="config", overrides=job_overrides)
+                cfgs.append(compose(config_name="config", overrides=job_overrides))
             except (HydraException, OmegaConfBaseException) as exc:
                 raise ConfigError(_first_line(exc)) from None
-            validate(cfg)
-            identities.append(None if cfg.rerun else run_identity(OmegaConf.to_container(cfg, resolve=True)))
+    return cfgs
+
+
+def precheck(argv: list[str]) -> list[str | None]:
+    """Validate all jobs of this command line; raise ConfigError on the first bad one.
+    Returns one identity per job (None where rerun=true: such a job never counts as done)."""
+    from omegaconf import OmegaConf
+
+    from streamkv.record import run_identity
+
+    identities: list[str | None] = []
+    for cfg in compose_jobs(argv):
+        validate(cfg)
+        identities.append(None if cfg.rerun else run_identity(OmegaConf.to_container(cfg, resolve=True)))
     return identities
 
 

@@ -199,7 +199,7 @@ def print_report(run: dict, a: dict, paths: list[Path], top: int = 10) -> None:
                            ("excess NLL by visible KV length", a["by_visible"], "visible_kv")):
         if not len(df):
             continue
-        tb = Table(title=title, title_justify="left")
+        tb = Table(title=title, title_justify="left", min_width=len(title) + 4)
         tb.add_column(key, justify="right")
         tb.add_column("tokens", justify="right")
         tb.add_column("mean excess", justify="right")

@@ -13,7 +13,8 @@ import torch
 from conftest import compose, load, run_cli, text_ids
 
 S, W, R = 4, 32, 8
-N = 600
+N = 600  # tokens of the invariant runs
+NEQ = 300  # tokens of the equivalence runs
 
 
 def run(*overrides: str, n: int = N, spy=None):
@@ -58,17 +59,17 @@ def streaming(n: int, r: int = R):
 ], ids=["max_drop=R", "max_drop>R", "overlap=0", "refresh_budget=0", "refresh_budget=0-structural",
         "max_drop+overlap0"])
 def test_neutral_knob_equals_streaming(overrides):
-    base = streaming(400)
-    r, _ = run(f"n_sink={S}", f"window={W}", f"compress_every={R}", *overrides, n=400)
+    base = streaming(NEQ)
+    r, _ = run(f"n_sink={S}", f"window={W}", f"compress_every={R}", *overrides, n=NEQ)
     np.testing.assert_array_equal(r.nll, base.nll)
     np.testing.assert_array_equal(r.visible_kv, base.visible_kv)
     assert [(e["step"], e["dropped"]) for e in r.events] == [(e["step"], e["dropped"]) for e in base.events]
 
 
 def test_adaptive_slack_equals_streaming_with_period_slack_plus_one():
-    base = streaming(400)
+    base = streaming(NEQ)
     r, _ = run(f"n_sink={S}", f"window={W}", "policy=adaptive", "policy.mode=slack", f"policy.extra_slack={R - 1}",
-               n=400)
+               n=NEQ)
     np.testing.assert_array_equal(r.nll, base.nll)
 
 
@@ -79,8 +80,8 @@ def test_adaptive_slack_equals_streaming_with_period_slack_plus_one():
 ], ids=["max_drop", "overlap", "refresh"])
 def test_active_knob_changes_the_result(overrides):
     """The equivalences above would be vacuous if the knobs did nothing."""
-    base = streaming(400)
-    r, _ = run(f"n_sink={S}", f"window={W}", f"compress_every={R}", *overrides, n=400)
+    base = streaming(NEQ)
+    r, _ = run(f"n_sink={S}", f"window={W}", f"compress_every={R}", *overrides, n=NEQ)
     assert np.abs(r.nll - base.nll).max() > 1e-4
 
 
@@ -141,7 +142,8 @@ def test_lazy_policy_invariants(case):
     vis, ev = res.visible_kv, res.events
     assert len(ev) > 5
     for e in ev:
-        assert e["dropped"] >= 1 and e["kept"] == e["visible_after"]
+        # a prune may evict nothing when its whole segment moves into a refresh region not yet full
+        assert e["dropped"] + e["refreshed"] >= 1 and e["kept"] == e["visible_after"]
         if D is not None:
             assert e["dropped"] <= D
         if D is None and p.mode is None:  # periodic trigger, no cap: each prune evicts R - overlap
@@ -200,20 +202,15 @@ def test_baseline_invariants(case):
         k = policy.n_recent
         assert list(pos[len(pos) - k:]) == list(range(cache.next_pos - k, cache.next_pos)), "recent tokens kept"
 
-    res, policy = run(*overrides, n=400, spy=spy)
+    res, policy = run(*overrides, n=NEQ, spy=spy)
     assert policy.position_mode == "original"
     Rc = cfg.compress_every
     steady = res.visible_kv[cfg.prefill_tokens + 1:] if cfg.prefill_tokens else res.visible_kv[S + W:]
     assert steady.max() <= S + W + Rc - 1 and steady.min() >= S + W
     assert all(e["visible_after"] == S + W for e in res.events)
     assert np.isfinite(res.nll).all()
-
-
-def test_baselines_differ_from_streaming():
-    base = run(f"n_sink={S}", f"window={W}", f"compress_every={R}", n=400)[0]
-    for name in ("snapkv", "h2o", "tova"):
-        r, _ = run(f"n_sink={S}", f"window={W}", f"compress_every={R}", f"policy={name}", n=400)
-        assert np.abs(r.nll - base.nll).max() > 1e-4, name
+    if Rc == R and not cfg.prefill_tokens:  # same budget and period as streaming, other choices
+        assert np.abs(res.nll - streaming(NEQ).nll).max() > 1e-4
 
 
 # ---------------------------------------------------------------- baselines on hand-made attention
@@ -417,7 +414,7 @@ GOOD = [
 def test_good_compositions_validate(overrides):
     from streamkv.cli import precheck
 
-    assert precheck(["model=tiny_llama", *overrides]) == 1
+    precheck(["model=tiny_llama", *overrides])  # raises ConfigError on a bad combination
 
 
 @pytest.mark.parametrize("overrides", [

@@ -80,11 +80,21 @@ class GraphEvaluator:
             return False
         self.fallback_reason = None
         self.backend_used = self.backend_name
+        self._release_host_cache()
         with torch.inference_mode():
             self._allocate(sched, ids)
             if self.capture and len(ids) - 1 > prefill:
                 self._capture()
         return True
+
+    def _release_host_cache(self) -> None:
+        """The host-driven manager built for this run (cache=ring/static) preallocates K/V that the
+        graph path never reads (it keeps its own slot buffers): give that memory back, so that peak
+        memory is weights + one preallocated cache. The manager stays usable for bookkeeping only."""
+        for name in ("k", "v", "side_k"):
+            t = getattr(self.cache, name, None)
+            if isinstance(t, torch.Tensor) and t.numel():
+                setattr(self.cache, name, t.new_empty((0,) * t.dim()))
 
     def _allocate(self, s: Schedule, ids: torch.Tensor) -> None:
         self.s = s

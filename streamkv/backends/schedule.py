@@ -89,7 +89,8 @@ class Schedule:
     qpos: np.ndarray  # [n] RoPE position of the token as a query (and of its key when written)
     side_write: np.ndarray  # [n] side-buffer row for the un-rotated key, or n_side (a scratch row)
     evict: np.ndarray  # [n, E] slots freed after step t; padded with `capacity` (a scratch slot)
-    fix_slot: np.ndarray  # [n, F] slots to re-rotate before step t's attention (pad: capacity)
+    fix_slot: np.ndarray  # [n, F] slots to re-rotate before step t's attention (pad: capacity);
+    #                       non-empty on the first step after a prune (and never in original mode)
     fix_src: np.ndarray  # [n, F] their side-buffer rows (pad: n_side)
     fix_pos: np.ndarray  # [n, F] the positions to rotate them at (pad: 0)
     prefill_evict: np.ndarray  # slots freed by the prune after prefill (any number)
@@ -184,6 +185,7 @@ def _layout(feeds, layout, mode, n, prefill) -> Schedule:
     capacity = 0
 
     slot_of: dict = {}
+    stored: dict = {}  # ring: the position each held token's key is rotated at in its slot
     free: deque = deque()  # ring: freed slots, reused oldest first
     next_slot = 0
     for t, new, held, keep, decision, is_prefill in feeds:
@@ -204,16 +206,21 @@ def _layout(feeds, layout, mode, n, prefill) -> Schedule:
                 else:
                     s, next_slot = next_slot, next_slot + 1
                 slot_of[j] = s
+                stored[j] = j
             else:  # static: the slot is the cache-order index
                 s = m - len(new) + i
             write_slot[j] = s
-        # 2. ring + shift positions: held tokens whose stored rotation (their true position) is not
-        #    StreamingLLM's contiguous position: everything before the last gap (sinks, refresh tokens)
+        # 2. ring + shift positions: held tokens whose stored rotation is not StreamingLLM's distance
+        #    to the query: everything before the last gap (sinks, refresh tokens). That distance only
+        #    changes at a prune (between prunes the query and the cache grow together), so a slot is
+        #    re-rotated on the first step after each prune, not every step.
         if layout == "ring" and mode == "shift" and not is_prefill:
             required = t - (m - 1 - np.arange(m))
             for c in np.flatnonzero(held != required):
                 j = int(held[c])
-                fix_rows[t].append((slot_of[j], j, int(required[c])))
+                if stored.get(j) != int(required[c]):
+                    fix_rows[t].append((slot_of[j], j, int(required[c])))
+                    stored[j] = int(required[c])
         # 3. the policy's prune
         if keep is None:
             continue
@@ -222,6 +229,8 @@ def _layout(feeds, layout, mode, n, prefill) -> Schedule:
         if layout == "ring":
             slots = [slot_of.pop(j) for j in dropped_at[t]]
             free.extend(slots)
+            for j in dropped_at[t]:
+                stored.pop(j, None)
         else:
             slots = [int(c) for c in drop]
             perm = np.concatenate([keep, drop])

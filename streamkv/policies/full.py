@@ -8,5 +8,9 @@ class FullPolicy(Policy):
 
     name = "full"
 
+    @property
+    def capacity(self):
+        return None  # unbounded: the cache holds the whole text
+
     def decide(self, view):
         return None

@@ -7,6 +7,8 @@ from streamkv.errors import ConfigError
 from streamkv.policies.base import check_knobs
 from streamkv.policies.scored import ScoredPolicy, attention_weights
 
+QUERY_CHUNK = 256
+
 
 class H2OPolicy(ScoredPolicy):
     """H2O (Zhang et al. 2023): heavy hitters + a recent window.
@@ -42,8 +44,10 @@ class H2OPolicy(ScoredPolicy):
                 self._acc = torch.zeros(L, device=k.device)
             elif len(self._acc) < L:
                 self._acc = torch.cat([self._acc, self._acc.new_zeros(L - len(self._acc))])
-        w = attention_weights(q, k, mask, self.scale)
-        self._acc += w.sum(2).mean((0, 1)) / self.n_layers
+        for i in range(0, q.shape[2], QUERY_CHUNK):  # a long prefill: bounded [H, chunk, L] at a time
+            m = None if mask is None else mask[i:i + QUERY_CHUNK]
+            w = attention_weights(q[:, :, i:i + QUERY_CHUNK], k, m, self.scale)
+            self._acc += w.sum(2).mean((0, 1)) / self.n_layers
 
     def scores(self, length: int) -> np.ndarray:
         return self._acc.cpu().numpy()

@@ -1,0 +1,270 @@
+"""Backends on the CPU: config errors (one line, before anything loads), the graph path's slot
+schedule and layouts against concat + eager (the captured step run un-captured, float32, same
+per-token NLL to 1e-5, same events), the data-dependent fallback, the compile backend's tracing,
+and our Triton kernels through Triton's interpreter (skipped where triton is not installed).
+The GPU side (capture, bf16 tolerance, liger) is scripts/gpu_check.py; speed is streamkv.bench."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, compose, load, run_cli, text_ids
+
+KIND = "tiny_llama"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's ops are too small for intra-op threads; on a busy 2-core machine OpenMP
+    waits make them 10x slower. One thread per test, restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["backend.name=nope"], "backend: 'nope' is not one of"),
+    (["backend=cudagraph", "cache=ring"], "backend: 'cudagraph' needs a CUDA device (device=cpu)"),
+    (["backend=cudagraph_fused", "cache=static"], "needs a CUDA device"),
+    (["backend=fused"], "backend: 'fused' needs a CUDA device"),
+    (["backend=cudagraph", "device=cuda"], "needs a preallocated cache manager (cache=ring or cache=static), "
+                                           "not cache=concat"),
+    (["backend=compile", "model=tiny_neox"], "supports the Llama family only"),
+])
+def test_config_errors(overrides, expected):
+    from streamkv.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        compose(*overrides)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_cudagraph_on_cpu_fails_at_once():
+    r = run_cli("backend=cudagraph", "cache=ring", "device=cpu", timeout=120)
+    assert r.returncode != 0
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "needs a CUDA device" in err[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_every_backend_has_a_preset():
+    from streamkv.backends import BACKENDS
+
+    presets = {p.stem for p in (ROOT / "conf" / "backend").glob("*.yaml")}
+    assert presets == set(BACKENDS)
+    for name in BACKENDS:
+        cfg = compose(f"backend={name}", "device=cuda", "cache=ring")
+        assert cfg.backend.name == name
+
+
+# ---------------------------------------------------------------- the functional layer = HF modules
+
+
+def _evaluator(*overrides, n):
+    from streamkv.runner import make_evaluator
+
+    cfg = compose(f"model={KIND}", "progress=false", *overrides)
+    return cfg, make_evaluator(cfg, load(KIND).model, n, torch.device("cpu"), load(KIND).tokenizer)
+
+
+def test_dense_hook_matches_hf_modules():
+    """Decoder.dense with the plain functions (what compile compiles) = the HF modules, float32."""
+    from streamkv.backends import functional as fn
+
+    ids = text_ids(KIND, n=150)
+    cfg, ev = _evaluator("window=32", "compress_every=4", "prefill_tokens=40", n=len(ids))
+    ref = ev.run(ids, 40)
+    cfg, ev = _evaluator("window=32", "compress_every=4", "prefill_tokens=40", n=len(ids))
+    ev.decoder.dense = fn.DenseBlocks(fn.gather_weights(load(KIND).model))
+    r = ev.run(ids, 40)
+    np.testing.assert_allclose(r.nll, ref.nll, atol=1e-5, rtol=0)
+
+
+def test_compile_backend_traces_and_matches():
+    """The compile backend's functions go through torch.compile (dynamo + AOT autograd here; inductor
+    codegen takes ~1 min on a 2-core CPU, it runs in the GPU benchmark) with one graph for all layers."""
+    from streamkv.backends import attach_backend
+    from streamkv.backends import functional as fn
+    from streamkv.backends.compile import compiled_dense
+
+    ids = text_ids(KIND, n=60)
+    cfg, ev = _evaluator("window=16", "compress_every=4", n=len(ids))
+    ref = ev.run(ids, 0)
+    torch._dynamo.reset()
+    cfg, ev = _evaluator("window=16", "compress_every=4", "backend=compile", n=len(ids))
+    ev = attach_backend(cfg, ev)
+    assert ev.backend_used == "compile" and ev.decoder.dense is not None
+    ev.decoder.dense = compiled_dense(fn.gather_weights(load(KIND).model), backend="aot_eager")
+    r = ev.run(ids, 0)
+    np.testing.assert_allclose(r.nll, ref.nll, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- the graph path, un-captured
+
+
+POLICIES = {
+    "strict": ("n_sink=4", "window=24", "compress_every=1"),
+    "lazy_prefill": ("n_sink=4", "window=24", "compress_every=8", "prefill_tokens=64"),
+    "full": ("policy=full",),
+    "max_drop": ("policy=max_drop", "policy.max_drop=3", "n_sink=4", "window=24", "compress_every=8"),
+    "overlap": ("policy=overlap", "policy.overlap=4", "n_sink=4", "window=24", "compress_every=8"),
+    "refresh": ("policy=refresh", "policy.refresh_budget=4", "n_sink=4", "window=24", "compress_every=8"),
+    "refresh_structural": ("policy=refresh", "policy.refresh_budget=4", "policy.refresh_select=structural",
+                           "n_sink=4", "window=16", "compress_every=8"),
+    "adaptive_slack": ("policy=adaptive", "policy.mode=slack", "policy.extra_slack=6", "n_sink=4", "window=24"),
+}
+
+
+def _graph(layout, *overrides, n):
+    from streamkv.backends.graph import GraphEvaluator
+
+    cfg, ev = _evaluator(*overrides, n=n)
+    return cfg, GraphEvaluator(ev, layout, capture=False, tokenizer=load(KIND).tokenizer)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_graph_step_matches_concat_eager(policy):
+    ids = text_ids(KIND, n=160)
+    cfg, ev = _evaluator(*POLICIES[policy], n=len(ids))
+    ref = ev.run(ids, cfg.prefill_tokens)
+    for layout in ("ring", "static"):
+        cfg, g = _graph(layout, *POLICIES[policy], n=len(ids))
+        r = g.run(ids, cfg.prefill_tokens)
+        assert g.backend_used == "cudagraph"
+        np.testing.assert_allclose(r.nll, ref.nll, atol=1e-5, rtol=0, err_msg=layout)
+        np.testing.assert_allclose(r.entropy, ref.entropy, atol=1e-4, rtol=0, err_msg=layout)
+        assert r.events == ref.events, layout
+        assert (r.visible_kv == ref.visible_kv).all(), layout
+        assert g.memory["kv_capacity_slots"] == max(ref.visible_kv) + 1 or policy == "lazy_prefill"
+
+
+def test_graph_ring_large_positions():
+    """Ring keys live at their true positions (here ~12k): float32 RoPE there must still give
+    StreamingLLM's distances (concat re-rotates at positions < 40)."""
+    from streamkv.corpora import load_text
+
+    ids = torch.tensor(load(KIND).tokenizer.encode(load_text("book"))[:12600])
+    P = 12000
+    args = ("dataset=book", "n_sink=4", "window=32", "compress_every=4", f"prefill_tokens={P}")
+    cfg, ev = _evaluator(*args, n=len(ids))
+    ref = ev.run(ids, P)
+    cfg, g = _graph("ring", *args, n=len(ids))
+    r = g.run(ids, P)
+    np.testing.assert_allclose(r.nll[P:], ref.nll[P:], atol=1e-4, rtol=0)
+    assert r.events == ref.events
+
+
+def test_schedule_rerotates_only_after_prunes():
+    from streamkv.backends.schedule import build_schedule
+    from streamkv.policies import build_policy
+
+    S, W, R = 4, 16, 4
+    cfg = compose(f"model={KIND}", f"n_sink={S}", f"window={W}", f"compress_every={R}")
+    s = build_schedule(build_policy(cfg), "ring", np.arange(120), 0)
+    assert s.capacity == S + W + R
+    prune_steps = [e["step"] for e in s.events]
+    fixed = np.flatnonzero((s.fix_slot < s.capacity).any(axis=1))
+    assert list(fixed) == [p + 1 for p in prune_steps if p + 1 < 119]
+    assert s.n_fix == S and s.n_side == S  # the sinks, re-rotated from their un-rotated copies
+    assert (s.side_write[:S] == np.arange(S)).all() and (s.side_write[S:] == s.n_side).all()
+
+
+@pytest.mark.parametrize("policy", [("policy=h2o", "compress_every=4"),
+                                    ("policy=adaptive", "policy.mode=entropy", "policy.extra_slack=6")])
+def test_data_dependent_policy_falls_back_to_eager(policy, caplog):
+    ids = text_ids(KIND, n=120)
+    args = ("n_sink=4", "window=24", *policy)
+    cfg, ev = _evaluator(*args, n=len(ids))
+    ref = ev.run(ids, 0)
+    cfg, g = _graph("ring", *args, n=len(ids))
+    with caplog.at_level("WARNING", logger="streamkv"):
+        r = g.run(ids, 0)
+    assert g.backend_used == "eager (fallback from cudagraph)"
+    assert "cannot be precomputed" in caplog.text
+    np.testing.assert_array_equal(r.nll, ref.nll)
+
+
+# ---------------------------------------------------------------- our Triton kernels (interpreter)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernels_in_interpreter():
+    """float32 only: the interpreter's bf16 tl.dot is wrong (triton 3.6); bf16 is checked on the GPU."""
+    script = textwrap.dedent("""
+        import torch
+        from streamkv.backends.triton_kernels import DecodeAttention, kv_update
+        from streamkv.backends.functional import rope
+        torch.manual_seed(0)
+        def tables(n, D):
+            pos = torch.arange(n, dtype=torch.float64)
+            inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+            emb = torch.cat([torch.outer(pos, inv)] * 2, -1)
+            return emb.cos().float(), emb.sin().float()
+        for Hq, Hkv, D, C, rot in [(9, 3, 64, 70, False), (4, 4, 32, 40, True), (8, 2, 64, 33, False)]:
+            q = torch.randn(Hq, D); k = torch.randn(Hkv, C + 1, D); v = torch.randn(Hkv, C + 1, D)
+            valid = torch.rand(C + 1) > 0.3; valid[C] = False; valid[0] = True
+            cos, sin = tables(C + 1, D)
+            att = DecodeAttention(Hq, Hkv, D, C, torch.device("cpu"), torch.float32, rotate_k=rot, block_n=16, n_sm=4)
+            assert att.ns > 1
+            out = att(q, k, v, valid, D ** -0.5, cos if rot else None, sin if rot else None)
+            kk = rope(k[:, :C], cos[:C], sin[:C]) if rot else k[:, :C]
+            s = (q.view(Hkv, Hq // Hkv, D) @ kk.transpose(1, 2)) * D ** -0.5
+            ref = (s.masked_fill(~valid[:C], float("-inf")).softmax(-1) @ v[:, :C]).reshape(Hq, D)
+            assert ((out - ref).norm() / ref.norm()) < 1e-5, (Hq, Hkv, D, C, rot)
+        Hq, Hkv, D, C, n, F, S = 6, 2, 32, 10, 20, 2, 3
+        qkv = torch.randn((Hq + 2 * Hkv) * D)
+        K = torch.zeros(Hkv, C + 1, D); V = torch.zeros(Hkv, C + 1, D); side = torch.randn(Hkv, S + 1, D)
+        cos, sin = tables(100, D)
+        step = torch.tensor([5]); qpos = torch.arange(n) * 3; ws = torch.arange(n) % C; sw = torch.arange(n) % (S + 1)
+        fslot = torch.randint(0, C, (n, F)); fsrc = torch.randint(0, S, (n, F)); fpos = torch.randint(0, 90, (n, F))
+        fslot[5] = torch.tensor([7, 9]); fsrc[5] = torch.tensor([0, 2]); sw[5] = 1
+        side0 = side.clone(); qo = torch.empty(Hq, D)
+        kv_update(qkv, qo, K, V, side, cos, sin, step, qpos, ws, sw, fslot, fsrc, fpos, n_heads=Hq, n_kv=Hkv,
+                  rotate_k=True, has_side=True)
+        q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D]); q, k, v = q.view(Hq, D), k.view(Hkv, D), v.view(Hkv, D)
+        p = int(qpos[5])
+        assert torch.allclose(qo, rope(q, cos[p], sin[p]), atol=1e-6)
+        assert torch.allclose(K[:, ws[5]], rope(k, cos[p], sin[p]), atol=1e-6)
+        assert torch.equal(V[:, ws[5]], v) and torch.equal(side[:, 1], k)
+        for f in range(F):
+            src = side0[:, fsrc[5, f]]
+            assert torch.allclose(K[:, fslot[5, f]], rope(src, cos[fpos[5, f]], sin[fpos[5, f]]), atol=1e-6)
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- benchmark plumbing (not timed)
+
+
+def test_bench_pieces_run_on_cpu():
+    from streamkv import bench
+
+    dev = torch.device("cpu")
+    model, _, _ = bench.load_bench_model("tiny", dev, torch.float32)
+    ids = bench.bench_ids(100, model.config.vocab_size, load(KIND).tokenizer)
+    r = bench.hf_seed_style(model, ids, 40, 20, 4, 16, 8)
+    assert r["decode_tokens"] == 20 and np.isfinite(r["nll"]).all()
+    assert 4 + 16 <= r["visible_kv_mean"] <= 4 + 16 + 8
+    total, read = bench.weight_bytes(model)
+    assert read < total  # the untied embedding table is not read per token
+    assert bench.copy_bandwidth(dev, nbytes=1 << 20, reps=2) > 0
+    row = bench.Row(model="tiny", label="x", cache="ring", backend="cudagraph", policy="streaming", R=32,
+                    tpot_ms=1.0, roofline_ms=0.5, roofline_frac=0.5)
+    md = bench.markdown([row], {"device": "cpu", "copy_bw_gbs": 1.0, "n_sink": 4, "window": 16})
+    assert "| x | streaming | 32 | 1.000 |" in md
