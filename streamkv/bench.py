@@ -8,7 +8,8 @@ Protocol (per model): the text (the offline Wikipedia articles; random-weight mo
 ids modulo their vocabulary) is prefilled with P = n_sink + window tokens (4 + 2048), so the cache is
 full from the first decode step, then D tokens are decoded one by one, teacher-forced, under the policy.
 TPOT = decode time / D (CUDA synchronized around the loop, warm-up excluded), TTFT = prefill time,
-peak memory = torch.cuda.max_memory_allocated over the timed run. Baselines, in the same process:
+peak memory = torch.cuda.max_memory_allocated over the decode phase (and, in brackets, over the whole
+timed run, prefill logits included). Baselines, in the same process:
 
   seed-style   HF eager forward + transformers DynamicCache + lazy prune every R=32 steps by slicing
                the cache layers (`hf_seed_style`, the only code here that touches HF cache internals)
@@ -78,15 +79,18 @@ class Row:
     tpot_ms: float = float("nan")
     ttft_ms: float = float("nan")
     prefill_ms: float = float("nan")
-    peak_mem_mb: float = float("nan")
+    peak_mem_mb: float = float("nan")  # decode phase (prefill logits excluded)
+    peak_mem_all_mb: float = float("nan")  # whole timed run, prefill included
     weights_mb: float = float("nan")
     kv_capacity_mb: float = float("nan")
     kv_capacity_slots: int = 0
-    other_mb: float = float("nan")
+    schedule_mb: float = float("nan")  # graph paths: schedule tables, step buffers (not the KV cache)
+    other_mb: float = float("nan")  # decode peak - weights - KV capacity (- schedule): activations, workspaces
     visible_kv_mean: float = float("nan")
     roofline_ms: float = float("nan")
     roofline_frac: float = float("nan")
-    ppl: float = float("nan")
+    ppl: float = float("nan")  # over decode steps 4 .. 4 + decode_slow: the same tokens for every path
+    ppl_all: float = float("nan")  # over all decoded tokens of the path
     backend_used: str = ""
     profile: dict = field(default_factory=dict)
 
@@ -210,9 +214,10 @@ def kernel_profile(step, n_steps: int, device: torch.device, trace_path: Path | 
         c, d = by_name.get(name, (0, 0.0))
         by_name[name] = (c + 1, d + float(e.get("dur", 0.0)))
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]
-    launches = sum(1 for e in events if e.get("cat") == "cuda_runtime" and
-                   e.get("name", "") in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"))
-    graph_launches = sum(1 for e in events if e.get("cat") == "cuda_runtime" and "GraphLaunch" in e.get("name", ""))
+    api = [e.get("name", "") for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    launches = sum(1 for n in api if n in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                           "cudaLaunchKernelExC"))  # Triton launches through the driver API
+    graph_launches = sum(1 for n in api if "GraphLaunch" in n)
     return {
         "steps": n_steps,
         "kernels_per_token": len(kernels) / n_steps,
@@ -222,6 +227,7 @@ def kernel_profile(step, n_steps: int, device: torch.device, trace_path: Path | 
         "wall_ms_per_token_profiled": wall * 1e3 / n_steps,
         "top_kernels": [{"name": n, "count_per_token": c / n_steps, "ms_per_token": d / 1e3 / n_steps}
                         for n, (c, d) in top],
+        "by_name": by_name,
     }
 
 
@@ -400,8 +406,9 @@ def run_ours(case: Case, model, tokenizer, ids, prefill, device, dtype, n_sink, 
     ev = our_evaluator(case, model, tokenizer, len(ids), device, dtype, n_sink, window)
     ev.warm_up(ids, prefill, 8)
     r = ev.run(ids, prefill)
+    peak = r.decode_peak_mem_mb if not math.isnan(r.decode_peak_mem_mb) else r.peak_mem_mb
     out = {"prefill_ms": r.prefill_ms, "ttft_ms": r.ttft_ms, "decode_ms": r.decode_ms,
-           "decode_tokens": r.decode_tokens, "peak_mem_mb": r.peak_mem_mb,
+           "decode_tokens": r.decode_tokens, "peak_mem_mb": peak, "peak_mem_all_mb": r.peak_mem_mb,
            "visible_kv_mean": float(r.visible_kv[prefill:].mean()) + 1, "nll": r.nll[prefill:],
            "backend_used": getattr(ev, "backend_used", case.backend), "memory": dict(getattr(ev, "memory", {}))}
     if profile_steps:
@@ -419,9 +426,11 @@ def run_ours(case: Case, model, tokenizer, ids, prefill, device, dtype, n_sink, 
             "graph_launches_per_token": (full["graph_launches_per_token"] - pre["graph_launches_per_token"]) / k,
             "gpu_busy_ms_per_token": (full["gpu_busy_ms_per_token"] - pre["gpu_busy_ms_per_token"]) / k,
             "wall_ms_per_token_profiled": (full["wall_ms_per_token_profiled"] - pre["wall_ms_per_token_profiled"]) / k,
-            "top_kernels_incl_prefill": full["top_kernels"],
         }
-    del ev
+        diff = {name: (c - pre["by_name"].get(name, (0, 0.0))[0], d - pre["by_name"].get(name, (0, 0.0))[1])
+                for name, (c, d) in full["by_name"].items()}
+        out["profile"]["top_kernels"] = [{"name": n, "count_per_token": c / k, "ms_per_token": d / 1e3 / k}
+                                         for n, (c, d) in sorted(diff.items(), key=lambda kv: -kv[1][1])[:12]]
     return out
 
 
@@ -514,20 +523,27 @@ def run_model(name: str, args, device, dtype, bw: float, out_dir: Path) -> list[
                 if "kv_cache_bytes" in mem:
                     row.kv_capacity_mb = mem["kv_cache_bytes"] / 2**20
                     row.kv_capacity_slots = mem["kv_capacity_slots"]
+                if "schedule_and_buffers_bytes" in mem:
+                    row.schedule_mb = mem["schedule_and_buffers_bytes"] / 2**20
             row.prefill_tokens = prefill
             row.decode_tokens = res["decode_tokens"]
             row.prefill_ms = res["prefill_ms"]
             row.tpot_ms = res["decode_ms"] / res["decode_tokens"]
             row.peak_mem_mb = res["peak_mem_mb"]
+            row.peak_mem_all_mb = res.get("peak_mem_all_mb", res["peak_mem_mb"])
             if not math.isnan(row.kv_capacity_mb):
-                row.other_mb = row.peak_mem_mb - row.weights_mb - row.kv_capacity_mb
+                row.other_mb = row.peak_mem_mb - row.weights_mb - row.kv_capacity_mb - \
+                    (0.0 if math.isnan(row.schedule_mb) else row.schedule_mb)
             row.visible_kv_mean = res["visible_kv_mean"]
             row.roofline_ms = (read_w + row.visible_kv_mean * kv_tok) / bw * 1e3
             row.roofline_frac = row.roofline_ms / row.tpot_ms
             nll = res["nll"]
+            if case.kind == "ours":  # the baselines score decode steps 4 .. 4 + decode_slow (after their warm-up)
+                row.ppl_all = float(math.exp(float(np.mean(nll))))
+                nll = nll[4:4 + args.decode_slow]
             row.ppl = float(math.exp(float(np.mean(nll))))
             ref_nll.setdefault((policy_label, case.R), nll)
-            row.profile = res.get("profile", {})
+            row.profile = {k: v for k, v in res.get("profile", {}).items() if k != "by_name"}
         except Exception as exc:  # one failing path must not lose the others' numbers
             row.status = "failed"
             row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
@@ -570,19 +586,25 @@ def markdown(rows: list[Row], meta: dict) -> str:
         seed = next((r.tpot_ms for r in mrows if r.label.startswith("seed") and r.status == "ok"), float("nan"))
         hfs = next((r.tpot_ms for r in mrows if r.label.startswith("HF Static") and r.status == "ok"), float("nan"))
         lines += [f"### {model}", "",
-                  "| path (manager x backend) | policy | R | TPOT ms | x seed | x HF static | TTFT ms | peak MB "
-                  "| weights MB | KV cap MB (slots) | other MB | roofline ms | % roofline | PPL |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| path (manager x backend) | policy | R | TPOT ms | x seed | x HF static | TTFT ms | peak MB decode "
+                  "(incl. prefill) | weights MB | KV cap MB (slots) | sched MB | other MB | roofline ms | % roofline "
+                  "| PPL |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in mrows:
             if r.status != "ok":
-                lines.append(f"| {r.label} | {r.policy} | {r.R} | failed: {r.error} |||||||||||")
+                lines.append(f"| {r.label} | {r.policy} | {r.R} | failed: {r.error} ||||||||||||")
                 continue
             used = f" ({r.backend_used})" if r.backend_used and r.backend_used != r.backend else ""
             lines.append(
                 f"| {r.label}{used} | {r.policy} | {r.R or '–'} | {_fmt(r.tpot_ms, 3)} | {_fmt(seed / r.tpot_ms, 1)} "
-                f"| {_fmt(hfs / r.tpot_ms, 2)} | {_fmt(r.ttft_ms, 1)} | {_fmt(r.peak_mem_mb, 0)} | {_fmt(r.weights_mb, 0)} "
-                f"| {_fmt(r.kv_capacity_mb, 1)} ({r.kv_capacity_slots or '–'}) | {_fmt(r.other_mb, 0)} "
+                f"| {_fmt(hfs / r.tpot_ms, 2)} | {_fmt(r.ttft_ms, 1)} | {_fmt(r.peak_mem_mb, 0)} "
+                f"({_fmt(r.peak_mem_all_mb, 0)}) | {_fmt(r.weights_mb, 0)} "
+                f"| {_fmt(r.kv_capacity_mb, 1)} ({r.kv_capacity_slots or '–'}) | {_fmt(r.schedule_mb, 1)} "
+                f"| {_fmt(r.other_mb, 0)} "
                 f"| {_fmt(r.roofline_ms, 3)} | {_fmt(r.roofline_frac * 100, 1)} | {_fmt(r.ppl, 3)} |")
+        lines.append("*PPL over the same decoded tokens for every path (steps 4 .. 4 + "
+                     f"{meta.get('decode_slow')} after the prefill); the seed-style path keeps HF's positions "
+                     "after slicing, so its PPL differs by design.")
         lines.append("")
         prof = [r for r in mrows if r.profile]
         if prof:
@@ -595,6 +617,13 @@ def markdown(rows: list[Row], meta: dict) -> str:
                              f"{p['host_launches_per_token']:.0f} | {p['graph_launches_per_token']:.1f} | "
                              f"{p['gpu_busy_ms_per_token']:.3f} | {p['wall_ms_per_token_profiled']:.3f} |")
             lines.append("")
+            for r in prof:
+                top = r.profile.get("top_kernels") or []
+                if top:
+                    lines.append(f"Top GPU kernels per token, {r.label} (R={r.R or '–'}): " + "; ".join(
+                        f"{t['name'][:60]} x{t['count_per_token']:.0f} {t['ms_per_token'] * 1e3:.0f} us"
+                        for t in top[:8]))
+                    lines.append("")
     return "\n".join(lines)
 
 

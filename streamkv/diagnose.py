@@ -66,13 +66,11 @@ def label(run: dict) -> str:
 
 def align_reference(run: dict, ref: dict) -> np.ndarray:
     """The reference run's NLL per row of `run` (same text: index and token_id must match)."""
-    a, b = run["tokens"], ref["tokens"]
-    m = a[["index", "token_id"]].merge(b[["index", "token_id", "nll"]], on="index", how="left", suffixes=("", "_ref"))
-    if m["nll"].isna().any():
-        raise DiagnoseError(f"--ref {ref['dir']}: covers {len(b)} tokens, the run {len(a)}: not the same text")
-    if (m["token_id"] != m["token_id_ref"]).any():
-        raise DiagnoseError(f"--ref {ref['dir']}: other token ids at the same positions: not the same text")
-    return m["nll"].to_numpy(dtype=np.float64)
+    t = run["tokens"]
+    try:
+        return SP.reference_nll(ref["dir"], t["index"].to_numpy(), t["token_id"].to_numpy())
+    except ValueError as exc:
+        raise DiagnoseError(f"--ref: {exc}") from None
 
 
 def analyse(run: dict, ref: dict | None = None, k: int = SP.SPIKE_K, threshold: float = SP.SPIKE_THRESHOLD) -> dict:
@@ -102,7 +100,8 @@ def verdict(a: dict) -> list[str]:
     ex = by_age["excess_mean"].to_numpy(float)
     early = by_age["age"].to_numpy() <= EARLY
     if early.all() or (~early).all():
-        lines.append(f"prunes every <= {EARLY} tokens: no room for a spike to decay (ages 1..{int(by_age['age'].max())})")
+        top = int(by_age["age"].max())
+        lines.append(f"prunes every <= {EARLY} tokens: no room for a spike to decay (ages 1..{top})")
     else:
         e, l_ = np.average(ex[early], weights=w[early]), np.average(ex[~early], weights=w[~early])
         lines.append(f"boundary spike: mean excess {e:+.4f} nats over the first {EARLY} tokens after a prune, "
@@ -153,7 +152,8 @@ def plot(run: dict, a: dict, ref: dict | None, out: Path, smooth: int) -> list[P
     axa.axhline(0, color="0.3", lw=0.6)
     axa.set_xlabel("tokens since the last prune")
     axa.set_ylabel("mean excess NLL")
-    axa.set_title("excess vs " + ("the reference run" if a["reference"] is not None else "the preceding 256-token mean"),
+    against = "the reference run" if a["reference"] is not None else "the preceding 256-token mean"
+    axa.set_title("excess vs " + against,
                   fontsize=9)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "nll.png", out / "nll.svg"]

@@ -32,6 +32,7 @@ class EvalResult:
     decode_ms: float = 0.0
     total_s: float = 0.0
     peak_mem_mb: float = 0.0
+    decode_peak_mem_mb: float = float("nan")  # CUDA: peak over the decode phase alone (prefill logits excluded)
     prefill_tokens: int = 0
     decode_tokens: int = 0
 
@@ -39,6 +40,15 @@ class EvalResult:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> float:
+    """CUDA: the peak allocated so far (MB), then start a new peak window (the decode phase)."""
+    if device.type != "cuda":
+        return float("nan")
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def _score(logits: torch.Tensor, targets: torch.Tensor):
@@ -111,6 +121,7 @@ class Evaluator:
             self._maybe_prune(prefill - 1, events)
             _sync(dev)
             prefill_ms = (time.perf_counter() - start) * 1e3
+        prefill_peak = _reset_peak(dev)
         ttft_ms = prefill_ms
 
         decode_start = time.perf_counter()
@@ -130,12 +141,14 @@ class Evaluator:
         decode_tokens = n - 1 - prefill
 
         if dev.type == "cuda":
-            peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+            decode_peak = torch.cuda.max_memory_allocated(dev) / 2**20
+            peak_mb = max(prefill_peak, decode_peak)
         else:  # the process's peak RSS (KiB on Linux)
+            decode_peak = float("nan")
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         ids_np = ids.cpu().numpy()
         return EvalResult(
             index=np.arange(1, n), token_id=ids_np[1:], nll=nll.cpu().numpy(), entropy=entropy.cpu().numpy(),
             visible_kv=visible, events=events, prefill_ms=prefill_ms, ttft_ms=ttft_ms,
             decode_ms=(end - decode_start) * 1e3, total_s=end - start, peak_mem_mb=peak_mb,
-            prefill_tokens=prefill, decode_tokens=decode_tokens)
+            decode_peak_mem_mb=decode_peak, prefill_tokens=prefill, decode_tokens=decode_tokens)

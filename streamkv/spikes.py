@@ -123,3 +123,24 @@ def excess_by(nll, index, steps, key: np.ndarray, reference=None, baseline_windo
     uniq, inv = np.unique(key, return_inverse=True)
     n = np.bincount(inv)
     return {"key": uniq, "excess_mean": np.bincount(inv, weights=excess) / n, "n": n}
+
+
+def reference_nll(ref_dir, index, token_id) -> np.ndarray:
+    """NLL of a reference run (its run directory's tokens.parquet) for the rows `index`/`token_id`
+    of this run, e.g. for `streamkv.metrics.summarize(result, reference=...)`. Raises ValueError
+    (one line) if the reference does not cover the same text."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    path = Path(ref_dir) / "tokens.parquet"
+    if not path.is_file():
+        raise ValueError(f"reference {ref_dir}: no tokens.parquet (not a finished run directory)")
+    ref = pd.read_parquet(path, columns=["index", "token_id", "nll"])
+    run = pd.DataFrame({"index": np.asarray(index, dtype=np.int64), "token_id": np.asarray(token_id, dtype=np.int64)})
+    m = run.merge(ref, on="index", how="left", suffixes=("", "_ref"))
+    if m["nll"].isna().any():
+        raise ValueError(f"reference {ref_dir}: covers {len(ref)} tokens, the run {len(run)}: not the same text")
+    if (m["token_id"] != m["token_id_ref"]).any():
+        raise ValueError(f"reference {ref_dir}: other token ids at the same positions: not the same text")
+    return m["nll"].to_numpy(dtype=np.float64)

@@ -244,7 +244,8 @@ def test_triton_kernels_in_interpreter():
             assert torch.allclose(K[:, fslot[5, f]], rope(src, cos[fpos[5, f]], sin[fpos[5, f]]), atol=1e-6)
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
@@ -267,4 +268,54 @@ def test_bench_pieces_run_on_cpu():
     row = bench.Row(model="tiny", label="x", cache="ring", backend="cudagraph", policy="streaming", R=32,
                     tpot_ms=1.0, roofline_ms=0.5, roofline_frac=0.5)
     md = bench.markdown([row], {"device": "cpu", "copy_bw_gbs": 1.0, "n_sink": 4, "window": 16})
-    assert "| x | streaming | 32 | 1.000 |" in md
+    assert "| x | streaming | 32 | 1.000 |" in md, md
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fused_graph_step_in_interpreter():
+    """cudagraph_fused's step (our Triton kernels for RoPE + slot write + sink re-rotation and decode
+    attention) un-captured, float32, through Triton's interpreter; liger's kernels (which the
+    interpreter cannot run) replaced by their PyTorch arithmetic."""
+    script = textwrap.dedent("""
+        import sys, types
+        import numpy as np, torch, torch.nn.functional as F
+        sys.path.insert(0, "tests")
+        from streamkv.backends import functional as fn
+        class RMS:
+            apply = staticmethod(lambda x, w, eps, off, mode, ip: fn.rms_norm(x, w, eps))
+        class AddRMS:
+            @staticmethod
+            def apply(x, r, w, eps, off, mode, ip):
+                s = x + r
+                return fn.rms_norm(s, w, eps), s
+        class SwiGLU:
+            @staticmethod
+            def apply(y):
+                g, u = y.chunk(2, -1)
+                return F.silu(g) * u
+        for mod, name, obj in [("liger_kernel.ops.rms_norm", "LigerRMSNormFunction", RMS),
+                               ("liger_kernel.ops.fused_add_rms_norm", "LigerFusedAddRMSNormFunction", AddRMS),
+                               ("liger_kernel.ops.swiglu", "LigerFusedGateUpSiLUMulFunction", SwiGLU)]:
+            m = types.ModuleType(mod); setattr(m, name, obj); sys.modules[mod] = m
+        torch.set_num_threads(1)
+        from conftest import compose, load, text_ids
+        from streamkv.runner import make_evaluator
+        from streamkv.backends.graph import GraphEvaluator
+        ids = text_ids("tiny_llama", n=48)
+        ov = ("policy=refresh", "policy.refresh_budget=4", "n_sink=4", "window=12", "compress_every=4",
+              "prefill_tokens=20")
+        def ev():
+            cfg = compose("model=tiny_llama", "progress=false", *ov)
+            return make_evaluator(cfg, load("tiny_llama").model, len(ids), torch.device("cpu"))
+        ref = ev().run(ids, 20)
+        for layout in ("ring", "static"):
+            r = GraphEvaluator(ev(), layout, fused=True, capture=False).run(ids, 20)
+            assert np.abs(r.nll - ref.nll).max() < 1e-5, layout
+            assert r.events == ref.events
+        print("ok")
+    """)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
+                       cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

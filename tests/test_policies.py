@@ -362,7 +362,8 @@ def test_refresh_region_is_the_tokens_selected_from_evicted_segments():
 
 
 BAD = [
-    (["policy=overlap", "policy.overlap=40", "compress_every=32"], "policy.overlap: must be < compress_every (got 40 >= 32)"),
+    (["policy=overlap", "policy.overlap=40", "compress_every=32"],
+     "policy.overlap: must be < compress_every (got 40 >= 32)"),
     (["policy=max_drop", "policy.max_drop=0"], "policy.max_drop: must be >= 1 (got 0)"),
     (["policy=max_drop", "policy.max_drop=null"], "policy.max_drop: required for policy=max_drop"),
     (["policy=refresh", "policy.refresh_select=random"], "policy.refresh_select: 'random' is not one of"),

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from streamkv.backends import functional as fn
 from streamkv.backends.schedule import Schedule, Unschedulable, build_schedule
-from streamkv.evaluate import EvalResult
+from streamkv.evaluate import EvalResult, _reset_peak
 
 log = logging.getLogger("streamkv")
 
@@ -129,7 +129,15 @@ class GraphEvaluator:
         n = s.n
         self.nll = torch.zeros(max(n - 1, 1), device=dev, dtype=torch.float32)
         self.entropy = torch.zeros_like(self.nll)
-        self.cos, self.sin = self.decoder.rope.cos, self.decoder.rope.sin
+        # float32 cos/sin (from the same float64 angles as the eager table): the ring rotates keys at
+        # large true positions, where bf16 cos/sin round differently from the small positions concat
+        # uses; in float32 the rotation itself is exact to ~1e-7 and only the stored key is rounded.
+        from streamkv.decoder import RotaryTable
+
+        rot = self.decoder.base.rotary_emb
+        table = RotaryTable(rot.inv_freq, float(getattr(rot, "attention_scaling", 1.0)),
+                            self.decoder.rope.max_positions, torch.float32)
+        self.cos, self.sin = table.cos, table.sin
         self.scale = self.decoder.scale
         if self.fused:
             from streamkv.backends.triton_kernels import DecodeAttention
@@ -214,16 +222,17 @@ class GraphEvaluator:
                                   w.n_kv_heads, w.head_dim)  # [1, H, 1, D]
             if self.has_side:
                 self.side[i].index_copy_(1, sw, k[0])
-            q = fn.rope(q, cos, sin)
+            q = fn.rope(q, cos, sin).to(q.dtype)
             if self.rotate_stored:
-                k = fn.rope(k, cos, sin)
+                k = fn.rope(k, cos, sin).to(k.dtype)
             self.k[i].index_copy_(1, ws, k[0])
             self.v[i].index_copy_(1, ws, v[0])
             if self.n_fix:
-                self.k[i].index_copy_(1, fix_slot, fn.rope(self.side[i].index_select(1, fix_src), fcos, fsin))
+                fixed = fn.rope(self.side[i].index_select(1, fix_src), fcos, fsin).to(self.k.dtype)
+                self.k[i].index_copy_(1, fix_slot, fixed)
             keys = self.k[i, :, :C]
             if not self.rotate_stored:  # static: StreamingLLM positions = slot index
-                keys = fn.rope(keys, self.cos[:C], self.sin[:C])
+                keys = fn.rope(keys, self.cos[:C], self.sin[:C]).to(keys.dtype)
             qg = q.reshape(1, w.n_kv_heads, G, w.head_dim)  # GQA: a KV head's query heads as rows
             a = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), self.v[i, :, :C].unsqueeze(0),
                                                attn_mask=mask, scale=self.scale)
@@ -276,15 +285,16 @@ class GraphEvaluator:
                                   w.n_kv_heads, w.head_dim)  # [1, H, P, D]
             if self.has_side:
                 self.side[i].index_copy_(1, self.side_write[:P], k[0])
-            q, k_rot = fn.rope(q, cos, sin), fn.rope(k, cos, sin)
+            q, k_rot = fn.rope(q, cos, sin).to(q.dtype), fn.rope(k, cos, sin).to(k.dtype)
             self.k[i].index_copy_(1, slots, (k_rot if self.rotate_stored else k)[0])
             self.v[i].index_copy_(1, slots, v[0])
             a = F.scaled_dot_product_attention(q, k_rot, v, is_causal=True, scale=self.scale,
                                                enable_gqa=w.n_kv_heads != w.n_heads)
             x = fn.attn_out_mlp(x, a.transpose(1, 2).reshape(1, P, -1), lw.wo, lw.ln2, lw.wgu, lw.wd, w.eps)
-        logits = F.linear(fn.rms_norm(x, w.norm, w.eps)[0], w.lm_head)
-        self.nll[:P], self.entropy[:P] = fn.score(logits, self.ids[1:P + 1])
-        del logits
+        h = fn.rms_norm(x, w.norm, w.eps)[0]
+        for a in range(0, P, 512):  # the head in chunks: [P, vocab] float32 logits would dominate peak memory
+            b = min(a + 512, P)
+            self.nll[a:b], self.entropy[a:b] = fn.score(F.linear(h[a:b], w.lm_head), self.ids[a + 1:b + 1])
         self.valid[slots] = True
         if len(s.prefill_evict):
             self.valid[torch.as_tensor(s.prefill_evict, device=dev)] = False
@@ -338,6 +348,7 @@ class GraphEvaluator:
                 self._prefill(prefill)
                 _sync(dev)
                 prefill_ms = (time.perf_counter() - start) * 1e3
+            prefill_peak = _reset_peak(dev)
             ttft_ms = prefill_ms
             decode_start = time.perf_counter()
             for t in range(prefill, n - 1):
@@ -348,12 +359,15 @@ class GraphEvaluator:
             _sync(dev)
             end = time.perf_counter()
         if dev.type == "cuda":
-            peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+            decode_peak = torch.cuda.max_memory_allocated(dev) / 2**20
+            peak_mb = max(prefill_peak, decode_peak)
         else:
+            decode_peak = float("nan")
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         ids_np = ids.cpu().numpy()
         return EvalResult(
             index=np.arange(1, n), token_id=ids_np[1:], nll=self.nll[:n - 1].cpu().numpy(),
             entropy=self.entropy[:n - 1].cpu().numpy(), visible_kv=s.visible.copy(), events=list(s.events),
             prefill_ms=prefill_ms, ttft_ms=ttft_ms, decode_ms=(end - decode_start) * 1e3, total_s=end - start,
-            peak_mem_mb=peak_mb, prefill_tokens=prefill, decode_tokens=n - 1 - prefill)
+            peak_mem_mb=peak_mb, decode_peak_mem_mb=decode_peak, prefill_tokens=prefill,
+            decode_tokens=n - 1 - prefill)

@@ -32,8 +32,9 @@ class RingCache(SlotCache):
         if n_new > len(self._free):
             old = self.n_slots
             self._grow_buffers(max(2 * self.capacity, self._n + n_new), slice(0, old), slice(0, old))
-            self.valid = torch.cat([self.valid, torch.zeros(self.n_slots - old, dtype=torch.bool,
-                                                            device=self.device)])
+            with torch.inference_mode(False):
+                self.valid = torch.cat([self.valid, torch.zeros(self.n_slots - old, dtype=torch.bool,
+                                                                device=self.device)])
             self._free.extend(range(old, self.n_slots))
         return np.array([self._free.popleft() for _ in range(n_new)], dtype=np.int64)
 

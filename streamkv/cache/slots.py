@@ -116,8 +116,8 @@ class SlotCache(CacheManager):
         self._order_idx = None  # device copy of the slots in cache order (to_cache_order)
         self._n_new = 0
         # token rows (one row = one token in all layers) per kind of device work
-        self.stats = {"written": 0, "moved": 0, "rotated": 0, "captured": 0, "compactions": 0,
-                      "compacted": 0, "grows": 0}
+        self.stats = {"written": 0, "moved": 0, "side_v_moved": 0, "rotated": 0, "captured": 0,
+                      "compactions": 0, "compacted": 0, "grows": 0}
         self._reset_layout()
 
     def _reset_layout(self) -> None:
@@ -125,16 +125,14 @@ class SlotCache(CacheManager):
 
     @property
     def token_pos(self) -> np.ndarray:
-        view = self._hpos[: self._n]
-        view.flags.writeable = False  # a view: valid until the next begin/evict
-        return view
+        """Text positions in cache order: a view of the host buffer (no copy per step), valid until
+        the next begin/evict; read it, don't write it."""
+        return self._hpos[: self._n]
 
     @property
     def slots(self) -> np.ndarray:
-        """Slot of each cached token, cache order (a read-only view)."""
-        view = self._hslot[: self._n]
-        view.flags.writeable = False
-        return view
+        """Slot of each cached token, cache order (a view, like token_pos)."""
+        return self._hslot[: self._n]
 
     def __len__(self) -> int:
         return self._n
@@ -155,21 +153,23 @@ class SlotCache(CacheManager):
         self.stats["grows"] += 1
         self.capacity = capacity
         self.n_slots = self._slots_for(capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = torch.zeros((self.n_layers, self.n_kv_heads, self.n_slots, self.head_dim), dtype=self.dtype,
-                              device=self.device)
-            new[:, :, copy_dst] = old[:, :, copy_src]
-            setattr(self, name, new)
+        with torch.inference_mode(False):  # begin() runs inside the decoder's inference mode
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                new = torch.zeros((self.n_layers, self.n_kv_heads, self.n_slots, self.head_dim), dtype=self.dtype,
+                                  device=self.device)
+                new[:, :, copy_dst] = old[:, :, copy_src]
+                setattr(self, name, new)
         self._grow_host(self.n_slots)
 
     def _alloc_side(self, count: int) -> np.ndarray:
         if count > len(self._side_free):
             old = self.side_slots
             new_size = max(2 * old, old + count - len(self._side_free))
-            grown = torch.zeros((self.n_layers, self.n_kv_heads, new_size, self.head_dim), dtype=self.dtype,
-                                device=self.device)
-            grown[:, :, :old] = self.side_k
+            with torch.inference_mode(False):
+                grown = torch.zeros((self.n_layers, self.n_kv_heads, new_size, self.head_dim), dtype=self.dtype,
+                                    device=self.device)
+                grown[:, :, :old] = self.side_k
             self.side_k = grown
             self._side_free = list(range(new_size - 1, old - 1, -1)) + self._side_free
             self.stats["grows"] += 1
@@ -257,20 +257,35 @@ class SlotCache(CacheManager):
             out[..., : rope.rotary_dim] /= scale
         return out
 
-    def _move(self, src: np.ndarray, dst: np.ndarray, stat: str = "moved") -> None:
-        """Copy token rows src -> dst (all layers, K and V) through a temporary: safe if they overlap."""
+    def _move(self, src: np.ndarray, dst: np.ndarray, stat: str | None = "moved", k: bool = True,
+              v: bool = True) -> None:
+        """Copy token rows src -> dst (all layers; K and/or V) through a temporary: safe if they overlap."""
         if len(src) == 0:
             return
-        self.stats[stat] += len(src)
+        if stat:
+            self.stats[stat] += len(src)
+        tensors = [t for t, on in ((self.k, k), (self.v, v)) if on]
         if len(src) > 1 and (np.diff(src) == 1).all() and (np.diff(dst) == 1).all():
             s, d, m = int(src[0]), int(dst[0]), len(src)
-            for t in (self.k, self.v):
+            for t in tensors:
                 t[:, :, d:d + m] = t[:, :, s:s + m].clone() if abs(s - d) < m else t[:, :, s:s + m]
             return
         si = torch.as_tensor(src, device=self.device)
         di = torch.as_tensor(dst, device=self.device)
-        for t in (self.k, self.v):
+        for t in tensors:
             t.index_copy_(2, di, t.index_select(2, si))
+
+    def _move_kept(self, slot: np.ndarray, new: np.ndarray, n_side: int) -> None:
+        """Move the kept tokens whose slot changes: K and V rows of the non-side tokens, only the V
+        rows of the side tokens (their keys are re-rotated from the reference rows into `new`)."""
+        moving = slot != new
+        keys = moving.copy()
+        keys[:n_side] = False
+        # one gather per tensor (a move may overwrite a row another move reads)
+        self._move(slot[moving], new[moving], stat=None, k=False)
+        self._move(slot[keys], new[keys], stat=None, v=False)
+        self.stats["moved"] += int(keys.sum())
+        self.stats["side_v_moved"] += int(moving[:n_side].sum())
 
     # ------------------------------------------------------------------ subclass hooks
 
@@ -290,8 +305,9 @@ class SlotCache(CacheManager):
 
     def _relayout(self, slot: np.ndarray, n_side: int, dropped_slots: np.ndarray) -> np.ndarray:
         """Carry out a prune: given the kept tokens' current slots (new cache order), free the
-        dropped slots, move rows as the layout needs (not the first n_side: they are re-rotated
-        from their reference rows into their new slots afterwards), return the new slots."""
+        dropped slots, move rows as the layout needs (the keys of the first n_side tokens are
+        re-rotated from their reference rows into their new slots afterwards: move only their
+        values; see _move_kept), return the new slots."""
         raise NotImplementedError
 
 

@@ -46,11 +46,8 @@ class SoftRingCache(ContiguousSlotCache):
         n = len(slot)
         hi = self._hi
         new = np.arange(hi - n, hi, dtype=np.int64)
-        if self.position_mode == "shift":
-            # the tokens after the side prefix are the text suffix: already at [hi - tail, hi)
-            assert (slot[n_side:] == new[n_side:]).all()
-        else:
-            moving = slot != new
-            self._move(slot[moving], new[moving])
+        # shift mode: the tokens after the side prefix are the text suffix, already at [hi - tail, hi):
+        # only the side tokens move (their values; their keys are re-rotated into the new slots)
+        self._move_kept(slot, new, n_side)
         self._lo = hi - n
         return new

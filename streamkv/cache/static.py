@@ -30,8 +30,6 @@ class StaticCache(ContiguousSlotCache):
     def _relayout(self, slot: np.ndarray, n_side: int, dropped_slots: np.ndarray) -> np.ndarray:
         n = len(slot)
         new = np.arange(n, dtype=np.int64)
-        moving = slot != new
-        moving[:n_side] = False  # re-rotated from the reference rows instead
-        self._move(slot[moving], new[moving])
+        self._move_kept(slot, new, n_side)
         self._lo, self._hi = 0, n
         return new

@@ -1,0 +1,235 @@
+"""GPU-side correctness of the fast backends (run on the lent GPU machine, not in CI):
+
+1. our Triton kernels in bf16 against PyTorch references (decode attention: GQA, masked, split-KV,
+   on-the-fly RoPE; kv_update: RoPE + slot write + side copy + sink re-rotation);
+2. no host sync inside the captured decode loop (torch.cuda.set_sync_debug_mode("error") around
+   the replays);
+3. per-token NLL of every backend x manager against concat x eager in bf16, on SmolLM2-135M (real
+   weights) over the offline Wikipedia text, for streaming R=1 and R=32, max_drop, refresh, and a
+   data-dependent policy (fallback). Tolerance, bf16: PPL within 0.5 % of concat x eager and mean
+   per-token |dNLL| <= 0.05 nats. The noise floor it sits on, measured on an H100: concat x eager in
+   bf16 vs float32 differ by 0.035 nats per token; two bf16 eager runs of one config by up to 0.028
+   (cuBLAS kernel choice varies with buffer alignment).
+
+    python scripts/gpu_check.py --out DIR          # writes DIR/check.json, prints a table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PPL_TOL, MEAN_TOL = 0.005, 0.05
+
+
+def check_kernels(dev) -> list[dict]:
+    from streamkv.backends.functional import rope
+    from streamkv.backends.triton_kernels import DecodeAttention, kv_update
+
+    out = []
+    torch.manual_seed(0)
+
+    def tables(n, D, dt):
+        pos = torch.arange(n, dtype=torch.float64, device=dev)
+        inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64, device=dev) / D))
+        emb = torch.cat([torch.outer(pos, inv)] * 2, -1)
+        return emb.cos().to(dt), emb.sin().to(dt)
+
+    dt = torch.bfloat16
+    for Hq, Hkv, D, C, rot in [(9, 3, 64, 2115, False), (9, 3, 64, 2083, True), (32, 4, 64, 2083, False),
+                               (32, 32, 128, 2083, False), (32, 32, 128, 100, True)]:
+        q = torch.randn(Hq, D, device=dev, dtype=dt)
+        k = torch.randn(Hkv, C + 1, D, device=dev, dtype=dt)
+        v = torch.randn(Hkv, C + 1, D, device=dev, dtype=dt)
+        valid = torch.rand(C + 1, device=dev) > 0.2
+        valid[C] = False
+        cos, sin = tables(C + 1, D, dt)
+        att = DecodeAttention(Hq, Hkv, D, C, dev, dt, rotate_k=rot)
+        o = att(q, k, v, valid, D ** -0.5, cos if rot else None, sin if rot else None).float()
+        kk = rope(k[:, :C], cos[:C], sin[:C]) if rot else k[:, :C]
+        s = (q.double().view(Hkv, Hq // Hkv, D) @ kk.double().transpose(1, 2)) * D ** -0.5
+        ref = (s.masked_fill(~valid[:C], float("-inf")).softmax(-1) @ v[:, :C].double()).reshape(Hq, D)
+        err = float((o.double() - ref).norm() / ref.norm())
+        out.append({"kernel": "decode_attention", "shape": f"Hq={Hq} Hkv={Hkv} D={D} C={C} rotate={rot}",
+                    "splits": att.ns, "rel_err": err, "ok": err < 1e-2})
+    # kv_update
+    Hq, Hkv, D, C, n, F, S = 9, 3, 64, 50, 40, 4, 6
+    qkv = torch.randn((Hq + 2 * Hkv) * D, device=dev, dtype=dt)
+    K = torch.zeros(Hkv, C + 1, D, device=dev, dtype=dt)
+    V = torch.zeros_like(K)
+    side = torch.randn(Hkv, S + 1, D, device=dev, dtype=dt)
+    side0 = side.clone()
+    cos, sin = tables(4096, D, dt)
+    step = torch.tensor([7], device=dev)
+    qpos = torch.arange(n, device=dev) * 90
+    ws = torch.arange(n, device=dev) % C
+    sw = torch.full((n,), 5, device=dev)
+    fslot = torch.randint(0, C, (n, F), device=dev)
+    fsrc = torch.randint(0, 5, (n, F), device=dev)
+    fpos = torch.randint(0, 4000, (n, F), device=dev)
+    fslot[7] = torch.tensor([10, 11, 12, 13], device=dev)
+    qo = torch.empty(Hq, D, device=dev, dtype=dt)
+    kv_update(qkv, qo, K, V, side, cos, sin, step, qpos, ws, sw, fslot, fsrc, fpos, n_heads=Hq, n_kv=Hkv,
+              rotate_k=True, has_side=True)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D])
+    q, k, v = q.view(Hq, D).float(), k.view(Hkv, D).float(), v.view(Hkv, D)
+    p = int(qpos[7])
+    errs = {
+        "q": (qo.float() - rope(q, cos[p].float(), sin[p].float())).abs().max().item(),
+        "k": (K[:, int(ws[7])].float() - rope(k, cos[p].float(), sin[p].float())).abs().max().item(),
+        "v": (V[:, int(ws[7])] - v).abs().max().item(),
+        "side": (side[:, 5].float() - k).abs().max().item(),
+        "fix": max((K[:, int(fslot[7, f])].float() - rope(side0[:, int(fsrc[7, f])].float(), cos[int(fpos[7, f])].float(),
+                                                        sin[int(fpos[7, f])].float())).abs().max().item()
+                   for f in range(F)),
+    }
+    out.append({"kernel": "kv_update", "shape": f"Hq={Hq} Hkv={Hkv} D={D}", "max_abs_err": errs,
+                "ok": max(errs.values()) < 0.05})
+    return out
+
+
+def run_path(model, tok, ids, overrides, cache, backend, dev, dtype, sync_check=False):
+    from streamkv.bench import Case, our_evaluator
+
+    case = Case("x", "ours", cache=cache, backend=backend, policy=tuple(overrides[2:]), R=int(overrides[1]))
+    n_sink, window = 4, int(overrides[0])
+    ev = our_evaluator(case, model, tok, len(ids), dev, dtype, n_sink, window)
+    prefill = n_sink + window
+    ev.warm_up(ids, prefill, 4)
+    if sync_check and getattr(ev, "graph", None) is not None:
+        # the captured loop must not synchronize with the host: any sync raises in "error" mode
+        with torch.inference_mode():
+            ev._reset_state()
+            ev._prefill(prefill)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for t in range(prefill, min(prefill + 64, len(ids) - 1)):
+                    ev._replay(t)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    t0 = time.perf_counter()
+    r = ev.run(ids, prefill)
+    return r.nll[prefill:].astype(np.float64), getattr(ev, "backend_used", backend), r.events, \
+        time.perf_counter() - t0, r.decode_ms / max(r.decode_tokens, 1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gpu-check-out")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=1300)
+    ap.add_argument("--quick", action="store_true", help="graph paths only; streaming R=1, R=32 and refresh")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda")
+    report = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__}
+    print("device:", report["device"], flush=True)
+
+    report["kernels"] = check_kernels(dev)
+    for k in report["kernels"]:
+        print(f"kernel {k['kernel']:17s} {k['shape']:40s} ok={k['ok']} "
+              f"{k.get('rel_err', k.get('max_abs_err'))}", flush=True)
+
+    from streamkv.bench import bench_ids, load_bench_model
+
+    dtype = torch.bfloat16
+    model, tok, _ = load_bench_model("smollm2", dev, dtype)
+    ids = bench_ids(args.tokens, model.config.vocab_size, tok).to(dev)
+    W = args.window
+    policies = {
+        "streaming R=1": (W, 1),
+        "streaming R=32": (W, 32),
+        "max_drop 8, R=32": (W, 32, "policy=max_drop", "policy.max_drop=8"),
+        "refresh uniform 64, R=32": (W, 32, "policy=refresh", "policy.refresh_budget=64"),
+        "h2o R=32 (data-dependent)": (W, 32, "policy=h2o"),
+    }
+    paths = [("ring", "cudagraph"), ("ring", "cudagraph_fused"), ("static", "cudagraph"),
+             ("static", "cudagraph_fused")]
+    if args.quick:
+        policies = {k: v for k, v in policies.items() if k in ("streaming R=1", "streaming R=32",
+                                                               "refresh uniform 64, R=32")}
+    else:
+        from streamkv.cache import CACHES
+
+        paths += [("concat", "compile"), ("concat", "fused")]
+        paths += [(m, "eager") for m in ("ring", "static", "soft_ring") if m in CACHES]
+    rows = []
+    first_graph = True
+    for pname, ov in policies.items():
+        try:
+            ref, _, ref_events, _, ref_tpot = run_path(model, tok, ids, ov, "concat", "eager", dev, dtype)
+        except Exception:
+            traceback.print_exc()
+            continue
+        fp32_gap = None
+        if pname == "streaming R=32":
+            m32, _, _ = load_bench_model("smollm2", dev, torch.float32)
+            r32, *_ = run_path(m32, tok, ids, ov, "concat", "eager", dev, torch.float32)
+            fp32_gap = {"mean_abs_dnll": float(np.abs(ref - r32).mean()),
+                        "ppl_rel": abs(math.exp(ref.mean()) / math.exp(r32.mean()) - 1)}
+            rows.append({"policy": pname, "path": "concat x eager float32 (vs bf16)", **fp32_gap, "ok": True})
+            del m32
+            torch.cuda.empty_cache()
+        ref_ppl = math.exp(ref.mean())
+        print(f"\n{pname}: concat x eager bf16 PPL {ref_ppl:.4f} ({ref_tpot:.2f} ms/token)", flush=True)
+        for cache, backend in paths:
+            if pname.startswith("h2o") and backend not in ("cudagraph", "cudagraph_fused"):
+                continue
+            if backend in ("compile", "fused", "eager") and pname not in ("streaming R=32", "refresh uniform 64, R=32"):
+                continue  # host-driven paths decode at eager speed: two policies are enough
+            try:
+                nll, used, events, secs, tpot = run_path(model, tok, ids, ov, cache, backend, dev, dtype,
+                                                         sync_check=first_graph and backend.startswith("cudagraph"))
+                if first_graph and backend.startswith("cudagraph"):
+                    first_graph = False
+                    report["no_host_sync_in_replay"] = True
+                d = np.abs(nll - ref)
+                ppl = math.exp(nll.mean())
+                row = {"policy": pname, "path": f"{cache} x {backend}", "backend_used": used,
+                       "ppl": ppl, "ppl_ref": ref_ppl, "ppl_rel": abs(ppl / ref_ppl - 1),
+                       "mean_abs_dnll": float(d.mean()), "max_abs_dnll": float(d.max()),
+                       "p99_abs_dnll": float(np.quantile(d, 0.99)), "events_equal": events == ref_events,
+                       "tpot_ms": tpot}
+                row["ok"] = bool(row["ppl_rel"] <= PPL_TOL and row["mean_abs_dnll"] <= MEAN_TOL and row["events_equal"])
+            except Exception as exc:
+                traceback.print_exc()
+                row = {"policy": pname, "path": f"{cache} x {backend}", "ok": False,
+                       "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                if "sync" in str(exc).lower():
+                    report["no_host_sync_in_replay"] = False
+            rows.append(row)
+            print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            torch.cuda.empty_cache()
+    report["nll"] = rows
+    report["tolerance"] = {"ppl_rel": PPL_TOL, "mean_abs_dnll": MEAN_TOL}
+    report["all_ok"] = all(r.get("ok") for r in rows) and all(k["ok"] for k in report["kernels"])
+    (out_dir / "check.json").write_text(json.dumps(report, indent=1, default=float))
+    print("\n| policy | path | used | PPL | PPL ref | |dPPL|/PPL | mean |dNLL| | p99 | max | events | ok |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['policy']} | {r['path']} | failed: {r['error']} |||||||||")
+            continue
+        print(f"| {r['policy']} | {r['path']} | {r.get('backend_used', '')} | {r.get('ppl', float('nan')):.4f} | "
+              f"{r.get('ppl_ref', float('nan')):.4f} | {r['ppl_rel'] * 100:.3f}% | {r['mean_abs_dnll']:.4f} | "
+              f"{r.get('p99_abs_dnll', float('nan')):.3f} | {r.get('max_abs_dnll', float('nan')):.3f} | "
+              f"{r.get('events_equal', '')} | {r['ok']} |")
+    print("all ok:", report["all_ok"], "| no host sync in replay:", report.get("no_host_sync_in_replay"))
+    return 0 if report["all_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Device-side driver for the lent GPU machine (see /work/shared/device/README.md for the carry):
+#   source .devcarry/bootstrap.sh && bash scripts/gpu_run.sh check|bench-small|bench-big|quick
+# (quick: the graph paths' NLL check + the fused graph path and HF static+compile on SmolLM2 and 7B)
+# Writes everything under $OUT (or ./gpu-out): check.json/check.log, bench/bench.{json,md}, logs.
+set -uo pipefail
+stage=${1:?usage: gpu_run.sh check|bench-small|bench-big|quick}
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$out/device-$stage.txt"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/device-$stage.txt"
+case "$stage" in
+  check)       python3 scripts/gpu_check.py --out "$out" 2>&1 | tee "$out/check.log" ;;
+  bench-small) python3 -m streamkv.bench --models smollm2 --out "$out/bench" 2>&1 | tee "$out/bench-smollm2.log" ;;
+  bench-big)   python3 -m streamkv.bench --models llama-1.1b,llama-7b --out "$out/bench" 2>&1 | tee "$out/bench-big.log" ;;
+  quick)       python3 scripts/gpu_check.py --quick --out "$out" 2>&1 | tee "$out/check.log"
+               python3 -m streamkv.bench --models smollm2,llama-7b --only "HF Static" "x cudagraph_fused" \
+                 --out "$out/bench" 2>&1 | tee "$out/bench.log" ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
