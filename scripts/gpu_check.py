@@ -6,10 +6,11 @@
    the replays);
 3. per-token NLL of every backend x manager against concat x eager in bf16, on SmolLM2-135M (real
    weights) over the offline Wikipedia text, for streaming R=1 and R=32, max_drop, refresh, and a
-   data-dependent policy (fallback). Tolerance, bf16: PPL within 0.5 % of concat x eager and mean
-   per-token |dNLL| <= 0.05 nats. The noise floor it sits on, measured on an H100: concat x eager in
-   bf16 vs float32 differ by 0.035 nats per token; two bf16 eager runs of one config by up to 0.028
-   (cuBLAS kernel choice varies with buffer alignment).
+   data-dependent policy (fallback). Tolerance, bf16: PPL within 1 % of concat x eager and mean
+   per-token |dNLL| <= 0.05 nats, with identical eviction events. The noise floor it sits on, measured
+   on an H100: concat x eager in bf16 vs float32 differ by 0.035 nats per token; two bf16 eager runs
+   of one config by up to 0.028 nats and 0.28 % PPL (cuBLAS picks kernels by buffer alignment). The
+   exact equivalence (float32, 2e-6 per token) is tests/test_backends.py on the CPU.
 
     python scripts/gpu_check.py --out DIR          # writes DIR/check.json, prints a table
 """
@@ -30,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PPL_TOL, MEAN_TOL = 0.005, 0.05
+PPL_TOL, MEAN_TOL = 0.01, 0.05
 
 
 def check_kernels(dev) -> list[dict]:

@@ -85,7 +85,9 @@ class Row:
     kv_capacity_mb: float = float("nan")
     kv_capacity_slots: int = 0
     schedule_mb: float = float("nan")  # graph paths: schedule tables, step buffers (not the KV cache)
-    other_mb: float = float("nan")  # decode peak - weights - KV capacity (- schedule): activations, workspaces
+    resident_before_mb: float = float("nan")  # allocated when the case started (weights + leftovers)
+    other_mb: float = float("nan")  # decode peak - resident before - KV capacity - schedule: activations,
+    #                                 the graph's pool, workspaces
     visible_kv_mean: float = float("nan")
     roofline_ms: float = float("nan")
     roofline_frac: float = float("nan")
@@ -354,6 +356,8 @@ def hf_static_compile(model, ids: torch.Tensor, prefill: int, decode: int, profi
         if profile_steps:
             it = iter(range(prefill + warm + decode, prefill + warm + decode + profile_steps))
             res["profile"] = kernel_profile(lambda: step(next(it)), profile_steps, device)
+    _COMPILED.pop(key, None)  # free the compiled graphs' memory pools before the next case
+    torch._dynamo.reset()
     return res
 
 
@@ -494,15 +498,17 @@ def run_model(name: str, args, device, dtype, bw: float, out_dir: Path) -> list[
     for case in default_cases(name, args.smoke, set(CACHES)):
         if args.only and not any(s in f"{case.label} {case.policy_name} R={case.R}" for s in args.only):
             continue
-        decode = case.decode or (args.decode_slow if case.kind != "ours" or case.backend in ("eager", "compile",
-                                                                                              "fused")
-                                 else args.decode)
+        slow = case.kind != "ours" or case.backend in ("eager", "compile", "fused")
+        # our slow paths decode 4 more: the PPL column compares decode steps 4 .. 4 + decode_slow everywhere
+        decode = case.decode or ((args.decode_slow + (4 if case.kind == "ours" else 0)) if slow else args.decode)
         policy_label = case.policy_name
         row = Row(model=name, label=case.label, cache=case.cache if case.kind == "ours" else "-",
                   backend=case.backend if case.kind == "ours" else "-", policy=policy_label if case.kind != "hf_static"
                   else "full (dense)", R=case.R if case.kind != "hf_static" else 0,
                   weights_mb=total_w / 2**20)
         t_case = time.perf_counter()
+        if device.type == "cuda":
+            row.resident_before_mb = torch.cuda.memory_allocated(device) / 2**20
         k = args.profile_steps if case.profile and args.profile_steps else 0
         try:
             ids = bench_ids(prefill + decode + 8 + k + 2, vocab, tokenizer).to(device)
@@ -531,8 +537,10 @@ def run_model(name: str, args, device, dtype, bw: float, out_dir: Path) -> list[
             row.tpot_ms = res["decode_ms"] / res["decode_tokens"]
             row.peak_mem_mb = res["peak_mem_mb"]
             row.peak_mem_all_mb = res.get("peak_mem_all_mb", res["peak_mem_mb"])
-            if not math.isnan(row.kv_capacity_mb):
-                row.other_mb = row.peak_mem_mb - row.weights_mb - row.kv_capacity_mb - \
+            if not math.isnan(row.kv_capacity_mb):  # against what was resident before the case (the weights
+                # and whatever earlier cases of this process left, e.g. cuBLAS workspaces per stream)
+                base = row.weights_mb if math.isnan(row.resident_before_mb) else row.resident_before_mb
+                row.other_mb = row.peak_mem_mb - base - row.kv_capacity_mb - \
                     (0.0 if math.isnan(row.schedule_mb) else row.schedule_mb)
             row.visible_kv_mean = res["visible_kv_mean"]
             row.roofline_ms = (read_w + row.visible_kv_mean * kv_tok) / bw * 1e3
@@ -587,7 +595,7 @@ def markdown(rows: list[Row], meta: dict) -> str:
         hfs = next((r.tpot_ms for r in mrows if r.label.startswith("HF Static") and r.status == "ok"), float("nan"))
         lines += [f"### {model}", "",
                   "| path (manager x backend) | policy | R | TPOT ms | x seed | x HF static | TTFT ms | peak MB decode "
-                  "(incl. prefill) | weights MB | KV cap MB (slots) | sched MB | other MB | roofline ms | % roofline "
+                  "(incl. prefill) | weights MB | KV cap MB (slots) | sched MB | other MB† | roofline ms | % roofline "
                   "| PPL |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in mrows:
@@ -604,7 +612,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
                 f"| {_fmt(r.roofline_ms, 3)} | {_fmt(r.roofline_frac * 100, 1)} | {_fmt(r.ppl, 3)} |")
         lines.append("*PPL over the same decoded tokens for every path (steps 4 .. 4 + "
                      f"{meta.get('decode_slow')} after the prefill); the seed-style path keeps HF's positions "
-                     "after slicing, so its PPL differs by design.")
+                     "after slicing, so its PPL differs by design. †decode peak - memory resident when the case "
+                     "started (weights and leftovers of earlier cases) - KV capacity - schedule.")
         lines.append("")
         prof = [r for r in mrows if r.profile]
         if prof:

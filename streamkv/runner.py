@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from streamkv import config as C
+from streamkv.backends import attach_backend
 from streamkv.cache import build_cache, cache_sizes
 from streamkv.decoder import Decoder
 from streamkv.evaluate import Evaluator
@@ -55,7 +56,8 @@ def make_evaluator(cfg, hf_model, n_tokens: int, device: torch.device, tokenizer
                         dtype=decoder.dtype, device=device, position_mode=policy.position_mode,
                         **cache_sizes(cfg, n_tokens, policy))
     policy.attach(decoder, cache, tokenizer)
-    return Evaluator(decoder, cache, policy, device, progress=cfg.get("progress", False))
+    evaluator = Evaluator(decoder, cache, policy, device, progress=cfg.get("progress", False))
+    return attach_backend(cfg, evaluator, tokenizer)  # the same evaluator, or one running a CUDA graph
 
 
 def plain_config(cfg) -> dict:
@@ -100,6 +102,7 @@ def run_job(cfg, run_dir: Path) -> dict:
     payload = {
         "status": "ok", "error": None, "identity": run_identity(plain_config(cfg)), "config": plain_config(cfg),
         "metrics": metrics, "model": loaded.info,
+        "backend_used": getattr(evaluator, "backend_used", cfg.backend.name),
         "dataset": {"name": cfg.dataset.name, "n_tokens": len(ids), "path": cfg.dataset.path},
         "device": device_info(device), "versions": versions(), "git_commit": git_commit(),
         "started_at": started, "finished_at": utc_now(),

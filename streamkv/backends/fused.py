@@ -4,9 +4,13 @@
   o_proj + residual add + RMSNorm      -> one LigerFusedAddRMSNormFunction after the o_proj matmul
   SwiGLU over the fused gate/up output -> LigerFusedGateUpSiLUMulFunction (no chunk copies)
 
-RoPE stays with the cache manager here (it rotates keys as it stores them); liger's RoPE kernel
-rotates q and k of the same tokens in place, which is what the captured path uses it for... see
-streamkv/backends/triton_kernels.py for why that path has its own fused RoPE + cache write.
+RoPE stays with the cache manager here: the manager rotates keys at positions of its own (concat
+re-rotates the whole cache each step, ring only its sinks), which liger's RoPE kernel (q and k of the
+same tokens, in place) does not express. The captured path fuses RoPE with its slot write in our own
+kernel instead (streamkv/backends/triton_kernels.py says why).
+Measured on an H100 (docs/benchmarks.md): this backend alone does not speed up decode (the
+host-driven path is launch-bound at ~1300 launches per token); its kernels pay off inside
+cudagraph_fused.
 """
 
 from __future__ import annotations

@@ -39,6 +39,18 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+_STREAMS: dict = {}
+
+
+def _capture_stream(device) -> "torch.cuda.Stream":
+    """One side stream per device for warm-up and capture: cuBLAS keeps a workspace (32 MiB on Hopper)
+    per stream it has seen, so a new stream per capture would add one per run of a sweep."""
+    key = str(device)
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(device)
+    return _STREAMS[key]
+
+
 class GraphEvaluator:
     """Evaluator for the cudagraph backends (same interface as streamkv.evaluate.Evaluator).
 
@@ -164,7 +176,7 @@ class GraphEvaluator:
 
     def _capture(self) -> None:
         P = self.s.prefill
-        stream = torch.cuda.Stream(self.device)
+        stream = _capture_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up outside the graph: Triton JIT, cuBLAS handles
             for _ in range(2):

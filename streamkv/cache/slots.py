@@ -195,7 +195,9 @@ class SlotCache(CacheManager):
         return self._q_pos
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, rope):
-        self._rope = rope
+        if rope is not self._rope:  # once per run: the table's attention scaling (cos at position 0)
+            self._rope = rope
+            self._rope_scale = float(rope.cos[0, 0])
         self._write(layer, rope.rotate(k, self._q_pos)[0], v[0])
         k_all, v_all = self._visible(layer)
         return k_all, v_all, self._mask
@@ -252,9 +254,8 @@ class SlotCache(CacheManager):
         """Rotate keys already rotated at some position p by `delta` more (RoPE composes)."""
         rope = self._rope
         out = rope.rotate(x, torch.as_tensor(delta, device=self.device))
-        scale = float(rope.cos[0, 0])  # cos(0) * attention_scaling: undo the second scaling
-        if scale != 1.0:
-            out[..., : rope.rotary_dim] /= scale
+        if self._rope_scale != 1.0:  # the table holds cos * attention_scaling: undo the second scaling
+            out[..., : rope.rotary_dim] /= self._rope_scale
         return out
 
     def _move(self, src: np.ndarray, dst: np.ndarray, stat: str | None = "moved", k: bool = True,
