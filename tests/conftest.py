@@ -81,3 +81,26 @@ def run_cli(*args: str, timeout: float = 600, cwd=ROOT, env: dict | None = None)
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+# The full manager x policy matrix takes tens of minutes on a 2-core machine. `make test` (CI)
+# runs a representative subset: every manager with every policy on the ring manager, the main
+# policies on soft_ring/static, SmolLM2 on ring only, one 20000-token run; `make test-full` runs all.
+_SLOW = (
+    ("test_cache_smollm2.py::", lambda n: "[ring-" not in n),
+    ("test_cache.py::test_manager_equals_concat[", lambda n: "[ring-" not in n
+     and not any(f"-{p}]" in n for p in ("streaming", "refresh", "h2o", "max_drop"))),
+    ("test_cache.py::test_manager_equals_concat_more[", lambda n: not n.endswith("-ring]")),
+    ("test_cache.py::test_random_keeps_match_concat[", lambda n: n.endswith("-1.3]")),
+    ("test_cache.py::test_20000_tokens_equal_concat[", lambda n: "[ring-8]" not in n),
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: part of the full matrix only (make test-full)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(key in item.nodeid and rule(item.nodeid) for key, rule in _SLOW):
+            item.add_marker(pytest.mark.slow)

@@ -2,8 +2,8 @@
 StreamingLLM with 4 sinks and a 124-token window, token by token from the first token, gives the
 same per-token NLL with cache=ring / soft_ring / static as with cache=concat (the run.py command
 `model=smollm2_135m ... policy=streaming n_sink=4 window=124 compress_every=1 prefill_tokens=0
-cache=ring device=cpu dtype=float32`, in-process on 150 tokens). Tolerance 1e-4 per token; measured
-in docs/cache.md.
+cache=ring device=cpu dtype=float32`, in-process on 150 tokens), and likewise with compress_every=8
+and policy=refresh. Tolerance 1e-4 per token; measured <= 1.4e-5 (docs/cache.md).
 """
 
 from __future__ import annotations
@@ -18,19 +18,22 @@ from streamkv.cache import CACHES
 from streamkv.policies import POLICIES
 
 TOL = 1e-4
-N = 150
 MANAGERS = [name for name in sorted(CACHES) if name != "concat"]
+COMMON = ("n_sink=4", "window=124", "progress=false")
+# case -> (tokens, overrides). R=1: the acceptance command exactly (token by token from the first
+# token). R=8 and refresh: a 96-token prefill first, so that 104 decode steps see ~10 prunes.
 CASES = {
-    "streaming-R1": ("policy=streaming", "compress_every=1"),
-    "streaming-R8": ("policy=streaming", "compress_every=8"),
-    "refresh-R8": ("policy=refresh", "compress_every=8", "policy.refresh_budget=8", "policy.refresh_per_prune=4"),
+    "streaming-R1": (150, ("policy=streaming", "compress_every=1", "prefill_tokens=0")),
+    "streaming-R8": (200, ("policy=streaming", "compress_every=8", "prefill_tokens=96")),
+    "refresh-R8": (200, ("policy=refresh", "compress_every=8", "policy.refresh_budget=8",
+                         "policy.refresh_per_prune=4", "prefill_tokens=96")),
 }
-COMMON = ("n_sink=4", "window=124", "prefill_tokens=0", "progress=false")
 
 
 @functools.lru_cache(maxsize=8)
 def _run(cache: str, case: str):
-    return evaluate("smollm2_135m", text_ids("smollm2_135m", n=N), f"cache={cache}", *COMMON, *CASES[case])
+    n, ov = CASES[case]
+    return evaluate("smollm2_135m", text_ids("smollm2_135m", n=n), f"cache={cache}", *COMMON, *ov)
 
 
 @pytest.mark.parametrize("case", list(CASES))
