@@ -325,10 +325,10 @@ def test_growth_fallback_is_correct(manager):
 
 LONG_N = 20000
 LONG_OV = {R: ("n_sink=4", "window=64", f"compress_every={R}") for R in (1, 8)}
-# (manager, R) compared with (concat, R). The worker process (started when this module's first test
-# runs, if any 20000-token test is selected) runs the concat references and the soft_ring case while
-# this process runs the other tests, then the ring cases.
-WORKER_RUNS = [("concat", 1), ("concat", 8), ("soft_ring", 8)]
+# (manager, R) compared with (concat, R). A worker process, started at this module's first test, runs
+# the concat references of the selected 20000-token cases (and the cases in WORKER_RUNS) while this
+# process runs the other tests, then the ring cases.
+WORKER_RUNS = [("soft_ring", 8)]
 LONG_CASES = [("ring", 1), ("ring", 8), ("soft_ring", 8)]
 
 
@@ -342,22 +342,23 @@ def _summary(r, cache) -> dict:
     return {"nll": r.nll, "events": json.dumps(r.events), "stats": json.dumps(getattr(cache, "stats", {}))}
 
 
-def compute_worker_runs(out: str) -> None:
-    """Worker entry (python tests/test_cache.py --reference OUT.npz): WORKER_RUNS -> one .npz."""
+def compute_worker_runs(out: str, runs: list) -> None:
+    """Worker entry (python tests/test_cache.py --reference OUT.npz manager:R,...): runs -> one .npz."""
     torch.set_num_threads(1)
     ids = _long_ids()
     arrays = {}
-    for manager, R in WORKER_RUNS:
+    for manager, R in runs:
         for k, v in _summary(*run("tiny_llama", ids, manager, *LONG_OV[R])).items():
             arrays[f"{manager}-{R}::{k}"] = v
     np.savez(out, **arrays)
 
 
 class _Worker:
-    def __init__(self):
+    def __init__(self, runs: list):
         self.dir = tempfile.TemporaryDirectory()
         self.path = Path(self.dir.name) / "ref.npz"
-        self.proc = subprocess.Popen([PYTHON, __file__, "--reference", str(self.path)], cwd=ROOT,
+        spec = ",".join(f"{m}:{R}" for m, R in runs)
+        self.proc = subprocess.Popen([PYTHON, __file__, "--reference", str(self.path), spec], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._data = None
 
@@ -388,8 +389,11 @@ def _long_worker(request):
     processes with two OpenMP threads each spin against each other (SDPA 10x slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    if any(getattr(item, "originalname", "") == "test_20000_tokens_equal_concat" for item in request.session.items):
-        _WORKER.append(_Worker())
+    cases = [(item.callspec.params["manager"], item.callspec.params["R"]) for item in request.session.items
+             if getattr(item, "originalname", "") == "test_20000_tokens_equal_concat"]
+    runs = sorted({("concat", R) for _, R in cases} | {c for c in cases if c in WORKER_RUNS})
+    if runs:
+        _WORKER.append(_Worker(runs))
     yield
     while _WORKER:
         _WORKER.pop().close()
@@ -415,7 +419,7 @@ def test_20000_tokens_equal_concat(manager, R):
 
 
 if __name__ == "__main__":  # the reference worker
-    if len(sys.argv) == 3 and sys.argv[1] == "--reference":
-        compute_worker_runs(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "--reference":
+        compute_worker_runs(sys.argv[2], [(m, int(R)) for m, R in (x.split(":") for x in sys.argv[3].split(","))])
     else:
-        sys.exit("usage: python tests/test_cache.py --reference OUT.npz")
+        sys.exit("usage: python tests/test_cache.py --reference OUT.npz manager:R[,manager:R...]")

@@ -21,12 +21,12 @@ TOL = 1e-4
 MANAGERS = [name for name in sorted(CACHES) if name != "concat"]
 COMMON = ("n_sink=4", "window=124", "progress=false")
 # case -> (tokens, overrides). R=1: the acceptance command exactly (token by token from the first
-# token). R=8 and refresh: a 96-token prefill first, so that 104 decode steps see ~10 prunes.
+# token). R=8 and refresh: a 120-token prefill first (cheap), then 50 decode steps with 5 prunes.
 CASES = {
     "streaming-R1": (150, ("policy=streaming", "compress_every=1", "prefill_tokens=0")),
-    "streaming-R8": (200, ("policy=streaming", "compress_every=8", "prefill_tokens=96")),
-    "refresh-R8": (200, ("policy=refresh", "compress_every=8", "policy.refresh_budget=8",
-                         "policy.refresh_per_prune=4", "prefill_tokens=96")),
+    "streaming-R8": (170, ("policy=streaming", "compress_every=8", "prefill_tokens=120")),
+    "refresh-R8": (170, ("policy=refresh", "compress_every=8", "policy.refresh_budget=8",
+                         "policy.refresh_per_prune=4", "prefill_tokens=120")),
 }
 
 
@@ -42,7 +42,7 @@ def test_smollm2_manager_equals_concat(manager, case):
     if case.startswith("refresh") and "refresh" not in POLICIES:
         pytest.skip("policy refresh not registered")
     ref, r = _run("concat", case), _run(manager, case)
-    assert ref.events, "the case must prune"
+    assert len(ref.events) >= 5, "the case must prune"
     diff = np.abs(r.nll - ref.nll).max()
     assert diff <= TOL, f"max |NLL - concat| = {diff:.2e}"
     assert r.events == ref.events
