@@ -250,6 +250,72 @@ def test_triton_kernels_in_interpreter():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gemv_kernels_in_interpreter():
+    """add_rmsnorm_gemv and swiglu_gemv (streamkv/backends/gemv_kernels.py) against float64 references:
+    float32 (to 1e-6 relative), bf16 against the unfused path's roundings emulated in float64 (loosely:
+    the interpreter truncates bf16 casts; the GPU check is scripts/gemv_bench.py); small odd shapes (masked rows and K tail) and SmolLM2-135M's (the
+    shape heuristic's own config on qkv; larger blocks elsewhere, for the interpreter's speed)."""
+    script = textwrap.dedent("""
+        import torch
+        import torch.nn.functional as F
+        from streamkv.backends.gemv_kernels import add_rmsnorm_gemv, gemv_config, swiglu_gemv
+        torch.manual_seed(0)
+        bf = torch.bfloat16
+        def rnd(t, dt):  # round a float64 tensor as dtype dt would, keep float64
+            return t.to(dt).double()
+        def ref_norm(x, r, g, w, eps, b, dt, exact=True):
+            s = x.double().view(-1) + (r.double().view(-1) if r is not None else 0)
+            s = rnd(s, dt)
+            rstd = torch.rsqrt(s.pow(2).mean() + eps)
+            h = rnd(rnd(s * rstd, dt) * g.double(), dt) if exact else s * rstd * g.double()
+            y = w.double() @ h
+            return (y + b.double() if b is not None else y), s
+        def ref_swiglu(gu, w, dt):
+            g, u = gu.double().view(-1).chunk(2)
+            return w.double() @ rnd(rnd(F.silu(g), dt) * u, dt)
+        def check(y, ref, dt, what):
+            y = y.double().view(-1)
+            if dt == torch.float32:
+                err = ((y - ref).abs().max() / ref.abs().max()).item()
+                assert err < 1e-6, (what, err)
+            else:  # the interpreter truncates float32 -> bf16 casts (triton 3.9; the GPU rounds to nearest):
+                # a few bf16 roundings of the output and of the activation's elements
+                bad = (y - ref).abs() > ref.abs() * 2.0 ** -7 + 1e-2 * ref.abs().max()
+                assert not bad.any(), (what, (y - ref).abs().max().item())
+        cases = [(37, 100, None), (64, 96, (4, 32, 1)), (50, 80, (16, 64, 2)),  # masked rows / K tail
+                 (960, 576, gemv_config(960, 576)), (3072, 576, (64, 64, 4)), (576, 576, (32, 64, 2))]
+        for dt in (torch.float32, bf):
+            for N, K, cfg in cases:
+                if dt == bf and N > 1000:
+                    continue
+                x = torch.randn(1, K, dtype=dt); r = torch.randn(1, K, dtype=dt); g = (torch.rand(K) + 0.5).to(dt)
+                w = (torch.randn(N, K) / K ** 0.5).to(dt); b = torch.randn(N).to(dt)
+                for exact in (True, False):
+                    for rr, bb in [(r, b), (None, None)]:
+                        y, s = add_rmsnorm_gemv(x, rr, g, w, 1e-5, bb, exact=exact, config=cfg)
+                        yr, sr = ref_norm(x, rr, g, w, 1e-5, bb, dt, exact)
+                        check(y, yr, dt, ("norm", dt, N, K, exact, rr is not None))
+                        assert y.shape == (1, N) and y.dtype == dt
+                        ds = (s.double().view(-1) - sr).abs().max().item()
+                        assert ds <= (0 if dt == torch.float32 else 2.0 ** -7 * sr.abs().max().item()), ("residual", dt, ds)
+                        assert (s is x) == (rr is None)
+                y, s = add_rmsnorm_gemv(x, r, g, w, 1e-5, write_residual=False, config=cfg)
+                assert s is None
+            for N, I, cfg in [(40, 72, None), (33, 128, (8, 64, 2)), (576, 1536, (32, 256, 4))]:
+                if dt == bf and N > 100:
+                    continue
+                gu = torch.randn(1, 2 * I, dtype=dt); w = (torch.randn(N, I) / I ** 0.5).to(dt)
+                check(swiglu_gemv(gu, w, config=cfg), ref_swiglu(gu, w, dt), dt, ("swiglu", dt, N, I))
+        assert gemv_config(960, 576, 132) == (4, 64, 1) and gemv_config(4096, 11008, 132)[1] == 256
+        print("ok")
+    """)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- benchmark plumbing (not timed)
 
 
@@ -308,10 +374,22 @@ def test_fused_graph_step_in_interpreter():
             cfg = compose("model=tiny_llama", "progress=false", *ov)
             return make_evaluator(cfg, load("tiny_llama").model, len(ids), torch.device("cpu"))
         ref = ev().run(ids, 20)
+        import streamkv.backends.graph as graph
         for layout in ("ring", "static"):
             r = GraphEvaluator(ev(), layout, fused=True, capture=False).run(ids, 20)
             assert np.abs(r.nll - ref.nll).max() < 1e-5, layout
             assert r.events == ref.events
+            # the fused-prologue GEMVs (gemv_kernels.py): same NLL with the flag on as off
+            for lm_head in (True, False):
+                graph.FUSED_GEMV_LM_HEAD = lm_head
+                g = GraphEvaluator(ev(), layout, fused=True, capture=False, fused_gemv=True)
+                assert g.fused_gemv and g.backend_name == "cudagraph_fused+gemv"
+                rg = g.run(ids, 20)
+                assert np.abs(rg.nll - r.nll).max() < 1e-5, (layout, lm_head, np.abs(rg.nll - r.nll).max())
+                assert np.abs(rg.entropy - r.entropy).max() < 1e-4, (layout, lm_head)
+                assert rg.events == ref.events
+            graph.FUSED_GEMV_LM_HEAD = True
+        assert not GraphEvaluator(ev(), "ring", fused=True, capture=False).fused_gemv  # default: off
         print("ok")
     """)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)

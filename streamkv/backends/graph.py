@@ -11,7 +11,9 @@ sync, no per-token copies, no recompiles as the cache fills.
 
 `cudagraph` runs the step with PyTorch ops (SDPA for attention); `cudagraph_fused` swaps in
 liger-kernel's fused RMSNorm (+ residual add) and SwiGLU and our Triton kernels for RoPE + cache
-write and split-KV decode attention (streamkv/backends/triton_kernels.py).
+write and split-KV decode attention (streamkv/backends/triton_kernels.py); with `fused_gemv`
+(FUSED_GEMV below) it also folds each add + RMSNorm into the GEMV after it and SwiGLU into the down
+projection (streamkv/backends/gemv_kernels.py).
 
 The same class runs un-captured on the CPU (`capture=False`): that is how tests check the schedule,
 the slot layouts and the positions against the concat manager in float32.
@@ -51,6 +53,16 @@ def _capture_stream(device) -> "torch.cuda.Stream":
     return _STREAMS[key]
 
 
+# cudagraph_fused: replace liger's add + RMSNorm and SwiGLU kernels and the cuBLAS GEMV after each by one
+# Triton kernel (streamkv/backends/gemv_kernels.py): 3 launches fewer per layer (+ the final norm
+# fused into the LM head). Off until measured on the GPU against the cuBLAS path; the constructor's
+# `fused_gemv` overrides it per evaluator (streamkv.bench runs both, "cudagraph_fused+gemv").
+FUSED_GEMV = False
+# with FUSED_GEMV: also fuse the final add + RMSNorm into the LM head GEMV (a large, bandwidth-bound
+# GEMV, where our kernel must match cuBLAS's bandwidth to gain the launch).
+FUSED_GEMV_LM_HEAD = True
+
+
 class GraphEvaluator:
     """Evaluator for the cudagraph backends (same interface as streamkv.evaluate.Evaluator).
 
@@ -58,12 +70,15 @@ class GraphEvaluator:
     (data-dependent) runs through it, with a warning, and `backend_used` says so.
     """
 
-    def __init__(self, eager, layout: str, fused: bool = False, capture: bool = True, tokenizer=None):
+    def __init__(self, eager, layout: str, fused: bool = False, capture: bool = True, tokenizer=None,
+                 fused_gemv: bool | None = None):
         self.eager = eager
         self.decoder, self.cache, self.policy, self.device = eager.decoder, eager.cache, eager.policy, eager.device
         self.layout, self.fused, self.capture = layout, fused, capture
+        # cudagraph_fused only: norm/SwiGLU prologues fused into the GEMVs (gemv_kernels.py)
+        self.fused_gemv = bool(fused and (FUSED_GEMV if fused_gemv is None else fused_gemv))
         self.tokenizer = tokenizer
-        self.backend_name = "cudagraph_fused" if fused else "cudagraph"
+        self.backend_name = ("cudagraph_fused+gemv" if self.fused_gemv else "cudagraph_fused") if fused else "cudagraph"
         self.backend_used = self.backend_name
         self.fallback_reason = None
         self.w = fn.gather_weights(self.decoder.model, self.backend_name)
@@ -204,11 +219,11 @@ class GraphEvaluator:
         ws = self.write_slot.index_select(0, t)
         self.valid.index_fill_(0, ws, True)
         x = w.embed.index_select(0, self.ids.index_select(0, t)).unsqueeze(0)  # [1, 1, hidden]
-        if self.fused:
-            x = self._layers_fused(x, t)
+        if self.fused_gemv:
+            logits = self._layers_fused_gemv(x, t)
         else:
-            x = self._layers_torch(x, t, ws)
-        logits = F.linear(x.view(1, -1), w.lm_head)
+            x = self._layers_fused(x, t) if self.fused else self._layers_torch(x, t, ws)
+            logits = F.linear(x.view(1, -1), w.lm_head)
         nll, ent = fn.score(logits, self.ids.index_select(0, t + 1))
         self.nll.index_copy_(0, t, nll)
         self.entropy.index_copy_(0, t, ent)
@@ -275,6 +290,36 @@ class GraphEvaluator:
             nxt = w.layers[i + 1].ln1 if i + 1 < len(w.layers) else w.norm
             h, x = LigerFusedAddRMSNormFunction.apply(m, x, nxt, w.eps, 0.0, "llama", False)
         return h
+
+    def _layers_fused_gemv(self, x, t):
+        """`_layers_fused` with the GEMV prologues fused: per layer add+RMSNorm+qkv GEMV, kv_update,
+        attention (2), o_proj (cuBLAS), add+RMSNorm+gate/up GEMV, SwiGLU+down GEMV: 7 launches instead
+        of 10. Returns the logits [1, vocab]."""
+        from streamkv.backends.gemv_kernels import add_rmsnorm_gemv, swiglu_gemv
+        from streamkv.backends.triton_kernels import kv_update
+
+        w = self.w
+        x = x.reshape(1, -1)
+        m = None  # the previous layer's down-projection output, added to the residual x in the prologue
+        for i, lw in enumerate(w.layers):
+            qkv, x = add_rmsnorm_gemv(m if m is not None else x, x if m is not None else None, lw.ln1, lw.wqkv,
+                                      w.eps, lw.bqkv)
+            kv_update(qkv, self.q_rot, self.k[i], self.v[i], self.side[i] if self.has_side else None,
+                      self.cos, self.sin, t, self.qpos, self.write_slot, self.side_write,
+                      self.fix_slot if self.n_fix else None, self.fix_src, self.fix_pos,
+                      n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=self.rotate_stored, has_side=self.has_side)
+            a = self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
+                          None if self.rotate_stored else self.cos, None if self.rotate_stored else self.sin)
+            o = F.linear(a.view(1, -1), lw.wo)
+            gu, x = add_rmsnorm_gemv(o, x, lw.ln2, lw.wgu, w.eps)
+            m = swiglu_gemv(gu, lw.wd)
+        if FUSED_GEMV_LM_HEAD:
+            logits, _ = add_rmsnorm_gemv(m, x, w.norm, w.lm_head, w.eps, write_residual=False)
+            return logits
+        from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+
+        h, _ = LigerFusedAddRMSNormFunction.apply(m, x, w.norm, w.eps, 0.0, "llama", False)
+        return F.linear(h, w.lm_head)
 
     def _compact(self) -> None:
         """Static layout, after a prune: move the kept slots to the front (one gather per tensor)."""

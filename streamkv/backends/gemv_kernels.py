@@ -1,0 +1,202 @@
+"""Decode GEMVs (one activation row) with the op before them fused into the activation load.
+
+* `add_rmsnorm_gemv`: y = W @ rmsnorm(x + r) * gamma (+ bias), also returning the new residual
+  s = x + r. Replaces liger's fused add + RMSNorm and the GEMV after it (the next layer's q/k/v
+  projection, the gate/up projection, the LM head after the final norm).
+* `swiglu_gemv`: y = Wd @ (silu(g) * u) for gu = [g | u] (the fused gate/up output): replaces
+  liger's SwiGLU and the down projection.
+
+Why our own kernel: the captured decode step of a small model is launch/latency-bound, not
+bandwidth-bound (SmolLM2-135M reads 270 MB per token, 92 us at H100 bandwidth, but runs 321 kernels
+in ~0.9 ms: cuBLAS GEMVs of 1-3.5 MB take 3.5-4 us each, mostly launch and DRAM latency), so every
+launch fused away saves ~3 us. No maintained kernel does this fusion: liger-kernel has fused
+add + RMSNorm and SwiGLU but no GEMV with a norm or activation prologue; cuBLAS(Lt) epilogues
+cannot apply a function to the *input* vector, and its GEMV is a separate launch; torch.compile
+would generate the same kind of Triton kernel but only in its own graphs, not in our hand-captured
+step.
+
+Arithmetic (bf16 activations, float32 accumulation) reproduces the unfused path's roundings
+(HF / liger "llama" casting): s = bf16(x + r); h = bf16(gamma * bf16(s * rstd)), rstd in float32;
+act = bf16(bf16(silu(g)) * u). Only the accumulation order of the dot products differs from cuBLAS.
+`exact=False` (add_rmsnorm_gemv only) instead computes y = rstd * (W @ (s * gamma)) in one pass:
+the weight loads then do not wait for the norm's reduction (one L2 round trip + a block barrier
+less on the critical path), at the price of not rounding h to bf16 (a difference of the order of
+bf16 rounding of the output; float32 inputs are unaffected).
+
+Launch configuration: fixed per shape by `gemv_config` (no autotune: a CUDA graph capture must not
+trigger benchmarking, and the configs are cheap to reason about): BLOCK_N rows per program, small
+enough that the grid has >= 2 programs per SM (several CTAs per SM keep enough loads in flight to
+hide DRAM latency, the limit for 1-4 MB weights); BLOCK_K the largest power of two <= 256 dividing
+K (no masked tail), the K loop fully unrolled (K is a constexpr) so that the compiler can issue the
+weight loads of several chunks before the first FMA; num_warps such that a thread loads 16 bytes
+of weights per chunk. No split-K: the shapes that have few rows (N = hidden) have K <= 4 * hidden
+and still >= 2 programs per SM at BLOCK_N <= 8, and split-K would need either atomics (a zeroed
+output: one more launch) or a second reduction launch, which is what we are removing.
+scripts/gemv_bench.py times these configs against liger + cuBLAS and sweeps alternatives.
+
+Not fused (measured by reasoning, not on the GPU): the split-KV attention reduce into the o_proj
+prologue. Every o_proj program would have to redo the reduce over all heads (the partial sums are
+Hq x splits x D float32: ~200 KB for SmolLM2 at 88 splits) to build its activation vector, against
+~9 KB of weights per program; that is ~50 MB of L2 reads per layer, more than the launch it saves.
+
+Tested on CPU through TRITON_INTERPRET=1 (tests/test_backends.py); timed by scripts/gemv_bench.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_PRO_NONE, _PRO_ADD_RMSNORM, _PRO_SWIGLU = 0, 1, 2
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, r_ptr, gamma_ptr, w_ptr, b_ptr, y_ptr, s_ptr, eps, N, stride_wn,
+                 K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_R: tl.constexpr, WRITE_S: tl.constexpr,
+                 EXACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    kk = tl.arange(0, BLOCK_K)
+    NK: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    EVEN_K: tl.constexpr = K % BLOCK_K == 0
+    act_ty = x_ptr.dtype.element_ty
+    wrow = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if PROLOGUE == 1:
+        if EXACT:
+            # pass 1: rstd of s = x + r (and the residual write, program 0 only)
+            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for i in tl.static_range(NK):
+                k = i * BLOCK_K + kk
+                km = k < K
+                s = tl.load(x_ptr + k, mask=km, other=0.0)
+                if HAS_R:
+                    s = (s.to(tl.float32) + tl.load(r_ptr + k, mask=km, other=0.0).to(tl.float32)).to(act_ty)
+                    if WRITE_S:
+                        tl.store(s_ptr + k, s, mask=km & ((kk * 0 + pid) == 0))
+                sf = s.to(tl.float32)
+                ss += sf * sf
+            rstd = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+            # pass 2: the GEMV on h = bf16(gamma * bf16(s * rstd)) (s reloaded: L1/L2 hits)
+            for i in tl.static_range(NK):
+                k = i * BLOCK_K + kk
+                km = k < K
+                if EVEN_K:
+                    w = tl.load(wrow + k[None, :], mask=rmask[:, None], other=0.0)
+                else:
+                    w = tl.load(wrow + k[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+                s = tl.load(x_ptr + k, mask=km, other=0.0)
+                if HAS_R:
+                    s = (s.to(tl.float32) + tl.load(r_ptr + k, mask=km, other=0.0).to(tl.float32)).to(act_ty)
+                g = tl.load(gamma_ptr + k, mask=km, other=0.0)
+                n = (s.to(tl.float32) * rstd).to(act_ty)
+                h = (n.to(tl.float32) * g.to(tl.float32)).to(act_ty).to(tl.float32)
+                acc += w.to(tl.float32) * h[None, :]
+            y = tl.sum(acc, 1)
+        else:
+            # one pass: y = rstd * (W @ (s * gamma)); the weight loads do not wait for the norm
+            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for i in tl.static_range(NK):
+                k = i * BLOCK_K + kk
+                km = k < K
+                if EVEN_K:
+                    w = tl.load(wrow + k[None, :], mask=rmask[:, None], other=0.0)
+                else:
+                    w = tl.load(wrow + k[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+                s = tl.load(x_ptr + k, mask=km, other=0.0)
+                if HAS_R:
+                    s = (s.to(tl.float32) + tl.load(r_ptr + k, mask=km, other=0.0).to(tl.float32)).to(act_ty)
+                    if WRITE_S:
+                        tl.store(s_ptr + k, s, mask=km & ((kk * 0 + pid) == 0))
+                g = tl.load(gamma_ptr + k, mask=km, other=0.0)
+                sf = s.to(tl.float32)
+                ss += sf * sf
+                acc += w.to(tl.float32) * (sf * g.to(tl.float32))[None, :]
+            rstd = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+            y = tl.sum(acc, 1) * rstd
+    else:
+        for i in tl.static_range(NK):
+            k = i * BLOCK_K + kk
+            km = k < K
+            if EVEN_K:
+                w = tl.load(wrow + k[None, :], mask=rmask[:, None], other=0.0)
+            else:
+                w = tl.load(wrow + k[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+            if PROLOGUE == 2:  # x = gu: [gate (K) | up (K)]
+                gt = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
+                up = tl.load(x_ptr + K + k, mask=km, other=0.0)
+                a = ((gt * tl.sigmoid(gt)).to(act_ty).to(tl.float32) * up.to(tl.float32)).to(act_ty)
+            else:
+                a = tl.load(x_ptr + k, mask=km, other=0.0)
+            acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
+        y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+_N_SM: dict = {}
+
+
+def _n_sm(device) -> int:
+    if device.type != "cuda":
+        return 132
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _N_SM:
+        _N_SM[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _N_SM[key]
+
+
+def gemv_config(N: int, K: int, n_sm: int = 132) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for an [N, K] weight and one activation row (see the module doc;
+    scripts/gemv_bench.py prints it for every benchmarked shape)."""
+    block_k = 256
+    while block_k > 16 and K % block_k:
+        block_k //= 2
+    if K % block_k:  # no power of two >= 16 divides K: masked tail
+        block_k = min(256, triton.next_power_of_2(K))
+    block_n = 16
+    while block_n > 1 and triton.cdiv(N, block_n) < 2 * n_sm:
+        block_n //= 2
+    block_n = max(block_n, min(16, 256 // block_k))  # at least 256 elements (one warp x 16 bytes) a chunk
+    num_warps = max(1, min(8, block_n * block_k // 256))
+    return block_n, block_k, num_warps
+
+
+def _launch(x, r, gamma, w, bias, s_out, eps, prologue, exact, K, config, out_dtype):
+    N = w.shape[0]
+    assert w.stride(1) == 1 and w.shape[1] == K, (tuple(w.shape), K)
+    block_n, block_k, num_warps = config or gemv_config(N, K, _n_sm(w.device))
+    y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=out_dtype or x.dtype)
+    assert x.numel() == (2 * K if prologue == _PRO_SWIGLU else K), "decode GEMV: one activation row"
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
+        x, r if r is not None else x, gamma if gamma is not None else x, w, bias if bias is not None else w, y,
+        s_out if s_out is not None else x, float(eps), N, w.stride(0),
+        K=K, PROLOGUE=prologue, HAS_R=r is not None, WRITE_S=s_out is not None, EXACT=exact,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return y
+
+
+def add_rmsnorm_gemv(x, r, gamma, w, eps: float, bias=None, *, exact: bool = True, write_residual: bool = True,
+                     config=None, out_dtype=None):
+    """y = w @ rmsnorm(x + r) * gamma (+ bias) for one row x [..., K] (contiguous); r: the residual
+    (same shape) or None (plain RMSNorm); w: [N, K] (rows contiguous). Returns (y [..., N], s) with
+    s = x + r, a new tensor written by program 0 (the others read only x and r: race-free), x itself
+    when r is None, None when not `write_residual`."""
+    K = x.shape[-1]
+    s = torch.empty_like(x) if r is not None and write_residual else (x if r is None else None)
+    y = _launch(x, r, gamma, w, bias, s if r is not None else None, eps, _PRO_ADD_RMSNORM, exact, K, config,
+                out_dtype)
+    return y, s
+
+
+def swiglu_gemv(gu, w, *, config=None, out_dtype=None):
+    """y = w @ (silu(g) * u) for gu = [g | u] of one row [..., 2 I] (contiguous); w: [N, I]."""
+    return _launch(gu, None, None, w, None, None, 0.0, _PRO_SWIGLU, True, gu.shape[-1] // 2, config, out_dtype)
+
+
+def gemv(x, w, bias=None, *, config=None, out_dtype=None):
+    """y = w @ x (+ bias) for one row x [..., K]: the plain kernel (benchmark reference)."""
+    return _launch(x, None, None, w, bias, None, 0.0, _PRO_NONE, True, x.shape[-1], config, out_dtype)
