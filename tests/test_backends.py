@@ -292,7 +292,7 @@ def test_gemv_kernels_in_interpreter():
                 x = torch.randn(1, K, dtype=dt); r = torch.randn(1, K, dtype=dt); g = (torch.rand(K) + 0.5).to(dt)
                 w = (torch.randn(N, K) / K ** 0.5).to(dt); b = torch.randn(N).to(dt)
                 for exact in (True, False):
-                    for rr, bb in [(r, b), (None, None)]:
+                    for rr, bb in [(r, b), (None, None)][:1 if N > 500 else 2]:
                         y, s = add_rmsnorm_gemv(x, rr, g, w, 1e-5, bb, exact=exact, config=cfg)
                         yr, sr = ref_norm(x, rr, g, w, 1e-5, bb, dt, exact)
                         check(y, yr, dt, ("norm", dt, N, K, exact, rr is not None))
@@ -375,6 +375,8 @@ def test_fused_graph_step_in_interpreter():
             return make_evaluator(cfg, load("tiny_llama").model, len(ids), torch.device("cpu"))
         ref = ev().run(ids, 20)
         import streamkv.backends.graph as graph
+        import streamkv.backends.gemv_kernels as gk
+        gk.gemv_config = lambda N, K, n_sm=132: (256, 64, 4)  # one program per GEMV: the interpreter's speed
         for layout in ("ring", "static"):
             r = GraphEvaluator(ev(), layout, fused=True, capture=False).run(ids, 20)
             assert np.abs(r.nll - ref.nll).max() < 1e-5, layout
