@@ -259,7 +259,7 @@ def test_gemv_kernels_in_interpreter():
     script = textwrap.dedent("""
         import torch
         import torch.nn.functional as F
-        from streamkv.backends.gemv_kernels import add_rmsnorm_gemv, gemv_config, swiglu_gemv
+        from streamkv.backends.gemv_kernels import add_rmsnorm_gemv, gemv_config, gemv_unroll, swiglu_gemv
         torch.manual_seed(0)
         bf = torch.bfloat16
         def rnd(t, dt):  # round a float64 tensor as dtype dt would, keep float64
@@ -284,6 +284,7 @@ def test_gemv_kernels_in_interpreter():
                 bad = (y - ref).abs() > ref.abs() * 2.0 ** -7 + 1e-2 * ref.abs().max()
                 assert not bad.any(), (what, (y - ref).abs().max().item())
         cases = [(37, 100, None), (64, 96, (4, 32, 1)), (50, 80, (16, 64, 2)),  # masked rows / K tail
+                 (9, 1100, (8, 32, 1)),  # K chunks: runtime loop of unrolled groups + remainder + tail
                  (960, 576, gemv_config(960, 576)), (3072, 576, (64, 64, 4)), (576, 576, (32, 64, 2))]
         for dt in (torch.float32, bf):
             for N, K, cfg in cases:
@@ -302,12 +303,13 @@ def test_gemv_kernels_in_interpreter():
                         assert (s is x) == (rr is None)
                 y, s = add_rmsnorm_gemv(x, r, g, w, 1e-5, write_residual=False, config=cfg)
                 assert s is None
-            for N, I, cfg in [(40, 72, None), (33, 128, (8, 64, 2)), (576, 1536, (32, 256, 4))]:
+            for N, I, cfg in [(40, 72, None), (33, 128, (8, 64, 2)), (9, 1100, (8, 32, 1)), (576, 1536, (32, 256, 4))]:
                 if dt == bf and N > 100:
                     continue
                 gu = torch.randn(1, 2 * I, dtype=dt); w = (torch.randn(N, I) / I ** 0.5).to(dt)
                 check(swiglu_gemv(gu, w, config=cfg), ref_swiglu(gu, w, dt), dt, ("swiglu", dt, N, I))
         assert gemv_config(960, 576, 132) == (4, 64, 1) and gemv_config(4096, 11008, 132)[1] == 256
+        assert gemv_unroll(1100, 8, 32, 1) == 8 and gemv_unroll(576, 4, 64, 1) == 9  # SmolLM2: fully unrolled
         print("ok")
     """)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)

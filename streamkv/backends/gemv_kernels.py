@@ -23,16 +23,19 @@ the weight loads then do not wait for the norm's reduction (one L2 round trip + 
 less on the critical path), at the price of not rounding h to bf16 (a difference of the order of
 bf16 rounding of the output; float32 inputs are unaffected).
 
-Launch configuration: fixed per shape by `gemv_config` (no autotune: a CUDA graph capture must not
-trigger benchmarking, and the configs are cheap to reason about): BLOCK_N rows per program, small
-enough that the grid has >= 2 programs per SM (several CTAs per SM keep enough loads in flight to
-hide DRAM latency, the limit for 1-4 MB weights); BLOCK_K the largest power of two <= 256 dividing
-K (no masked tail), the K loop fully unrolled (K is a constexpr) so that the compiler can issue the
-weight loads of several chunks before the first FMA; num_warps such that a thread loads 16 bytes
-of weights per chunk. No split-K: the shapes that have few rows (N = hidden) have K <= 4 * hidden
-and still >= 2 programs per SM at BLOCK_N <= 8, and split-K would need either atomics (a zeroed
-output: one more launch) or a second reduction launch, which is what we are removing.
-scripts/gemv_bench.py times these configs against liger + cuBLAS and sweeps alternatives.
+Launch configuration: fixed per shape by `gemv_config` / `gemv_unroll` (no autotune: a CUDA graph
+capture must not trigger benchmarking, and the configs are cheap to reason about): BLOCK_N rows per
+program, small enough that the grid has >= 2 programs per SM (several CTAs per SM keep enough loads
+in flight to hide DRAM latency, the limit for 1-4 MB weights); BLOCK_K the largest power of two
+<= 256 dividing K (no masked tail); num_warps such that a thread loads 16 bytes of weights per
+chunk (one ld.global.v4); K chunks unrolled in groups of ~8 (~128 bytes in flight per thread) inside
+a runtime loop, fully unrolled where K is small (SmolLM2: all 9 chunks of K = 576). Checked in the
+sm_90 PTX/SASS compiled here without a GPU (triton 3.9): all weight loads are 16-byte vector loads,
+no barrier inside the K loop, 55-100 registers and no spills for every shape of the three models (a
+fully unrolled K = 11008 loop at 8 warps spilled 13 KB a thread). No split-K: the shapes that have
+few rows (N = hidden) still get >= 1 program per SM at BLOCK_N <= 4, and split-K would need either
+atomics (a zeroed output: one more launch) or a second reduction launch, which is what we remove.
+scripts/gemv_bench.py times these configs against liger + cuBLAS and sweeps their neighbours.
 
 Not fused (measured by reasoning, not on the GPU): the split-KV attention reduce into the o_proj
 prologue. Every o_proj program would have to redo the reduce over all heads (the partial sums are
@@ -52,85 +55,104 @@ _PRO_NONE, _PRO_ADD_RMSNORM, _PRO_SWIGLU = 0, 1, 2
 
 
 @triton.jit
+def _load_s(x_ptr, r_ptr, k2, km2, HAS_R: tl.constexpr):
+    """s = x + r (rounded to the activation dtype, as the unfused add), or x."""
+    s = tl.load(x_ptr + k2, mask=km2, other=0.0)
+    if HAS_R:
+        s = (s.to(tl.float32) + tl.load(r_ptr + k2, mask=km2, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+    return s
+
+
+@triton.jit
+def _chunk(c, acc, ss, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
+           K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr, WRITE_S: tl.constexpr,
+           BLOCK_K: tl.constexpr):
+    """One K chunk c. MODE 0: plain GEMV; 1: norm pass 1 (sum of squares, residual write); 2: norm
+    pass 2 (exact casts, rstd given); 3: one-pass norm; 4: SwiGLU."""
+    act_ty = x_ptr.dtype.element_ty
+    k2 = c * BLOCK_K + kk[None, :] + zero
+    km2 = k2 < K
+    if MODE != 1:
+        if K % BLOCK_K == 0:
+            w = tl.load(wrow + k2, mask=rmask[:, None], other=0.0)
+        else:
+            w = tl.load(wrow + k2, mask=rmask[:, None] & km2, other=0.0)
+    if MODE == 0:
+        acc += w.to(tl.float32) * tl.load(x_ptr + k2, mask=km2, other=0.0).to(tl.float32)
+    elif MODE == 4:  # x = gu: [gate (K) | up (K)]
+        gt = tl.load(x_ptr + k2, mask=km2, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + k2, mask=km2, other=0.0)
+        a = ((gt * tl.sigmoid(gt)).to(act_ty).to(tl.float32) * up.to(tl.float32)).to(act_ty)
+        acc += w.to(tl.float32) * a.to(tl.float32)
+    else:
+        s = _load_s(x_ptr, r_ptr, k2, km2, HAS_R)
+        if MODE != 2:
+            if WRITE_S:
+                tl.store(s_ptr + k2, s, mask=km2 & first_row)
+            sf = s.to(tl.float32)
+            ss += sf * sf
+        if MODE >= 2:
+            g = tl.load(gamma_ptr + k2, mask=km2, other=0.0).to(tl.float32)
+            if MODE == 2:
+                n = (s.to(tl.float32) * rstd).to(act_ty)
+                acc += w.to(tl.float32) * (n.to(tl.float32) * g).to(act_ty).to(tl.float32)
+            else:
+                acc += w.to(tl.float32) * (s.to(tl.float32) * g)
+    return acc, ss
+
+
+@triton.jit
+def _k_loop(acc, ss, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
+            K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr, WRITE_S: tl.constexpr,
+            BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
+    """All K chunks: groups of UNROLL chunks unrolled (their loads issued together: bytes in flight
+    per thread) in a runtime loop (bounded registers: a fully unrolled 7B down projection spills)."""
+    NK: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    NO: tl.constexpr = NK // UNROLL
+    for o in range(NO):
+        for j in tl.static_range(UNROLL):
+            acc, ss = _chunk(o * UNROLL + j, acc, ss, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero,
+                             first_row, K, MODE, HAS_R, WRITE_S, BLOCK_K)
+    for c in tl.static_range(NO * UNROLL, NK):
+        acc, ss = _chunk(c, acc, ss, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
+                         K, MODE, HAS_R, WRITE_S, BLOCK_K)
+    return acc, ss
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, r_ptr, gamma_ptr, w_ptr, b_ptr, y_ptr, s_ptr, eps, N, stride_wn,
                  K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_R: tl.constexpr, WRITE_S: tl.constexpr,
-                 EXACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 EXACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 UNROLL: tl.constexpr):
+    # The activation is loaded as a [BLOCK_N, BLOCK_K] tile (every row of the block reads the same K
+    # values: L1 hits) in the weight tile's layout, and the norm's sum of squares is reduced along the
+    # same axis as the dot products: no layout conversion through shared memory, hence no barrier
+    # between the weight loads of successive K chunks (a 1-D activation vector broadcast to the tile
+    # costs a shared-memory round trip + bar.sync per chunk, seen in the PTX).
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     kk = tl.arange(0, BLOCK_K)
-    NK: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-    EVEN_K: tl.constexpr = K % BLOCK_K == 0
-    act_ty = x_ptr.dtype.element_ty
+    zero = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
+    first_row = (zero + pid * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]) == 0  # program 0, row 0: writes s
     wrow = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if PROLOGUE == 1:
-        if EXACT:
-            # pass 1: rstd of s = x + r (and the residual write, program 0 only)
-            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for i in tl.static_range(NK):
-                k = i * BLOCK_K + kk
-                km = k < K
-                s = tl.load(x_ptr + k, mask=km, other=0.0)
-                if HAS_R:
-                    s = (s.to(tl.float32) + tl.load(r_ptr + k, mask=km, other=0.0).to(tl.float32)).to(act_ty)
-                    if WRITE_S:
-                        tl.store(s_ptr + k, s, mask=km & ((kk * 0 + pid) == 0))
-                sf = s.to(tl.float32)
-                ss += sf * sf
-            rstd = tl.rsqrt(tl.sum(ss, 0) / K + eps)
-            # pass 2: the GEMV on h = bf16(gamma * bf16(s * rstd)) (s reloaded: L1/L2 hits)
-            for i in tl.static_range(NK):
-                k = i * BLOCK_K + kk
-                km = k < K
-                if EVEN_K:
-                    w = tl.load(wrow + k[None, :], mask=rmask[:, None], other=0.0)
-                else:
-                    w = tl.load(wrow + k[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-                s = tl.load(x_ptr + k, mask=km, other=0.0)
-                if HAS_R:
-                    s = (s.to(tl.float32) + tl.load(r_ptr + k, mask=km, other=0.0).to(tl.float32)).to(act_ty)
-                g = tl.load(gamma_ptr + k, mask=km, other=0.0)
-                n = (s.to(tl.float32) * rstd).to(act_ty)
-                h = (n.to(tl.float32) * g.to(tl.float32)).to(act_ty).to(tl.float32)
-                acc += w.to(tl.float32) * h[None, :]
+        if EXACT:  # pass 1: rstd of s = x + r (+ the residual write); pass 2: h = bf16(gamma * bf16(s * rstd))
+            acc, ss = _k_loop(acc, ss, 0.0, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
+                              K, 1, HAS_R, WRITE_S, BLOCK_K, UNROLL)
+            rstd = tl.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]
+            acc, ss = _k_loop(acc, ss, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
+                              K, 2, HAS_R, WRITE_S, BLOCK_K, UNROLL)
             y = tl.sum(acc, 1)
-        else:
-            # one pass: y = rstd * (W @ (s * gamma)); the weight loads do not wait for the norm
-            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for i in tl.static_range(NK):
-                k = i * BLOCK_K + kk
-                km = k < K
-                if EVEN_K:
-                    w = tl.load(wrow + k[None, :], mask=rmask[:, None], other=0.0)
-                else:
-                    w = tl.load(wrow + k[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-                s = tl.load(x_ptr + k, mask=km, other=0.0)
-                if HAS_R:
-                    s = (s.to(tl.float32) + tl.load(r_ptr + k, mask=km, other=0.0).to(tl.float32)).to(act_ty)
-                    if WRITE_S:
-                        tl.store(s_ptr + k, s, mask=km & ((kk * 0 + pid) == 0))
-                g = tl.load(gamma_ptr + k, mask=km, other=0.0)
-                sf = s.to(tl.float32)
-                ss += sf * sf
-                acc += w.to(tl.float32) * (sf * g.to(tl.float32))[None, :]
-            rstd = tl.rsqrt(tl.sum(ss, 0) / K + eps)
-            y = tl.sum(acc, 1) * rstd
+        else:  # one pass: y = rstd * (W @ (s * gamma)); the weight loads do not wait for the norm
+            acc, ss = _k_loop(acc, ss, 0.0, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
+                              K, 3, HAS_R, WRITE_S, BLOCK_K, UNROLL)
+            y = tl.sum(acc, 1) * tl.rsqrt(tl.sum(ss, 1) / K + eps)
     else:
-        for i in tl.static_range(NK):
-            k = i * BLOCK_K + kk
-            km = k < K
-            if EVEN_K:
-                w = tl.load(wrow + k[None, :], mask=rmask[:, None], other=0.0)
-            else:
-                w = tl.load(wrow + k[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-            if PROLOGUE == 2:  # x = gu: [gate (K) | up (K)]
-                gt = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
-                up = tl.load(x_ptr + K + k, mask=km, other=0.0)
-                a = ((gt * tl.sigmoid(gt)).to(act_ty).to(tl.float32) * up.to(tl.float32)).to(act_ty)
-            else:
-                a = tl.load(x_ptr + k, mask=km, other=0.0)
-            acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
+        acc, ss = _k_loop(acc, ss, 0.0, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
+                          K, 4 if PROLOGUE == 2 else 0, HAS_R, WRITE_S, BLOCK_K, UNROLL)
         y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
@@ -165,17 +187,28 @@ def gemv_config(N: int, K: int, n_sm: int = 132) -> tuple[int, int, int]:
     return block_n, block_k, num_warps
 
 
+def gemv_unroll(K: int, block_n: int, block_k: int, num_warps: int) -> int:
+    """K chunks unrolled together: ~128 bytes of weights in flight per thread (8 x 16-byte loads; more
+    spills: a fully unrolled K = 11008 loop at 8 warps needs ~500 registers a thread); all of them
+    when that covers K in at most two groups (no runtime loop for the small models' K = 576)."""
+    nk = triton.cdiv(K, block_k)
+    per_thread = max(1, block_n * block_k // (32 * num_warps)) * 2  # weight bytes a thread loads per chunk
+    u = max(1, 128 // per_thread)
+    return nk if nk <= 2 * u else u
+
+
 def _launch(x, r, gamma, w, bias, s_out, eps, prologue, exact, K, config, out_dtype):
     N = w.shape[0]
     assert w.stride(1) == 1 and w.shape[1] == K, (tuple(w.shape), K)
     block_n, block_k, num_warps = config or gemv_config(N, K, _n_sm(w.device))
+    unroll = gemv_unroll(K, block_n, block_k, num_warps)
     y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=out_dtype or x.dtype)
     assert x.numel() == (2 * K if prologue == _PRO_SWIGLU else K), "decode GEMV: one activation row"
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, r if r is not None else x, gamma if gamma is not None else x, w, bias if bias is not None else w, y,
         s_out if s_out is not None else x, float(eps), N, w.stride(0),
         K=K, PROLOGUE=prologue, HAS_R=r is not None, WRITE_S=s_out is not None, EXACT=exact,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=unroll, num_warps=num_warps)
     return y
 
 
