@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sweep", action="store_true", help="only the heuristic config (and exact=False)")
     ap.add_argument("--sweep-models", default="smollm2", help="models whose shapes get the config sweep "
                     "('all' for every model)")
-    ap.add_argument("--budget-s", type=float, default=100.0, help="stop sweeping after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=70.0, help="stop sweeping after this many seconds")
     ap.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes: plumbing only")
     args = ap.parse_args(argv)
     models = SMOKE if args.smoke else MODELS

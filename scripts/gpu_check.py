@@ -134,6 +134,7 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=1300)
     ap.add_argument("--quick", action="store_true", help="graph paths only; streaming R=1, R=32 and refresh")
+    ap.add_argument("--paths", nargs="*", default=None, help="only paths 'cache x backend' containing one of these")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +170,8 @@ def main() -> int:
 
         paths += [("concat", "compile"), ("concat", "fused")]
         paths += [(m, "eager") for m in ("ring", "static", "soft_ring") if m in CACHES]
+    if args.paths:
+        paths = [(c, b) for c, b in paths if any(s in f"{c} x {b}" for s in args.paths)]
     rows = []
     first_graph = True
     for pname, ov in policies.items():

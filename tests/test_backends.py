@@ -383,16 +383,17 @@ def test_fused_graph_step_in_interpreter():
             r = GraphEvaluator(ev(), layout, fused=True, capture=False).run(ids, 20)
             assert np.abs(r.nll - ref.nll).max() < 1e-5, layout
             assert r.events == ref.events
-            # the fused-prologue GEMVs (gemv_kernels.py): same NLL with the flag on as off
-            for lm_head in (True, False):
-                graph.FUSED_GEMV_LM_HEAD = lm_head
+            # the fused-prologue GEMVs (gemv_kernels.py): same NLL with the flag on as off (also with the
+            # LM head unfused, and with only the small GEMVs fused: the size limit's fallback)
+            for lm_head, limit in [(True, None), (False, None), (True, 40000)]:
+                graph.FUSED_GEMV_LM_HEAD, graph.FUSED_GEMV_MAX_BYTES = lm_head, limit
                 g = GraphEvaluator(ev(), layout, fused=True, capture=False, fused_gemv=True)
                 assert g.fused_gemv and g.backend_name == "cudagraph_fused+gemv"
                 rg = g.run(ids, 20)
-                assert np.abs(rg.nll - r.nll).max() < 1e-5, (layout, lm_head, np.abs(rg.nll - r.nll).max())
-                assert np.abs(rg.entropy - r.entropy).max() < 1e-4, (layout, lm_head)
+                assert np.abs(rg.nll - r.nll).max() < 1e-5, (layout, lm_head, limit, np.abs(rg.nll - r.nll).max())
+                assert np.abs(rg.entropy - r.entropy).max() < 1e-4, (layout, lm_head, limit)
                 assert rg.events == ref.events
-            graph.FUSED_GEMV_LM_HEAD = True
+            graph.FUSED_GEMV_LM_HEAD, graph.FUSED_GEMV_MAX_BYTES = True, None
         assert not GraphEvaluator(ev(), "ring", fused=True, capture=False).fused_gemv  # default: off
         print("ok")
     """)

@@ -61,6 +61,9 @@ FUSED_GEMV = False
 # with FUSED_GEMV: also fuse the final add + RMSNorm into the LM head GEMV (a large, bandwidth-bound
 # GEMV, where our kernel must match cuBLAS's bandwidth to gain the launch).
 FUSED_GEMV_LM_HEAD = True
+# with FUSED_GEMV: weights larger than this (bytes) keep liger + cuBLAS (bandwidth-bound GEMVs of big
+# models, where cuBLAS may beat our kernel by more than the saved launch); None: every GEMV fused.
+FUSED_GEMV_MAX_BYTES = None
 
 
 class GraphEvaluator:
@@ -300,10 +303,33 @@ class GraphEvaluator:
 
         w = self.w
         x = x.reshape(1, -1)
+        limit = FUSED_GEMV_MAX_BYTES
+
+        def small(W):
+            return limit is None or W.numel() * W.element_size() <= limit
+
+        def norm_gemv(m, x, ln, W, bias=None):  # (W @ rmsnorm(m + x) * ln, m + x); m None: no add
+            if small(W):
+                return add_rmsnorm_gemv(m if m is not None else x, x if m is not None else None, ln, W, w.eps,
+                                        bias)
+            from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+            if m is None:
+                return F.linear(LigerRMSNormFunction.apply(x, ln, w.eps, 0.0, "llama", False), W, bias), x
+            h, x = LigerFusedAddRMSNormFunction.apply(m, x, ln, w.eps, 0.0, "llama", False)
+            return F.linear(h, W, bias), x
+
+        def mlp_down(gu, W):
+            if small(W):
+                return swiglu_gemv(gu, W)
+            from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
+
+            return F.linear(LigerFusedGateUpSiLUMulFunction.apply(gu), W)
+
         m = None  # the previous layer's down-projection output, added to the residual x in the prologue
         for i, lw in enumerate(w.layers):
-            qkv, x = add_rmsnorm_gemv(m if m is not None else x, x if m is not None else None, lw.ln1, lw.wqkv,
-                                      w.eps, lw.bqkv)
+            qkv, x = norm_gemv(m, x, lw.ln1, lw.wqkv, lw.bqkv)
             kv_update(qkv, self.q_rot, self.k[i], self.v[i], self.side[i] if self.has_side else None,
                       self.cos, self.sin, t, self.qpos, self.write_slot, self.side_write,
                       self.fix_slot if self.n_fix else None, self.fix_src, self.fix_pos,
@@ -311,9 +337,9 @@ class GraphEvaluator:
             a = self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
                           None if self.rotate_stored else self.cos, None if self.rotate_stored else self.sin)
             o = F.linear(a.view(1, -1), lw.wo)
-            gu, x = add_rmsnorm_gemv(o, x, lw.ln2, lw.wgu, w.eps)
-            m = swiglu_gemv(gu, lw.wd)
-        if FUSED_GEMV_LM_HEAD:
+            gu, x = norm_gemv(o, x, lw.ln2, lw.wgu)
+            m = mlp_down(gu, lw.wd)
+        if FUSED_GEMV_LM_HEAD and small(w.lm_head):
             logits, _ = add_rmsnorm_gemv(m, x, w.norm, w.lm_head, w.eps, write_residual=False)
             return logits
         from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
