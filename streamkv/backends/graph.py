@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from streamkv.backends import functional as fn
-from streamkv.backends.schedule import Schedule, Unschedulable, build_schedule
+from streamkv.backends.schedule import Schedule, ScoredPlan, Unschedulable, build_schedule
 from streamkv.evaluate import EvalResult, _reset_peak
+from streamkv.policies.h2o import QUERY_CHUNK
+from streamkv.policies.scored import attention_weights
 
 log = logging.getLogger("streamkv")
 
@@ -49,6 +51,87 @@ def _capture_stream(device) -> "torch.cuda.Stream":
     if key not in _STREAMS:
         _STREAMS[key] = torch.cuda.Stream(device)
     return _STREAMS[key]
+
+
+class ScoredEviction:
+    """TOVA / H2O inside the graph step (ring layout): which slots a prune evicts, decided on the device.
+
+    The schedule says when a prune ends a step and how many tokens it keeps (ScoredPlan). Here, on the
+    device: each slot's true text position (`slot_pos`, -1 = never written) and score (`acc`, float32),
+    and at a prune the keep mask of streamkv.policies.scored.keep_top: the sinks (positions < n_sink),
+    the n_recent newest (positions > newest - n_recent) and the n_top best-scored others (one topk over
+    a key that orders by score, then the older first, as keep_top's stable sort). Scores as the eager
+    policies compute them (attention_weights: softmax(q K^T * scale) of the step's query against the
+    valid slots, mean over heads): "last" (TOVA) = the current step's, summed over layers;
+    "accumulated" (H2O) = / n_layers, summed over every query since the token was written. A new
+    token goes into the lowest free slot, computed here and stored into the schedule's
+    write_slot[t] (where the Triton kv_update reads it). Static shapes, no host sync.
+    """
+
+    MAX_POS = 2**31 - 1
+
+    def __init__(self, plan: ScoredPlan, capacity: int, n_layers: int, scale: float, device):
+        self.plan, self.C, self.n_layers, self.scale = plan, capacity, n_layers, scale
+        self.slot_pos = torch.full((capacity + 1,), -1, device=device, dtype=torch.int64)
+        self.acc = torch.zeros(capacity + 1, device=device, dtype=torch.float32)
+        self.prune = torch.as_tensor(plan.prune, device=device, dtype=torch.bool)
+
+    def reset(self) -> None:
+        self.slot_pos.fill_(-1)
+        self.acc.zero_()
+
+    def write_slot(self, t, valid, qpos, write_slot):
+        """The step's slot (the lowest free one), recorded in write_slot[t]; its score starts at 0."""
+        ws = (~valid[:self.C]).to(torch.uint8).argmax().view(1)
+        write_slot.index_copy_(0, t, ws)
+        self.slot_pos.index_copy_(0, ws, qpos.index_select(0, t))
+        if self.plan.scores == "last":
+            self.acc.zero_()
+        else:
+            self.acc.index_fill_(0, ws, 0.0)
+        return ws
+
+    def observe(self, q, keys, valid) -> None:
+        """One layer of a decode step: q [1, H, 1, D] rotated, keys [Hkv, C, D] (rotated, slot order)."""
+        w = attention_weights(q, keys[None], valid[:self.C].view(1, -1), self.scale)  # [Hkv, G, 1, C]
+        if self.plan.scores == "last":
+            self.acc[:self.C] += w[:, :, 0].mean((0, 1))
+        else:
+            self.acc[:self.C] += w.sum(2).mean((0, 1)) / self.n_layers
+
+    def observe_prefill(self, q, k) -> None:
+        """One layer of the prefill (slots 0..P-1 = positions): q [1, H, P, D], k [1, Hkv, P, D] rotated;
+        the causal query rows in H2O's chunks, TOVA's last row only if a prune follows."""
+        P = q.shape[2]
+        causal = torch.ones(P, P, device=q.device, dtype=torch.bool).tril()
+        if self.plan.scores == "last":
+            if self.plan.prefill_prune:
+                self.acc[:P] += attention_weights(q[:, :, -1:], k, causal[-1:], self.scale)[:, :, 0].mean((0, 1))
+            return
+        for i in range(0, P, QUERY_CHUNK):
+            w = attention_weights(q[:, :, i:i + QUERY_CHUNK], k, causal[i:i + QUERY_CHUNK], self.scale)
+            self.acc[:P] += w.sum(2).mean((0, 1)) / self.n_layers
+
+    def end_prefill(self, P: int, valid) -> None:
+        self.slot_pos[:P] = torch.arange(P, device=self.slot_pos.device)
+        if self.plan.prefill_prune:
+            valid[:self.C] = self._keep(valid[:self.C], P - 1)
+
+    def evict(self, t, valid, qpos) -> None:
+        """End of decode step t: the scheduled prune (if any) keeps keep_top's slots."""
+        keep = self._keep(valid[:self.C], qpos.index_select(0, t))
+        valid[:self.C] = torch.where(self.prune.index_select(0, t), keep, valid[:self.C])
+
+    def _keep(self, valid, newest):
+        p, pos = self.plan, self.slot_pos[:self.C]
+        middle = valid & (pos >= p.n_sink) & (pos <= newest - p.n_recent)
+        keep = valid & ~middle
+        if p.n_top:
+            bits = self.acc[:self.C].view(torch.int32).to(torch.int64)  # scores >= 0: bit order = value order
+            key = torch.where(middle, (bits << 32) | (self.MAX_POS - pos), -1)  # ties: the older first
+            top = torch.zeros_like(keep).index_fill_(0, key.topk(p.n_top).indices, True)
+            keep = keep | (top & middle)
+        return keep
 
 
 class GraphEvaluator:
@@ -136,6 +219,7 @@ class GraphEvaluator:
         self.n_fix = s.n_fix
         self.fix_slot, self.fix_src, self.fix_pos = put(s.fix_slot), put(s.fix_src), put(s.fix_pos)
         self.perms = put(s.perms, torch.int64) if len(s.perms) else None
+        self.scored = None if s.scored is None else ScoredEviction(s.scored, C, L, self.decoder.scale, dev)
         self.t = torch.zeros(1, device=dev, dtype=torch.int64)
         self.prune_ctr = torch.zeros(1, device=dev, dtype=torch.int64)
         n = s.n
@@ -173,6 +257,8 @@ class GraphEvaluator:
         self.prune_ctr.zero_()
         self.nll.zero_()
         self.entropy.zero_()
+        if self.scored is not None:
+            self.scored.reset()
 
     def _capture(self) -> None:
         P = self.s.prefill
@@ -201,7 +287,10 @@ class GraphEvaluator:
         """One token, entirely from device memory (capturable)."""
         t = self.t
         w = self.w
-        ws = self.write_slot.index_select(0, t)
+        if self.scored is not None:
+            ws = self.scored.write_slot(t, self.valid, self.qpos, self.write_slot)
+        else:
+            ws = self.write_slot.index_select(0, t)
         self.valid.index_fill_(0, ws, True)
         x = w.embed.index_select(0, self.ids.index_select(0, t)).unsqueeze(0)  # [1, 1, hidden]
         if self.fused:
@@ -212,7 +301,10 @@ class GraphEvaluator:
         nll, ent = fn.score(logits, self.ids.index_select(0, t + 1))
         self.nll.index_copy_(0, t, nll)
         self.entropy.index_copy_(0, t, ent)
-        self.valid.index_fill_(0, self.evict.index_select(0, t).view(-1), False)  # the step's eviction
+        if self.scored is not None:
+            self.scored.evict(t, self.valid, self.qpos)
+        else:
+            self.valid.index_fill_(0, self.evict.index_select(0, t).view(-1), False)  # the step's eviction
         self.t.add_(1)
 
     def _layers_torch(self, x, t, ws):
@@ -243,6 +335,8 @@ class GraphEvaluator:
                 fixed = fn.rope(self.side[i].index_select(1, fix_src), fcos, fsin).to(self.k.dtype)
                 self.k[i].index_copy_(1, fix_slot, fixed)
             keys = self.k[i, :, :C]
+            if self.scored is not None:
+                self.scored.observe(q, keys, self.valid)
             if not self.rotate_stored:  # static: StreamingLLM positions = slot index
                 keys = fn.rope(keys, self.cos[:C], self.sin[:C]).to(keys.dtype)
             qg = q.reshape(1, w.n_kv_heads, G, w.head_dim)  # GQA: a KV head's query heads as rows
@@ -267,6 +361,9 @@ class GraphEvaluator:
                       self.cos, self.sin, t, self.qpos, self.write_slot, self.side_write,
                       self.fix_slot if self.n_fix else None, self.fix_src, self.fix_pos,
                       n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=self.rotate_stored, has_side=self.has_side)
+            if self.scored is not None:  # the Triton attention exposes no probabilities: a torch softmax
+                self.scored.observe(self.q_rot.view(1, w.n_heads, 1, -1), self.k[i, :, :self.s.capacity],
+                                    self.valid)
             a = self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
                           None if self.rotate_stored else self.cos, None if self.rotate_stored else self.sin)
             o = F.linear(a.view(1, -1), lw.wo)
@@ -300,6 +397,8 @@ class GraphEvaluator:
             q, k_rot = fn.rope(q, cos, sin).to(q.dtype), fn.rope(k, cos, sin).to(k.dtype)
             self.k[i].index_copy_(1, slots, (k_rot if self.rotate_stored else k)[0])
             self.v[i].index_copy_(1, slots, v[0])
+            if self.scored is not None:
+                self.scored.observe_prefill(q, k_rot)
             a = F.scaled_dot_product_attention(q, k_rot, v, is_causal=True, scale=self.scale,
                                                enable_gqa=w.n_kv_heads != w.n_heads)
             x = fn.attn_out_mlp(x, a.transpose(1, 2).reshape(1, P, -1), lw.wo, lw.ln2, lw.wgu, lw.wd, w.eps)
@@ -308,6 +407,8 @@ class GraphEvaluator:
             b = min(a + 512, P)
             self.nll[a:b], self.entropy[a:b] = fn.score(F.linear(h[a:b], w.lm_head), self.ids[a + 1:b + 1])
         self.valid[slots] = True
+        if self.scored is not None:
+            self.scored.end_prefill(P, self.valid)
         if len(s.prefill_evict):
             self.valid[torch.as_tensor(s.prefill_evict, device=dev)] = False
         if s.prefill_perm is not None:
