@@ -19,10 +19,17 @@ Two slot layouts (the two preallocated managers):
   permutation) and keys are stored un-rotated; the step rotates every key at its slot index, i.e.
   the StreamingLLM positions, as the concat manager does.
 
-A policy that reads model outputs (entropy, attention scores) cannot be scheduled: the simulation
-hands it a StepView whose `entropy` raises `DataDependent` on any use, and policies that register
-an attention observer are refused up front; the graph backends then fall back to the eager path
-with a warning (see streamkv/backends/__init__.py).
+Score-based policies with a device scoring rule (`ScoredPolicy.device_scores`: tova, h2o) are
+half-scheduled, ring layout only (they keep original positions, which the static layout cannot):
+the cache length evolves the same whatever the scores (a prune fires on the length alone and always
+keeps keep_top's count), so the prune steps, visible lengths, RoPE positions and events are
+precomputed (`ScoredPlan`); which slots a prune frees, and so the write slot of every decode step,
+is computed on the device (streamkv.backends.graph.ScoredEviction).
+
+Any other policy that reads model outputs (entropy, attention scores) cannot be scheduled: the
+simulation hands it a StepView whose `entropy` raises `DataDependent` on any use, and the other
+policies that register an attention observer (snapkv) are refused up front; the graph backends
+then fall back to the eager path with a warning (see streamkv/backends/__init__.py).
 """
 
 from __future__ import annotations
