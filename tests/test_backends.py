@@ -190,14 +190,18 @@ SCORED = {  # score-based policies inside the graph step (ring layout): the keep
     "h2o_R8": ("policy=h2o", "compress_every=8"),
     "h2o_R8_prefill": ("policy=h2o", "compress_every=8", "prefill_tokens=64"),
     "h2o_R1_prefill_recent0": ("policy=h2o", "policy.recent_frac=0", "compress_every=1", "prefill_tokens=40"),
+    "snapkv_R1": ("policy=snapkv", "compress_every=1"),
+    "snapkv_R8": ("policy=snapkv", "compress_every=8"),
+    "snapkv_R8_prefill_max3": ("policy=snapkv", "compress_every=8", "prefill_tokens=64", "policy.pooling=max",
+                               "policy.kernel_size=3", "policy.obs_window=5"),
 }
 
 
 @pytest.mark.parametrize("policy", list(SCORED))
 def test_graph_scored_eviction_matches_concat_eager(policy):
-    """tova / h2o in the graph step (ring, un-captured, float32): the same tokens kept at every prune
-    (the device's topk over the device's scores = keep_top over the eager policy's), the same events,
-    and the same per-token NLL as concat x eager."""
+    """tova / h2o / snapkv in the graph step (ring, un-captured, float32): the same tokens kept at every
+    prune (the device's topk over the device's scores = keep_top over the eager policy's), the same
+    events, and the same per-token NLL as concat x eager."""
     ids = text_ids(KIND, n=160)
     args = ("n_sink=4", "window=24", *SCORED[policy])
     cfg, ev = _evaluator(*args, n=len(ids))
@@ -243,7 +247,7 @@ def test_graph_scored_eviction_matches_concat_eager(policy):
 
 
 def test_graph_scored_static_layout_falls_back(caplog):
-    """The static layout keeps StreamingLLM positions only: tova / h2o (original positions) run eager."""
+    """The static layout keeps StreamingLLM positions only: tova / h2o / snapkv (original positions) run eager."""
     ids = text_ids(KIND, n=60)
     args = ("n_sink=4", "window=24", "policy=tova", "compress_every=4")
     cfg, g = _graph("static", *args, n=len(ids))
@@ -253,8 +257,9 @@ def test_graph_scored_static_layout_falls_back(caplog):
     assert "static layout keeps StreamingLLM positions only" in caplog.text
 
 
-@pytest.mark.parametrize("policy", [("policy=snapkv", "compress_every=4"),
-                                    ("policy=adaptive", "policy.mode=entropy", "policy.extra_slack=6")])
+@pytest.mark.parametrize("policy", [("policy=adaptive", "policy.mode=entropy", "policy.extra_slack=6"),
+                                    ("policy=refresh", "policy.refresh_budget=4", "policy.refresh_select=entropy",
+                                     "compress_every=8")])
 def test_data_dependent_policy_falls_back_to_eager(policy, caplog):
     ids = text_ids(KIND, n=120)
     args = ("n_sink=4", "window=24", *policy)

@@ -75,12 +75,15 @@ class ScoredPlan:
     (streamkv.backends.graph.ScoredEviction): the sinks, the n_recent newest and the n_top
     best-scored others."""
 
-    scores: str  # "last" (TOVA: the step's query only) | "accumulated" (H2O: every query since the write)
+    scores: str  # "last" (TOVA: the step's query), "accumulated" (H2O: every query since the write),
+    #              "window" (SnapKV: the last n_recent = obs_window queries, pooled)
     n_sink: int
     n_recent: int
     n_top: int
     prune: np.ndarray  # [n] bool: a prune ends decode step t
     prefill_prune: bool  # a prune follows the prefill
+    kernel_size: int = 1  # SnapKV's pooling
+    pooling: str = "avg"
 
 
 class BookkeepingCache(CacheManager):
@@ -356,6 +359,8 @@ def _scored_schedule(policy, scores: str, n: int, prefill: int) -> Schedule:
     none = np.zeros((n, 0), dtype=np.int64)
     plan = ScoredPlan(scores=scores, n_sink=S, n_recent=n_recent, n_top=n_top, prune=prune,
                       prefill_prune=prefill_prune)
+    if scores == "window":
+        plan.kernel_size, plan.pooling = int(policy.pcfg.kernel_size), str(policy.pcfg.pooling)
     return Schedule(layout="ring", position_mode="original", n=n, prefill=prefill, capacity=capacity, n_side=0,
                     write_slot=write_slot, qpos=np.arange(n, dtype=np.int64), side_write=np.zeros(n, dtype=np.int64),
                     evict=np.full((n, 1), capacity, dtype=np.int64), fix_slot=none, fix_src=none, fix_pos=none,
