@@ -6,7 +6,7 @@
    the replays);
 3. per-token NLL of every backend x manager against concat x eager in bf16, on SmolLM2-135M (real
    weights) over the offline Wikipedia text, for streaming R=1 and R=32, max_drop, refresh, and the
-   score-based h2o and tova (scored inside the graph on ring, eager fallback on static; the no-sync
+   score-based h2o, tova and snapkv (scored inside the graph on ring, eager fallback on static; the no-sync
    check of 2. runs for their first graph path too). Tolerance, bf16: PPL within 1 % of concat x eager
    and mean per-token |dNLL| <= 0.05 nats, with identical eviction events. The noise floor it sits on, measured
    on an H100: concat x eager in bf16 vs float32 differ by 0.035 nats per token; two bf16 eager runs
@@ -158,6 +158,7 @@ def main() -> int:
         "refresh uniform 64, R=32": (W, 32, "policy=refresh", "policy.refresh_budget=64"),
         "h2o R=32": (W, 32, "policy=h2o"),  # ring: scored inside the graph; static: eager fallback
         "tova R=32": (W, 32, "policy=tova"),
+        "snapkv R=32": (W, 32, "policy=snapkv"),
     }
     paths = [("ring", "cudagraph"), ("ring", "cudagraph_fused"), ("static", "cudagraph"),
              ("static", "cudagraph_fused")]
@@ -189,11 +190,11 @@ def main() -> int:
         ref_ppl = math.exp(ref.mean())
         print(f"\n{pname}: concat x eager bf16 PPL {ref_ppl:.4f} ({ref_tpot:.2f} ms/token)", flush=True)
         for cache, backend in paths:
-            if pname.startswith(("h2o", "tova")) and backend not in ("cudagraph", "cudagraph_fused"):
+            if pname.startswith(("h2o", "tova", "snapkv")) and backend not in ("cudagraph", "cudagraph_fused"):
                 continue
             if backend in ("compile", "fused", "eager") and pname not in ("streaming R=32", "refresh uniform 64, R=32"):
                 continue  # host-driven paths decode at eager speed: two policies are enough
-            kind = "scored" if pname.startswith(("h2o", "tova")) else "scheduled"
+            kind = "scored" if pname.startswith(("h2o", "tova", "snapkv")) else "scheduled"
             check = backend.startswith("cudagraph") and cache == "ring" and kind not in sync_checked
             try:
                 nll, used, events, secs, tpot = run_path(model, tok, ids, ov, cache, backend, dev, dtype,

@@ -1,6 +1,7 @@
 """Backends on the CPU: config errors (one line, before anything loads), the graph path's slot
 schedule and layouts against concat + eager (the captured step run un-captured, float32, same
-per-token NLL to 1e-5, same events), the data-dependent fallback, the compile backend's tracing,
+per-token NLL to 1e-5, same events), the score-based policies' device-side eviction (same tokens
+kept, NLL to 2e-6), the entropy-driven fallback, the compile backend's tracing,
 and our Triton kernels through Triton's interpreter (skipped where triton is not installed).
 The GPU side (capture, bf16 tolerance, liger) is scripts/gpu_check.py; speed is streamkv.bench."""
 
@@ -387,6 +388,14 @@ def test_fused_graph_step_in_interpreter():
         for layout in ("ring", "static"):
             r = GraphEvaluator(ev(), layout, fused=True, capture=False).run(ids, 20)
             assert np.abs(r.nll - ref.nll).max() < 1e-5, layout
+            assert r.events == ref.events
+        # score-based policies: the device scores from kv_update's rotated query and the slot keys
+        for ov in [("policy=h2o", "n_sink=4", "window=12", "compress_every=4", "prefill_tokens=20"),
+                   ("policy=snapkv", "policy.obs_window=4", "n_sink=4", "window=12", "compress_every=4",
+                    "prefill_tokens=20")]:
+            ref = ev().run(ids, 20)
+            r = GraphEvaluator(ev(), "ring", fused=True, capture=False).run(ids, 20)
+            assert np.abs(r.nll - ref.nll).max() < 1e-5, ov
             assert r.events == ref.events
         print("ok")
     """)

@@ -6,7 +6,7 @@ slot schedule at `schedule[t]` (streamkv/backends/schedule.py) for a device step
 writes the step's K/V into its slot, re-rotates the scheduled sink/refresh slots (ring), attends
 over the valid slots, scores the next token (NLL and entropy into device arrays at `t`), applies the
 eviction that ends the step (slots marked invalid) and increments `t`. Score-based policies (tova,
-h2o; ring layout) also score the valid slots with the step's query in every layer and, at a
+h2o, snapkv; ring layout) also score the valid slots with the step's query in every layer and, at a
 scheduled prune, keep the top-scored slots (`ScoredEviction`); their write slot is the lowest free
 slot, computed on the device (the other policies' slots are all scheduled). The host only calls
 `graph.replay()` per token (plus a compaction graph after a prune in the static layout): no host
@@ -207,7 +207,7 @@ class GraphEvaluator:
     """Evaluator for the cudagraph backends (same interface as streamkv.evaluate.Evaluator).
 
     `eager` is the host-driven Evaluator of the same run: a policy that cannot be scheduled
-    (entropy-driven adaptive/refresh, snapkv; tova and h2o with layout="static") runs through it,
+    (entropy-driven adaptive/refresh; tova, h2o and snapkv with layout="static") runs through it,
     with a warning, and `backend_used` says so.
     """
 

@@ -19,7 +19,7 @@ Two slot layouts (the two preallocated managers):
   permutation) and keys are stored un-rotated; the step rotates every key at its slot index, i.e.
   the StreamingLLM positions, as the concat manager does.
 
-Score-based policies with a device scoring rule (`ScoredPolicy.device_scores`: tova, h2o) are
+Score-based policies with a device scoring rule (`ScoredPolicy.device_scores`: tova, h2o, snapkv) are
 half-scheduled, ring layout only (they keep original positions, which the static layout cannot):
 the cache length evolves the same whatever the scores (a prune fires on the length alone and always
 keeps keep_top's count), so the prune steps, visible lengths, RoPE positions and events are
@@ -27,9 +27,9 @@ precomputed (`ScoredPlan`); which slots a prune frees, and so the write slot of 
 is computed on the device (streamkv.backends.graph.ScoredEviction).
 
 Any other policy that reads model outputs (entropy, attention scores) cannot be scheduled: the
-simulation hands it a StepView whose `entropy` raises `DataDependent` on any use, and the other
-policies that register an attention observer (snapkv) are refused up front; the graph backends
-then fall back to the eager path with a warning (see streamkv/backends/__init__.py).
+simulation hands it a StepView whose `entropy` raises `DataDependent` on any use, and a policy that
+registers an attention observer without a device scoring rule is refused up front; the graph
+backends then fall back to the eager path with a warning (see streamkv/backends/__init__.py).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class _NoData:
 
 @dataclass
 class ScoredPlan:
-    """A score-based policy (tova, h2o) on the ring layout: *when* a prune ends a step and *how many*
+    """A score-based policy (tova, h2o, snapkv) on the ring layout: *when* a prune ends a step and *how many*
     tokens it keeps are scheduled (the cache length evolves the same whatever the scores: a prune
     always brings it back to keep_top's count); *which* tokens stay is decided on the device
     (streamkv.backends.graph.ScoredEviction): the sinks, the n_recent newest and the n_top

@@ -55,8 +55,8 @@ class ScoredPolicy(Policy):
 
     position_mode = "original"
     # how the cudagraph backends score on the device (streamkv.backends.graph.ScoredEviction):
-    # "last" = the step's query only (TOVA), "accumulated" = every query since the token's write (H2O);
-    # None = not there: the graph backends run the policy on the eager path
+    # "last" = the step's query only (TOVA), "accumulated" = every query since the token's write (H2O),
+    # "window" = the last obs_window queries, pooled (SnapKV); None = the graph backends run it eager
     device_scores: Optional[str] = None
 
     def __init__(self, cfg):
