@@ -155,13 +155,14 @@ class ScoredEviction:
             if plan.prefill_prune:
                 self._window_scores(i, keys, self.prefill_valid)
             return
-        causal = torch.ones(P, P, device=q.device, dtype=torch.bool).tril()
-        if plan.scores == "last":
+        if plan.scores == "last":  # the last query row sees every key
             if plan.prefill_prune:
-                self.acc[:P] += attention_weights(q[:, :, -1:], k, causal[-1:], self.scale)[:, :, 0].mean((0, 1))
+                self.acc[:P] += attention_weights(q[:, :, -1:], k, None, self.scale)[:, :, 0].mean((0, 1))
             return
+        idx = torch.arange(P, device=q.device)
         for a in range(0, P, QUERY_CHUNK):
-            w = attention_weights(q[:, :, a:a + QUERY_CHUNK], k, causal[a:a + QUERY_CHUNK], self.scale)
+            causal = idx[None, :] <= idx[a:a + QUERY_CHUNK, None]
+            w = attention_weights(q[:, :, a:a + QUERY_CHUNK], k, causal, self.scale)
             self.acc[:P] += w.sum(2).mean((0, 1)) / self.n_layers
 
     def end_prefill(self, P: int, valid) -> None:
