@@ -133,6 +133,8 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=1300)
     ap.add_argument("--quick", action="store_true", help="graph paths only; streaming R=1, R=32 and refresh")
+    ap.add_argument("--only", nargs="+", metavar="POLICY", help="only the policies whose label starts with one "
+                    "of these (e.g. --only h2o tova snapkv), graph paths only")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +167,11 @@ def main() -> int:
     if args.quick:
         policies = {k: v for k, v in policies.items() if k in ("streaming R=1", "streaming R=32",
                                                                "refresh uniform 64, R=32")}
+    elif args.only:
+        policies = {k: v for k, v in policies.items() if k.startswith(tuple(args.only))}
+        paths = [p for p in paths if p[0] == "ring"]  # static: the scored policies fall back to eager
+        if not policies:
+            ap.error(f"--only: no policy label starts with {' / '.join(args.only)}")
     else:
         from streamkv.cache import CACHES
 
