@@ -5,9 +5,10 @@
 2. no host sync inside the captured decode loop (torch.cuda.set_sync_debug_mode("error") around
    the replays);
 3. per-token NLL of every backend x manager against concat x eager in bf16, on SmolLM2-135M (real
-   weights) over the offline Wikipedia text, for streaming R=1 and R=32, max_drop, refresh, and a
-   data-dependent policy (fallback). Tolerance, bf16: PPL within 1 % of concat x eager and mean
-   per-token |dNLL| <= 0.05 nats, with identical eviction events. The noise floor it sits on, measured
+   weights) over the offline Wikipedia text, for streaming R=1 and R=32, max_drop, refresh, and the
+   score-based h2o, tova and snapkv (scored inside the graph on ring, eager fallback on static; the no-sync
+   check of 2. runs for their first graph path too). Tolerance, bf16: PPL within 1 % of concat x eager
+   and mean per-token |dNLL| <= 0.05 nats, with identical eviction events. The noise floor it sits on, measured
    on an H100: concat x eager in bf16 vs float32 differ by 0.035 nats per token; two bf16 eager runs
    of one config by up to 0.028 nats and 0.28 % PPL (cuBLAS picks kernels by buffer alignment). The
    exact equivalence (float32, 2e-6 per token) is tests/test_backends.py on the CPU.
@@ -135,6 +136,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=1300)
     ap.add_argument("--quick", action="store_true", help="graph paths only; streaming R=1, R=32 and refresh")
     ap.add_argument("--paths", nargs="*", default=None, help="only paths 'cache x backend' containing one of these")
+    ap.add_argument("--only", nargs="+", metavar="POLICY", help="only the policies whose label starts with one "
+                    "of these (e.g. --only h2o tova snapkv), graph paths only")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,13 +161,20 @@ def main() -> int:
         "streaming R=32": (W, 32),
         "max_drop 8, R=32": (W, 32, "policy=max_drop", "policy.max_drop=8"),
         "refresh uniform 64, R=32": (W, 32, "policy=refresh", "policy.refresh_budget=64"),
-        "h2o R=32 (data-dependent)": (W, 32, "policy=h2o"),
+        "h2o R=32": (W, 32, "policy=h2o"),  # ring: scored inside the graph; static: eager fallback
+        "tova R=32": (W, 32, "policy=tova"),
+        "snapkv R=32": (W, 32, "policy=snapkv"),
     }
     paths = [("ring", "cudagraph"), ("ring", "cudagraph_fused"), ("ring", "cudagraph_fused+gemv"),
              ("static", "cudagraph"), ("static", "cudagraph_fused"), ("static", "cudagraph_fused+gemv")]
     if args.quick:
         policies = {k: v for k, v in policies.items() if k in ("streaming R=1", "streaming R=32",
                                                                "refresh uniform 64, R=32")}
+    elif args.only:
+        policies = {k: v for k, v in policies.items() if k.startswith(tuple(args.only))}
+        paths = [p for p in paths if p[0] == "ring"]  # static: the scored policies fall back to eager
+        if not policies:
+            ap.error(f"--only: no policy label starts with {' / '.join(args.only)}")
     else:
         from streamkv.cache import CACHES
 
@@ -173,7 +183,7 @@ def main() -> int:
     if args.paths:
         paths = [(c, b) for c, b in paths if any(s in f"{c} x {b}" for s in args.paths)]
     rows = []
-    first_graph = True
+    sync_checked = set()  # "scheduled" / "scored": one no-sync check each
     for pname, ov in policies.items():
         try:
             ref, _, ref_events, _, ref_tpot = run_path(model, tok, ids, ov, "concat", "eager", dev, dtype)
@@ -192,16 +202,18 @@ def main() -> int:
         ref_ppl = math.exp(ref.mean())
         print(f"\n{pname}: concat x eager bf16 PPL {ref_ppl:.4f} ({ref_tpot:.2f} ms/token)", flush=True)
         for cache, backend in paths:
-            if pname.startswith("h2o") and backend not in ("cudagraph", "cudagraph_fused"):
+            if pname.startswith(("h2o", "tova", "snapkv")) and backend not in ("cudagraph", "cudagraph_fused"):
                 continue
             if backend in ("compile", "fused", "eager") and pname not in ("streaming R=32", "refresh uniform 64, R=32"):
                 continue  # host-driven paths decode at eager speed: two policies are enough
+            kind = "scored" if pname.startswith(("h2o", "tova", "snapkv")) else "scheduled"
+            check = backend.startswith("cudagraph") and cache == "ring" and kind not in sync_checked
             try:
                 nll, used, events, secs, tpot = run_path(model, tok, ids, ov, cache, backend, dev, dtype,
-                                                         sync_check=first_graph and backend.startswith("cudagraph"))
-                if first_graph and backend.startswith("cudagraph"):
-                    first_graph = False
-                    report["no_host_sync_in_replay"] = True
+                                                         sync_check=check)
+                if check:
+                    sync_checked.add(kind)
+                    report.setdefault("no_host_sync_in_replay", True)
                 d = np.abs(nll - ref)
                 ppl = math.exp(nll.mean())
                 row = {"policy": pname, "path": f"{cache} x {backend}", "backend_used": used,

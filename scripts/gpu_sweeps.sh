@@ -1,33 +1,49 @@
 #!/usr/bin/env bash
 # Device-side driver for the named sweeps on the lent GPU (see docs/results/README.md):
-#   source .devcarry/bootstrap.sh && bash scripts/gpu_sweeps.sh [budget_s]
-# Runs Phase A / Phase B core 8 on wiki and book with the fast path (ring + cudagraph_fused) on
-# SmolLM2-135M real weights, into $HOME/streamkv-sweeps (kept while the machine is warm, so a
-# second identical call resumes and skips finished runs). Each step is guarded by `timeout` so
-# the records are always tarred into $OUT/records.tar.gz (+ $OUT/sweeps.log) before the limit.
+#   source .devcarry/bootstrap.sh && bash scripts/gpu_sweeps.sh BUDGET_S STEP...
+# STEP is a name below (e.g. b2_book); each runs one named sweep with the fast path
+# (ring + cudagraph_fused, SmolLM2-135M real weights) into $HOME/streamkv-sweeps/STEP.
+# Resumable across calls and machines: a step's sweep dir is first seeded from the committed
+# docs/results/records/STEP (its result.json files are enough for run.py to skip finished runs), and
+# a second identical call on a warm machine skips what is done. Each step is guarded by `timeout`, so
+# every step's records are tarred into $OUT/rec-STEP.tar.gz (+ $OUT/sweeps.log) before the limit.
 set -uo pipefail
-budget=${1:-560}
+budget=${1:?usage: gpu_sweeps.sh BUDGET_S STEP...}; shift
 t0=$(date +%s)
 out=${OUT:-gpu-out}; mkdir -p "$out"
 work=$HOME/streamkv-sweeps; mkdir -p "$work"
 log=$work/sweeps.log
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false STREAMKV_CACHE=$PWD/.cache/streamkv
-common="cache=ring backend=cudagraph_fused device=cuda progress=false"
+fast="cache=ring backend=cudagraph_fused device=cuda progress=false"
+declare -A STEPS=(
+  [phase_a_wiki]="+sweep=phase_a dataset=wiki"
+  [phase_a_book]="+sweep=phase_a dataset=book repeat=0"
+  [phase_a_book_r1]="+sweep=phase_a dataset=book repeat=1"
+  [phase_b_wiki]="+sweep=phase_b_core8 dataset=wiki"
+  [phase_b_book]="+sweep=phase_b_core8 dataset=book repeat=0"
+  [phase_b_book_r1]="+sweep=phase_b_core8 dataset=book repeat=1"
+  [b2_wiki]="+sweep=b2_overlap dataset=wiki"
+  [b2_book]="+sweep=b2_overlap dataset=book"
+  [b3_wiki]="+sweep=b3_refresh_sinks dataset=wiki"
+  [b3_book]="+sweep=b3_refresh_sinks dataset=book repeat=0"
+  [b3_book_r1]="+sweep=b3_refresh_sinks dataset=book repeat=1"
+  [b4_wiki]="+sweep=b4_adaptive dataset=wiki"
+  [b4_book]="+sweep=b4_adaptive dataset=book"
+  [e_wiki]="+sweep=phase_e_baselines dataset=wiki"
+  [e_book]="+sweep=phase_e_baselines dataset=book"
+)
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } | tee -a "$log"
-step() {  # name, args...
-  local name=$1; shift
-  local left=$(( budget - ($(date +%s) - t0) - 25 ))
-  if [ "$left" -lt 30 ]; then echo "== SKIP $name (time left ${left}s)" | tee -a "$log"; return; fi
-  echo "== $(date -u +%T) $name (limit ${left}s): $*" | tee -a "$log"
-  timeout "$left" python3 run.py -m "$@" $common hydra.sweep.dir="$work/$name" >>"$log" 2>&1
+for name in "$@"; do
+  args=${STEPS[$name]:-}
+  if [ -z "$args" ]; then echo "== unknown step $name" | tee -a "$log"; continue; fi
+  [ -d "docs/results/records/$name" ] && mkdir -p "$work/$name" && cp -rn "docs/results/records/$name/." "$work/$name/"
+  left=$(( budget - ($(date +%s) - t0) - 30 ))
+  if [ "$left" -lt 30 ]; then echo "== SKIP $name (time left ${left}s)" | tee -a "$log"; continue; fi
+  echo "== $(date -u +%T) $name (limit ${left}s): $args" | tee -a "$log"
+  timeout "$left" python3 run.py -m $args $fast hydra.sweep.dir="$work/$name" >>"$log" 2>&1
   echo "== $(date -u +%T) $name rc=$?" | tee -a "$log"
-}
-step phase_a_wiki      +sweep=phase_a dataset=wiki
-step phase_b_wiki      +sweep=phase_b_core8 dataset=wiki
-step phase_b_book      +sweep=phase_b_core8 dataset=book repeat=0
-step phase_a_book      +sweep=phase_a dataset=book repeat=0
-step phase_b_book_r1   +sweep=phase_b_core8 dataset=book repeat=1
-cd "$work" && tar czf "$out/records.tar.gz" --exclude='.submitit' --exclude='*.pt' --exclude='*.bin' --exclude='*.safetensors' */ 2>>"$log"
-grep -h -o '"status": *"[a-z]*"' */*/result.json 2>/dev/null | sort | uniq -c | tee -a "$log"
-cp "$log" "$out/sweeps.log"; tail -c 4000 "$log"
+  (cd "$work" && tar czf "$out/rec-$name.tar.gz" --exclude='.submitit' "$name")
+done
+(cd "$work" && grep -h -o '"status": *"[a-z]*"' */*/result.json 2>/dev/null | sort | uniq -c) | tee -a "$log"
+cp "$log" "$out/sweeps.log"; tail -c 3000 "$log"

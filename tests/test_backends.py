@@ -1,6 +1,7 @@
 """Backends on the CPU: config errors (one line, before anything loads), the graph path's slot
 schedule and layouts against concat + eager (the captured step run un-captured, float32, same
-per-token NLL to 1e-5, same events), the data-dependent fallback, the compile backend's tracing,
+per-token NLL to 1e-5, same events), the score-based policies' device-side eviction (same tokens
+kept, NLL to 2e-6), the entropy-driven fallback, the compile backend's tracing,
 and our Triton kernels through Triton's interpreter (skipped where triton is not installed).
 The GPU side (capture, bf16 tolerance, liger) is scripts/gpu_check.py; speed is streamkv.bench."""
 
@@ -182,8 +183,84 @@ def test_schedule_rerotates_only_after_prunes():
     assert (s.side_write[:S] == np.arange(S)).all() and (s.side_write[S:] == s.n_side).all()
 
 
-@pytest.mark.parametrize("policy", [("policy=h2o", "compress_every=4"),
-                                    ("policy=adaptive", "policy.mode=entropy", "policy.extra_slack=6")])
+SCORED = {  # score-based policies inside the graph step (ring layout): the keep mask computed on the device
+    "tova_R1": ("policy=tova", "compress_every=1"),
+    "tova_R8": ("policy=tova", "compress_every=8"),
+    "tova_R8_prefill": ("policy=tova", "compress_every=8", "prefill_tokens=64"),
+    "h2o_R1": ("policy=h2o", "compress_every=1"),
+    "h2o_R8": ("policy=h2o", "compress_every=8"),
+    "h2o_R8_prefill": ("policy=h2o", "compress_every=8", "prefill_tokens=64"),
+    "h2o_R1_prefill_recent0": ("policy=h2o", "policy.recent_frac=0", "compress_every=1", "prefill_tokens=40"),
+    "snapkv_R1": ("policy=snapkv", "compress_every=1"),
+    "snapkv_R8": ("policy=snapkv", "compress_every=8"),
+    "snapkv_R8_prefill_max3": ("policy=snapkv", "compress_every=8", "prefill_tokens=64", "policy.pooling=max",
+                               "policy.kernel_size=3", "policy.obs_window=5"),
+}
+
+
+@pytest.mark.parametrize("policy", list(SCORED))
+def test_graph_scored_eviction_matches_concat_eager(policy):
+    """tova / h2o / snapkv in the graph step (ring, un-captured, float32): the same tokens kept at every
+    prune (the device's topk over the device's scores = keep_top over the eager policy's), the same
+    events, and the same per-token NLL as concat x eager."""
+    ids = text_ids(KIND, n=160)
+    args = ("n_sink=4", "window=24", *SCORED[policy])
+    cfg, ev = _evaluator(*args, n=len(ids))
+    kept_ref = []
+    evict = ev.cache.evict
+
+    def spy_evict(keep):
+        evict(keep)
+        kept_ref.append(ev.cache.token_pos.copy())
+
+    ev.cache.evict = spy_evict
+    ref = ev.run(ids, cfg.prefill_tokens)
+
+    cfg, g = _graph("ring", *args, n=len(ids))
+    kept = []
+    replay, prefill = g._replay, g._prefill
+
+    def held():
+        C = g.s.capacity
+        return np.sort(g.scored.slot_pos[:C][g.valid[:C]].numpy())
+
+    def spy_replay(t):
+        replay(t)
+        if g.s.scored.prune[t]:
+            kept.append(held())
+
+    def spy_prefill(P):
+        prefill(P)
+        if g.s.scored.prefill_prune:
+            kept.append(held())
+
+    g._replay, g._prefill = spy_replay, spy_prefill
+    r = g.run(ids, cfg.prefill_tokens)
+    assert g.backend_used == "cudagraph" and g.fallback_reason is None
+    assert len(kept) == len(kept_ref) == len(ref.events) > 3
+    for i, (a, b) in enumerate(zip(kept, kept_ref)):
+        np.testing.assert_array_equal(a, b, err_msg=f"prune {i} (step {ref.events[i]['step']})")
+    assert r.events == ref.events
+    assert (r.visible_kv == ref.visible_kv).all()
+    np.testing.assert_allclose(r.nll, ref.nll, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(r.entropy, ref.entropy, atol=1e-4, rtol=0)
+    assert g.memory["kv_capacity_slots"] == max(ref.visible_kv) + 1
+
+
+def test_graph_scored_static_layout_falls_back(caplog):
+    """The static layout keeps StreamingLLM positions only: tova / h2o / snapkv (original positions) run eager."""
+    ids = text_ids(KIND, n=60)
+    args = ("n_sink=4", "window=24", "policy=tova", "compress_every=4")
+    cfg, g = _graph("static", *args, n=len(ids))
+    with caplog.at_level("WARNING", logger="streamkv"):
+        g.run(ids, 0)
+    assert g.backend_used == "eager (fallback from cudagraph)"
+    assert "static layout keeps StreamingLLM positions only" in caplog.text
+
+
+@pytest.mark.parametrize("policy", [("policy=adaptive", "policy.mode=entropy", "policy.extra_slack=6"),
+                                    ("policy=refresh", "policy.refresh_budget=4", "policy.refresh_select=entropy",
+                                     "compress_every=8")])
 def test_data_dependent_policy_falls_back_to_eager(policy, caplog):
     ids = text_ids(KIND, n=120)
     args = ("n_sink=4", "window=24", *policy)
@@ -395,6 +472,16 @@ def test_fused_graph_step_in_interpreter():
                 assert rg.events == ref.events
             graph.FUSED_GEMV_LM_HEAD, graph.FUSED_GEMV_MAX_BYTES = True, None
         assert not GraphEvaluator(ev(), "ring", fused=True, capture=False).fused_gemv  # default: off
+        # score-based policies: the device scores from kv_update's rotated query and the slot keys
+        for ov in [("policy=h2o", "n_sink=4", "window=12", "compress_every=4", "prefill_tokens=20"),
+                   ("policy=snapkv", "policy.obs_window=4", "n_sink=4", "window=12", "compress_every=4",
+                    "prefill_tokens=20")]:
+            ref = ev().run(ids, 20)
+            r = GraphEvaluator(ev(), "ring", fused=True, capture=False).run(ids, 20)
+            assert np.abs(r.nll - ref.nll).max() < 1e-5, ov
+            assert r.events == ref.events
+            rg = GraphEvaluator(ev(), "ring", fused=True, capture=False, fused_gemv=True).run(ids, 20)
+            assert np.abs(rg.nll - r.nll).max() < 1e-5 and rg.events == ref.events, ("gemv", ov)
         print("ok")
     """)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)

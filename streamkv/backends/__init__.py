@@ -15,9 +15,13 @@ docs/benchmarks.md). One name per backend (conf/backend/<name>.yaml):
   cudagraph_fused  cudagraph + liger-kernel (RMSNorm, residual-add + RMSNorm, SwiGLU) + our Triton kernels
                    (RoPE fused with the slot write; split-KV masked decode attention).
 
-Data-dependent policies (entropy-driven adaptive/refresh, snapkv, h2o, tova) cannot be precomputed:
-with a cudagraph backend they run on the eager path with a warning (`evaluator.backend_used` says
-which path ran). All but eager support the Llama family only (Llama, Mistral, Qwen2, Qwen3, SmolLM2).
+The score-based policies tova, h2o and snapkv run inside the graph step with cache=ring (prefill
+included): when a prune fires and how many tokens it keeps is scheduled on the host, which tokens stay
+is a topk over attention scores computed on the device (streamkv.backends.graph.ScoredEviction). With
+cache=static (StreamingLLM positions only) they fall back to eager. Policies that cannot be
+precomputed (entropy-driven adaptive/refresh) run on the eager path with a warning
+(`evaluator.backend_used` says which path ran). All but eager support the Llama family only (Llama,
+Mistral, Qwen2, Qwen3, SmolLM2).
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ One step (`_decode_step`) reads everything from device memory: the token id at `
 slot schedule at `schedule[t]` (streamkv/backends/schedule.py) for a device step counter `t`; it
 writes the step's K/V into its slot, re-rotates the scheduled sink/refresh slots (ring), attends
 over the valid slots, scores the next token (NLL and entropy into device arrays at `t`), applies the
-eviction that ends the step (slots marked invalid) and increments `t`. The host only calls
+eviction that ends the step (slots marked invalid) and increments `t`. Score-based policies (tova,
+h2o, snapkv; ring layout) also score the valid slots with the step's query in every layer and, at a
+scheduled prune, keep the top-scored slots (`ScoredEviction`); their write slot is the lowest free
+slot, computed on the device (the other policies' slots are all scheduled). The host only calls
 `graph.replay()` per token (plus a compaction graph after a prune in the static layout): no host
 sync, no per-token copies, no recompiles as the cache fills.
 
@@ -30,8 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from streamkv.backends import functional as fn
-from streamkv.backends.schedule import Schedule, Unschedulable, build_schedule
+from streamkv.backends.schedule import Schedule, ScoredPlan, Unschedulable, build_schedule
 from streamkv.evaluate import EvalResult, _reset_peak
+from streamkv.policies.h2o import QUERY_CHUNK
+from streamkv.policies.scored import attention_weights
 
 log = logging.getLogger("streamkv")
 
@@ -66,11 +71,160 @@ FUSED_GEMV_LM_HEAD = True
 FUSED_GEMV_MAX_BYTES = None
 
 
+class ScoredEviction:
+    """Score-based policies inside the graph step (ring layout): which slots a prune evicts, decided on
+    the device.
+
+    The schedule says when a prune ends a step and how many tokens it keeps (ScoredPlan). Here, on the
+    device: each slot's true text position (`slot_pos`, -1 = never written) and score (`acc`, float32),
+    and at a prune the keep mask of streamkv.policies.scored.keep_top: the sinks (positions < n_sink),
+    the n_recent newest (positions > newest - n_recent) and the n_top best-scored others (one topk over
+    a key that orders by score, then the older first, as keep_top's stable sort). The scores are the
+    eager policies' arithmetic (attention_weights: softmax(q K^T * scale) against the valid slots):
+      "last" (TOVA): the step's query, mean over heads, summed over layers;
+      "accumulated" (H2O): the same / n_layers, summed over every query since the token was written
+        (the prefill's causal rows included);
+      "window" (SnapKV): the last obs_window queries of each layer (a ring), causal by position, mean
+        over them, pooled along the keys in cache (= position) order, mean over heads, summed over
+        layers; the observation window itself is not scored (always kept).
+    A new token goes into the lowest free slot, computed here and stored into the schedule's
+    write_slot[t] (where the Triton kv_update reads it). Static shapes, no host sync.
+    """
+
+    MAX_POS = 2**31 - 1
+
+    def __init__(self, plan: ScoredPlan, capacity: int, n_layers: int, n_heads: int, head_dim: int, scale: float,
+                 device, dtype):
+        self.plan, self.C, self.n_layers, self.scale = plan, capacity, n_layers, scale
+        self.slot_pos = torch.full((capacity + 1,), -1, device=device, dtype=torch.int64)
+        self.acc = torch.zeros(capacity + 1, device=device, dtype=torch.float32)
+        self.prune = torch.as_tensor(plan.prune, device=device, dtype=torch.bool)
+        self.window = plan.scores == "window"
+        if self.window:  # SnapKV: each layer's last w queries (rotated) in a ring, and their positions
+            w = plan.n_recent
+            self.qring = torch.zeros(n_layers, w, n_heads, head_dim, device=device, dtype=dtype)
+            self.qring_pos = torch.full((w,), self.MAX_POS, device=device, dtype=torch.int64)
+            self.ar_w, self.ar_c = torch.arange(w, device=device), torch.arange(capacity, device=device)
+
+    def reset(self) -> None:
+        self.slot_pos.fill_(-1)
+        self.acc.zero_()
+        if self.window:
+            self.qring.zero_()
+            self.qring_pos.fill_(self.MAX_POS)
+
+    # ---------------------------------------------------------------- decode step
+
+    def begin_step(self, t, valid, qpos, write_slot):
+        """The step's slot (the lowest free one), recorded in write_slot[t] and marked valid; its
+        score starts at 0 (TOVA and SnapKV: every score is the current step's)."""
+        ws = (~valid[:self.C]).to(torch.uint8).argmax().view(1)
+        write_slot.index_copy_(0, t, ws)
+        valid.index_fill_(0, ws, True)
+        pos = qpos.index_select(0, t)
+        self.slot_pos.index_copy_(0, ws, pos)
+        if self.plan.scores == "accumulated":
+            self.acc.index_fill_(0, ws, 0.0)
+        else:
+            self.acc.zero_()
+        if self.window:
+            self.ring_row = torch.remainder(t, self.plan.n_recent)
+            self.qring_pos.index_copy_(0, self.ring_row, pos)
+            self._window_order(t, valid[:self.C])
+        return ws
+
+    def observe(self, i: int, q, keys, valid) -> None:
+        """Layer i of a decode step: q [1, H, 1, D] rotated, keys [Hkv, C, D] (rotated, slot order)."""
+        if self.window:
+            self.qring[i].index_copy_(0, self.ring_row, q[0].transpose(0, 1))
+            return self._window_scores(i, keys, valid[:self.C])
+        w = attention_weights(q, keys[None], valid[:self.C].view(1, -1), self.scale)  # [Hkv, G, 1, C]
+        if self.plan.scores == "last":
+            self.acc[:self.C] += w[:, :, 0].mean((0, 1))
+        else:
+            self.acc[:self.C] += w.sum(2).mean((0, 1)) / self.n_layers
+
+    def evict(self, t, valid, qpos) -> None:
+        """End of decode step t: the scheduled prune (if any) keeps keep_top's slots."""
+        keep = self._keep(valid[:self.C], qpos.index_select(0, t))
+        valid[:self.C] = torch.where(self.prune.index_select(0, t), keep, valid[:self.C])
+
+    # ---------------------------------------------------------------- prefill (slots 0..P-1 = positions)
+
+    def begin_prefill(self, P: int) -> None:
+        self.slot_pos[:P] = torch.arange(P, device=self.slot_pos.device)
+        if self.window:
+            r = torch.arange(max(0, P - self.plan.n_recent), P, device=self.slot_pos.device)
+            self.prefill_rows = (r, torch.remainder(r, self.plan.n_recent))
+            self.qring_pos.index_copy_(0, self.prefill_rows[1], r)
+            self.prefill_valid = self.ar_c < P
+            self._window_order(P - 1, self.prefill_valid)
+
+    def observe_prefill(self, i: int, q, k, keys) -> None:
+        """Layer i of the prefill: q [1, H, P, D], k [1, Hkv, P, D] rotated (keys: the same in the slots,
+        [Hkv, C, D]); H2O: the causal rows in its chunks; TOVA, SnapKV: only if a prune follows."""
+        P, plan = q.shape[2], self.plan
+        if self.window:
+            r, row = self.prefill_rows
+            self.qring[i].index_copy_(0, row, q[0].index_select(1, r).transpose(0, 1))
+            if plan.prefill_prune:
+                self._window_scores(i, keys, self.prefill_valid)
+            return
+        if plan.scores == "last":  # the last query row sees every key
+            if plan.prefill_prune:
+                self.acc[:P] += attention_weights(q[:, :, -1:], k, None, self.scale)[:, :, 0].mean((0, 1))
+            return
+        idx = torch.arange(P, device=q.device)
+        for a in range(0, P, QUERY_CHUNK):
+            causal = idx[None, :] <= idx[a:a + QUERY_CHUNK, None]
+            w = attention_weights(q[:, :, a:a + QUERY_CHUNK], k, causal, self.scale)
+            self.acc[:P] += w.sum(2).mean((0, 1)) / self.n_layers
+
+    def end_prefill(self, P: int, valid) -> None:
+        if self.plan.prefill_prune:
+            valid[:self.C] = self._keep(valid[:self.C], P - 1)
+
+    # ---------------------------------------------------------------- pieces
+
+    def _keep(self, valid, newest):
+        p, pos = self.plan, self.slot_pos[:self.C]
+        middle = valid & (pos >= p.n_sink) & (pos <= newest - p.n_recent)
+        keep = valid & ~middle
+        if p.n_top:
+            bits = self.acc[:self.C].view(torch.int32).to(torch.int64)  # scores >= 0: bit order = value order
+            key = torch.where(middle, (bits << 32) | (self.MAX_POS - pos), -1)  # ties: the older first
+            top = torch.zeros_like(keep).index_fill_(0, key.topk(p.n_top).indices, True)
+            keep = keep | (top & middle)
+        return keep
+
+    def _window_order(self, newest, valid) -> None:
+        """SnapKV, once per step: the ring rows oldest first, the slots in cache order, and which cache
+        indices are scored (all but the observation window)."""
+        w = self.plan.n_recent
+        self.qorder = torch.remainder(newest + 1 + self.ar_w, w)
+        self.order = torch.where(valid, self.slot_pos[:self.C], self.MAX_POS).sort().indices
+        self.scored_n = self.ar_c < valid.sum() - w
+
+    def _window_scores(self, i: int, keys, valid) -> None:
+        """snapkv_scores over the slots: queries oldest first, keys gathered into cache order (the
+        window and the empty slots zeroed: the eager pooling's zero padding), scattered back."""
+        C, plan = self.C, self.plan
+        qs = self.qring[i].index_select(0, self.qorder).transpose(0, 1)[None]  # [1, H, w, D]
+        mask = valid[None, :] & (self.slot_pos[None, :C] <= self.qring_pos.index_select(0, self.qorder)[:, None])
+        attn = attention_weights(qs, keys[None], mask, self.scale)  # [Hkv, G, w, C]
+        Hkv, G = attn.shape[:2]
+        x = torch.where(self.scored_n, attn.mean(2).index_select(-1, self.order), 0.0).reshape(Hkv * G, 1, C)
+        pool = F.avg_pool1d if plan.pooling == "avg" else F.max_pool1d
+        x = pool(x, plan.kernel_size, stride=1, padding=plan.kernel_size // 2)
+        self.acc.index_add_(0, self.order, x.reshape(Hkv, G, C).mean(1).mean(0))
+
+
 class GraphEvaluator:
     """Evaluator for the cudagraph backends (same interface as streamkv.evaluate.Evaluator).
 
     `eager` is the host-driven Evaluator of the same run: a policy that cannot be scheduled
-    (data-dependent) runs through it, with a warning, and `backend_used` says so.
+    (entropy-driven adaptive/refresh; tova, h2o and snapkv with layout="static") runs through it,
+    with a warning, and `backend_used` says so.
     """
 
     def __init__(self, eager, layout: str, fused: bool = False, capture: bool = True, tokenizer=None,
@@ -154,6 +308,8 @@ class GraphEvaluator:
         self.n_fix = s.n_fix
         self.fix_slot, self.fix_src, self.fix_pos = put(s.fix_slot), put(s.fix_src), put(s.fix_pos)
         self.perms = put(s.perms, torch.int64) if len(s.perms) else None
+        self.scored = None if s.scored is None else ScoredEviction(s.scored, C, L, w.n_heads, D, self.decoder.scale,
+                                                                   dev, dt)
         self.t = torch.zeros(1, device=dev, dtype=torch.int64)
         self.prune_ctr = torch.zeros(1, device=dev, dtype=torch.int64)
         n = s.n
@@ -191,6 +347,8 @@ class GraphEvaluator:
         self.prune_ctr.zero_()
         self.nll.zero_()
         self.entropy.zero_()
+        if self.scored is not None:
+            self.scored.reset()
 
     def _capture(self) -> None:
         P = self.s.prefill
@@ -219,7 +377,10 @@ class GraphEvaluator:
         """One token, entirely from device memory (capturable)."""
         t = self.t
         w = self.w
-        ws = self.write_slot.index_select(0, t)
+        if self.scored is not None:
+            ws = self.scored.begin_step(t, self.valid, self.qpos, self.write_slot)
+        else:
+            ws = self.write_slot.index_select(0, t)
         self.valid.index_fill_(0, ws, True)
         x = w.embed.index_select(0, self.ids.index_select(0, t)).unsqueeze(0)  # [1, 1, hidden]
         if self.fused_gemv:
@@ -230,7 +391,10 @@ class GraphEvaluator:
         nll, ent = fn.score(logits, self.ids.index_select(0, t + 1))
         self.nll.index_copy_(0, t, nll)
         self.entropy.index_copy_(0, t, ent)
-        self.valid.index_fill_(0, self.evict.index_select(0, t).view(-1), False)  # the step's eviction
+        if self.scored is not None:
+            self.scored.evict(t, self.valid, self.qpos)
+        else:
+            self.valid.index_fill_(0, self.evict.index_select(0, t).view(-1), False)  # the step's eviction
         self.t.add_(1)
 
     def _layers_torch(self, x, t, ws):
@@ -261,6 +425,8 @@ class GraphEvaluator:
                 fixed = fn.rope(self.side[i].index_select(1, fix_src), fcos, fsin).to(self.k.dtype)
                 self.k[i].index_copy_(1, fix_slot, fixed)
             keys = self.k[i, :, :C]
+            if self.scored is not None:
+                self.scored.observe(i, q, keys, self.valid)
             if not self.rotate_stored:  # static: StreamingLLM positions = slot index
                 keys = fn.rope(keys, self.cos[:C], self.sin[:C]).to(keys.dtype)
             qg = q.reshape(1, w.n_kv_heads, G, w.head_dim)  # GQA: a KV head's query heads as rows
@@ -285,6 +451,9 @@ class GraphEvaluator:
                       self.cos, self.sin, t, self.qpos, self.write_slot, self.side_write,
                       self.fix_slot if self.n_fix else None, self.fix_src, self.fix_pos,
                       n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=self.rotate_stored, has_side=self.has_side)
+            if self.scored is not None:  # the Triton attention exposes no probabilities: a torch softmax
+                self.scored.observe(i, self.q_rot.view(1, w.n_heads, 1, -1), self.k[i, :, :self.s.capacity],
+                                    self.valid)
             a = self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
                           None if self.rotate_stored else self.cos, None if self.rotate_stored else self.sin)
             o = F.linear(a.view(1, -1), lw.wo)
@@ -334,6 +503,9 @@ class GraphEvaluator:
                       self.cos, self.sin, t, self.qpos, self.write_slot, self.side_write,
                       self.fix_slot if self.n_fix else None, self.fix_src, self.fix_pos,
                       n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=self.rotate_stored, has_side=self.has_side)
+            if self.scored is not None:  # as _layers_fused
+                self.scored.observe(i, self.q_rot.view(1, w.n_heads, 1, -1), self.k[i, :, :self.s.capacity],
+                                    self.valid)
             a = self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
                           None if self.rotate_stored else self.cos, None if self.rotate_stored else self.sin)
             o = F.linear(a.view(1, -1), lw.wo)
@@ -361,6 +533,8 @@ class GraphEvaluator:
         w, s = self.w, self.s
         dev = self.device
         slots = self.write_slot[:P]
+        if self.scored is not None:
+            self.scored.begin_prefill(P)
         x = w.embed.index_select(0, self.ids[:P]).unsqueeze(0)
         cos, sin = self.cos[:P], self.sin[:P]
         for i, lw in enumerate(w.layers):
@@ -371,6 +545,8 @@ class GraphEvaluator:
             q, k_rot = fn.rope(q, cos, sin).to(q.dtype), fn.rope(k, cos, sin).to(k.dtype)
             self.k[i].index_copy_(1, slots, (k_rot if self.rotate_stored else k)[0])
             self.v[i].index_copy_(1, slots, v[0])
+            if self.scored is not None:
+                self.scored.observe_prefill(i, q, k_rot, self.k[i, :, :s.capacity])
             a = F.scaled_dot_product_attention(q, k_rot, v, is_causal=True, scale=self.scale,
                                                enable_gqa=w.n_kv_heads != w.n_heads)
             x = fn.attn_out_mlp(x, a.transpose(1, 2).reshape(1, P, -1), lw.wo, lw.ln2, lw.wgu, lw.wd, w.eps)
@@ -379,6 +555,8 @@ class GraphEvaluator:
             b = min(a + 512, P)
             self.nll[a:b], self.entropy[a:b] = fn.score(F.linear(h[a:b], w.lm_head), self.ids[a + 1:b + 1])
         self.valid[slots] = True
+        if self.scored is not None:
+            self.scored.end_prefill(P, self.valid)
         if len(s.prefill_evict):
             self.valid[torch.as_tensor(s.prefill_evict, device=dev)] = False
         if s.prefill_perm is not None:

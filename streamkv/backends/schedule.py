@@ -19,10 +19,17 @@ Two slot layouts (the two preallocated managers):
   permutation) and keys are stored un-rotated; the step rotates every key at its slot index, i.e.
   the StreamingLLM positions, as the concat manager does.
 
-A policy that reads model outputs (entropy, attention scores) cannot be scheduled: the simulation
-hands it a StepView whose `entropy` raises `DataDependent` on any use, and policies that register
-an attention observer are refused up front; the graph backends then fall back to the eager path
-with a warning (see streamkv/backends/__init__.py).
+Score-based policies with a device scoring rule (`ScoredPolicy.device_scores`: tova, h2o, snapkv) are
+half-scheduled, ring layout only (they keep original positions, which the static layout cannot):
+the cache length evolves the same whatever the scores (a prune fires on the length alone and always
+keeps keep_top's count), so the prune steps, visible lengths, RoPE positions and events are
+precomputed (`ScoredPlan`); which slots a prune frees, and so the write slot of every decode step,
+is computed on the device (streamkv.backends.graph.ScoredEviction).
+
+Any other policy that reads model outputs (entropy, attention scores) cannot be scheduled: the
+simulation hands it a StepView whose `entropy` raises `DataDependent` on any use, and a policy that
+registers an attention observer without a device scoring rule is refused up front; the graph
+backends then fall back to the eager path with a warning (see streamkv/backends/__init__.py).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import numpy as np
 
 from streamkv.cache.base import CacheManager
 from streamkv.policies import StepView
+from streamkv.policies.scored import ScoredPolicy, keep_top
 
 LAYOUTS = ("ring", "static")
 
@@ -57,6 +65,25 @@ class _NoData:
 
     def __getattr__(self, name):
         self._refuse()
+
+
+@dataclass
+class ScoredPlan:
+    """A score-based policy (tova, h2o, snapkv) on the ring layout: *when* a prune ends a step and *how many*
+    tokens it keeps are scheduled (the cache length evolves the same whatever the scores: a prune
+    always brings it back to keep_top's count); *which* tokens stay is decided on the device
+    (streamkv.backends.graph.ScoredEviction): the sinks, the n_recent newest and the n_top
+    best-scored others."""
+
+    scores: str  # "last" (TOVA: the step's query), "accumulated" (H2O: every query since the write),
+    #              "window" (SnapKV: the last n_recent = obs_window queries, pooled)
+    n_sink: int
+    n_recent: int
+    n_top: int
+    prune: np.ndarray  # [n] bool: a prune ends decode step t
+    prefill_prune: bool  # a prune follows the prefill
+    kernel_size: int = 1  # SnapKV's pooling
+    pooling: str = "avg"
 
 
 class BookkeepingCache(CacheManager):
@@ -100,6 +127,7 @@ class Schedule:
     prefill_perm: np.ndarray | None
     visible: np.ndarray  # [n-1] visible cached tokens per step (as the evaluator records)
     events: list = field(default_factory=list)
+    scored: ScoredPlan | None = None  # score-based policy: which slots go is decided on the device
 
     @property
     def n_fix(self) -> int:
@@ -126,13 +154,17 @@ def build_schedule(policy, layout: str, ids: np.ndarray, prefill: int, decoder=N
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
-    if decoder is not None and getattr(decoder, "attention_observer", None) is not None:
+    scores = getattr(policy, "device_scores", None)  # tova, h2o: scored on the device (ring layout)
+    observes = decoder is not None and getattr(decoder, "attention_observer", None) is not None
+    if (observes or isinstance(policy, ScoredPolicy)) and scores is None:
         raise DataDependent("the policy observes attention scores")
     mode = getattr(policy, "position_mode", "shift")
     if layout == "static" and mode != "shift":
         raise Unschedulable(f"the static layout keeps StreamingLLM positions only; policy "
                             f"'{getattr(policy, 'name', policy)}' uses position_mode='{mode}' (use cache=ring)")
     n = len(ids)
+    if scores is not None:
+        return _scored_schedule(policy, scores, n, prefill)
     book = BookkeepingCache(n_layers=0, n_kv_heads=0, head_dim=0, dtype=None, device=None, position_mode=mode,
                             capacity=getattr(cache, "capacity", None))
     if cache is not None:  # re-attach the policy to the bookkeeping cache for the simulation, then back
@@ -286,3 +318,52 @@ def _layout(feeds, layout, mode, n, prefill) -> Schedule:
                     write_slot=write_slot, qpos=qpos, side_write=side_write, evict=evict, fix_slot=fix_slot,
                     fix_src=fix_src, fix_pos=fix_pos, prefill_evict=prefill_evict, compact=compact, perms=perm_arr,
                     prefill_perm=prefill_perm, visible=visible, events=events)
+
+
+def _scored_schedule(policy, scores: str, n: int, prefill: int) -> Schedule:
+    """Ring layout, a score-based policy (original positions: no fixes, no side buffer). The host
+    schedules the prunes (ScoredPolicy.due of the cache length) and their sizes; the write slots of
+    the decode steps and the evicted slots are computed on the device (their rows here are
+    placeholders: `capacity`, the scratch slot)."""
+    S, n_recent, budget = policy.n_sink, policy.n_recent, policy.budget
+    n_top = max(0, budget - S - n_recent)
+    length = capacity = 0
+    visible = np.zeros(max(n - 1, 0), dtype=np.int32)
+    prune = np.zeros(n, dtype=bool)
+    events: list = []
+
+    def feed(t: int, n_new: int) -> bool:
+        nonlocal length, capacity
+        length += n_new
+        capacity = max(capacity, length)
+        if not policy.due(length):
+            return False
+        kept = len(keep_top(np.zeros(length), length, S, n_recent, budget))
+        if S + n_recent > length or kept != S + n_recent + n_top:  # the device keeps sinks + n_recent + n_top
+            raise Unschedulable(f"policy '{policy.name}': a prune of {length} tokens keeps {kept}, not "
+                                f"n_sink + n_recent + top = {S + n_recent + n_top}")
+        events.append({"step": int(t), "dropped": length - kept, "kept": kept, "visible_before": length,
+                       "visible_after": kept, "refreshed": 0})
+        length = kept
+        return True
+
+    prefill_prune = False
+    if prefill:
+        visible[:prefill] = np.arange(prefill)
+        prefill_prune = feed(prefill - 1, prefill)
+    for t in range(prefill, n - 1):
+        visible[t] = length
+        prune[t] = feed(t, 1)
+    write_slot = np.full(n, capacity, dtype=np.int64)
+    write_slot[:prefill] = np.arange(prefill)  # an empty cache: the prefill fills slots 0..P-1
+    none = np.zeros((n, 0), dtype=np.int64)
+    plan = ScoredPlan(scores=scores, n_sink=S, n_recent=n_recent, n_top=n_top, prune=prune,
+                      prefill_prune=prefill_prune)
+    if scores == "window":
+        plan.kernel_size, plan.pooling = int(policy.pcfg.kernel_size), str(policy.pcfg.pooling)
+    return Schedule(layout="ring", position_mode="original", n=n, prefill=prefill, capacity=capacity, n_side=0,
+                    write_slot=write_slot, qpos=np.arange(n, dtype=np.int64), side_write=np.zeros(n, dtype=np.int64),
+                    evict=np.full((n, 1), capacity, dtype=np.int64), fix_slot=none, fix_src=none, fix_pos=none,
+                    prefill_evict=np.zeros(0, dtype=np.int64), compact=np.zeros(n, dtype=bool),
+                    perms=np.zeros((0, capacity), dtype=np.int32), prefill_perm=None, visible=visible,
+                    events=events, scored=plan)

@@ -22,6 +22,7 @@ class H2OPolicy(ScoredPolicy):
 
     name = "h2o"
     knobs = ("recent_frac",)
+    device_scores = "accumulated"
 
     @classmethod
     def check(cls, cfg) -> None:

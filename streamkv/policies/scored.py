@@ -54,6 +54,10 @@ class ScoredPolicy(Policy):
     `n_recent` (newest tokens always kept)."""
 
     position_mode = "original"
+    # how the cudagraph backends score on the device (streamkv.backends.graph.ScoredEviction):
+    # "last" = the step's query only (TOVA), "accumulated" = every query since the token's write (H2O),
+    # "window" = the last obs_window queries, pooled (SnapKV); None = the graph backends run it eager
+    device_scores: Optional[str] = None
 
     def __init__(self, cfg):
         super().__init__(cfg)

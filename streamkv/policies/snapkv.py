@@ -41,6 +41,7 @@ class SnapKVPolicy(ScoredPolicy):
 
     name = "snapkv"
     knobs = ("obs_window", "kernel_size", "pooling")
+    device_scores = "window"
 
     @classmethod
     def check(cls, cfg) -> None:

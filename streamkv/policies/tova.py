@@ -16,6 +16,7 @@ class TOVAPolicy(ScoredPolicy):
 
     name = "tova"
     knobs = ()
+    device_scores = "last"
 
     @property
     def n_recent(self) -> int:
