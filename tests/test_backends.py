@@ -462,15 +462,16 @@ def test_fused_graph_step_in_interpreter():
             assert r.events == ref.events
             # the fused-prologue GEMVs (gemv_kernels.py): same NLL with the flag on as off (also with the
             # LM head unfused, and with only the small GEMVs fused: the size limit's fallback)
-            for lm_head, limit in [(True, None), (False, None), (True, 40000)]:
-                graph.FUSED_GEMV_LM_HEAD, graph.FUSED_GEMV_MAX_BYTES = lm_head, limit
+            for lm_head, limit, exact in [(True, None, True), (False, None, True), (True, 40000, True),
+                                          (True, None, False)]:
+                graph.FUSED_GEMV_LM_HEAD, graph.FUSED_GEMV_MAX_BYTES, graph.FUSED_GEMV_EXACT = lm_head, limit, exact
                 g = GraphEvaluator(ev(), layout, fused=True, capture=False, fused_gemv=True)
                 assert g.fused_gemv and g.backend_name == "cudagraph_fused+gemv"
                 rg = g.run(ids, 20)
-                assert np.abs(rg.nll - r.nll).max() < 1e-5, (layout, lm_head, limit, np.abs(rg.nll - r.nll).max())
-                assert np.abs(rg.entropy - r.entropy).max() < 1e-4, (layout, lm_head, limit)
+                assert np.abs(rg.nll - r.nll).max() < 1e-5, (layout, lm_head, limit, exact, np.abs(rg.nll - r.nll).max())
+                assert np.abs(rg.entropy - r.entropy).max() < 1e-4, (layout, lm_head, limit, exact)
                 assert rg.events == ref.events
-            graph.FUSED_GEMV_LM_HEAD, graph.FUSED_GEMV_MAX_BYTES = True, None
+            graph.FUSED_GEMV_LM_HEAD, graph.FUSED_GEMV_MAX_BYTES, graph.FUSED_GEMV_EXACT = True, None, True
         assert not GraphEvaluator(ev(), "ring", fused=True, capture=False).fused_gemv  # default: off
         # score-based policies: the device scores from kv_update's rotated query and the slot keys
         for ov in [("policy=h2o", "n_sink=4", "window=12", "compress_every=4", "prefill_tokens=20"),

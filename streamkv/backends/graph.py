@@ -69,6 +69,9 @@ FUSED_GEMV_LM_HEAD = True
 # with FUSED_GEMV: weights larger than this (bytes) keep liger + cuBLAS (bandwidth-bound GEMVs of big
 # models, where cuBLAS may beat our kernel by more than the saved launch); None: every GEMV fused.
 FUSED_GEMV_MAX_BYTES = None
+# with FUSED_GEMV: False = the one-pass norm prologue (y = rstd * W @ (s * gamma): the weight loads do not
+# wait for the norm; h not rounded to bf16 before the dot, see gemv_kernels.py); True = HF's roundings.
+FUSED_GEMV_EXACT = True
 
 
 class ScoredEviction:
@@ -480,7 +483,7 @@ class GraphEvaluator:
         def norm_gemv(m, x, ln, W, bias=None):  # (W @ rmsnorm(m + x) * ln, m + x); m None: no add
             if small(W):
                 return add_rmsnorm_gemv(m if m is not None else x, x if m is not None else None, ln, W, w.eps,
-                                        bias)
+                                        bias, exact=FUSED_GEMV_EXACT)
             from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
@@ -512,7 +515,8 @@ class GraphEvaluator:
             gu, x = norm_gemv(o, x, lw.ln2, lw.wgu)
             m = mlp_down(gu, lw.wd)
         if FUSED_GEMV_LM_HEAD and small(w.lm_head):
-            logits, _ = add_rmsnorm_gemv(m, x, w.norm, w.lm_head, w.eps, write_residual=False)
+            logits, _ = add_rmsnorm_gemv(m, x, w.norm, w.lm_head, w.eps, write_residual=False,
+                                         exact=FUSED_GEMV_EXACT)
             return logits
         from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
 
