@@ -67,8 +67,9 @@ FUSED_GEMV = False
 # GEMV, where our kernel must match cuBLAS's bandwidth to gain the launch).
 FUSED_GEMV_LM_HEAD = True
 # with FUSED_GEMV: weights larger than this (bytes) keep liger + cuBLAS (bandwidth-bound GEMVs of big
-# models, where cuBLAS may beat our kernel by more than the saved launch); None: every GEMV fused.
-FUSED_GEMV_MAX_BYTES = None
+# models: on an H100 cuBLAS beats our kernel from ~10 MB up, by more than the saved launch, see
+# docs/benchmarks.md); None: every GEMV fused. Smaller weights also take our plain kernel for o_proj.
+FUSED_GEMV_MAX_BYTES = 4 << 20
 # with FUSED_GEMV: False = the one-pass norm prologue (y = rstd * W @ (s * gamma): the weight loads do not
 # wait for the norm; h not rounded to bf16 before the dot, see gemv_kernels.py); True = HF's roundings.
 FUSED_GEMV_EXACT = True
@@ -468,9 +469,9 @@ class GraphEvaluator:
 
     def _layers_fused_gemv(self, x, t):
         """`_layers_fused` with the GEMV prologues fused: per layer add+RMSNorm+qkv GEMV, kv_update,
-        attention (2), o_proj (cuBLAS), add+RMSNorm+gate/up GEMV, SwiGLU+down GEMV: 7 launches instead
+        attention (2), o_proj, add+RMSNorm+gate/up GEMV, SwiGLU+down GEMV: 7 launches instead
         of 10. Returns the logits [1, vocab]."""
-        from streamkv.backends.gemv_kernels import add_rmsnorm_gemv, swiglu_gemv
+        from streamkv.backends.gemv_kernels import add_rmsnorm_gemv, gemv, swiglu_gemv
         from streamkv.backends.triton_kernels import kv_update
 
         w = self.w
@@ -511,7 +512,7 @@ class GraphEvaluator:
                                     self.valid)
             a = self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
                           None if self.rotate_stored else self.cos, None if self.rotate_stored else self.sin)
-            o = F.linear(a.view(1, -1), lw.wo)
+            o = gemv(a.view(1, -1), lw.wo) if small(lw.wo) else F.linear(a.view(1, -1), lw.wo)
             gu, x = norm_gemv(o, x, lw.ln2, lw.wgu)
             m = mlp_down(gu, lw.wd)
         if FUSED_GEMV_LM_HEAD and small(w.lm_head):
