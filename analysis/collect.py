@@ -71,11 +71,26 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Config keys that do not change what a run measures (= streamkv.record.NON_IDENTITY_KEYS; not
+# imported: this module never imports streamkv).
+NON_IDENTITY_KEYS = ("progress", "rerun")
+# Model fields that only shape the random tiny models (streamkv.config.ModelConfig): dropped for
+# other kinds, where they are unused defaults that would read as if they described the model.
+TINY_ONLY = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+             "max_position_embeddings", "init_seed")
+
+
 def flatten_config(cfg: dict | None) -> dict[str, Any]:
-    """Nested run config -> flat columns: `policy: {name: x, k: 1}` -> `policy=x`, `policy.k=1`."""
+    """Nested run config -> flat columns: `policy: {name: x, k: 1}` -> `policy=x`, `policy.k=1`.
+    Keys that do not change what a run measures (streamkv.record.NON_IDENTITY_KEYS: progress, rerun)
+    are left out, so they never split a config group."""
     flat: dict[str, Any] = {}
-    for k, v in (cfg or {}).items():
-        if k == "hydra":
+    cfg = dict(cfg or {})
+    model = cfg.get("model")
+    if isinstance(model, dict) and not str(model.get("kind", "")).startswith("tiny"):
+        cfg["model"] = {k: v for k, v in model.items() if k not in TINY_ONLY}
+    for k, v in cfg.items():
+        if k == "hydra" or k in NON_IDENTITY_KEYS:
             continue
         if k in GROUPS and isinstance(v, dict):
             v = dict(v)

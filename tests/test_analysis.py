@@ -280,3 +280,15 @@ def test_cli_module_smoke(sweeps, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert all((out / f).is_file() for f in OUTPUTS)
+
+
+def test_flatten_config_drops_non_config_keys_and_unused_tiny_fields():
+    from analysis.collect import flatten_config
+
+    base = {"policy": {"name": "streaming"}, "window": 8, "progress": False, "rerun": True}
+    gguf = flatten_config({**base, "model": {"name": "smollm2_135m", "kind": "gguf", "hidden_size": 64}})
+    assert "progress" not in gguf and "rerun" not in gguf  # never split a group
+    assert gguf["model"] == "smollm2_135m" and "model.hidden_size" not in gguf
+    assert gguf["policy"] == "streaming" and gguf["window"] == 8
+    tiny = flatten_config({**base, "model": {"name": "tiny_llama", "kind": "tiny_llama", "hidden_size": 64}})
+    assert tiny["model.hidden_size"] == 64  # it shapes the tiny model: kept
