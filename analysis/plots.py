@@ -27,6 +27,8 @@ PPL_INC_LABEL = "PPL increase vs baseline (%)"
 # Short names for point labels; other knobs keep their own (last) name.
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 DASHES = ("-", "--", ":", "-.")
+MAX_LABELS = 12  # more configs in one Pareto panel: label only the frontier and the baseline
+SYMLOG_SPAN = 50.0  # PPL increase range (percentage points) above which the Pareto y axis is symlog
 ABBREV = {"window": "w", "compress_every": "R", "n_sink": "s", "prefill_tokens": "pf"}
 
 
@@ -96,9 +98,15 @@ def pareto_plot(t: pd.DataFrame, title: str, label_cols: list[str], facet_cols: 
             if len(base):
                 ax.scatter(base["tpot_ms_median"], base["ppl_increase_pct"], s=220, facecolors="none",
                            edgecolors="black", linewidths=1.5, zorder=4, label="baseline", gid="baseline")
-            for _, r in g.iterrows():
-                ax.annotate(compact_label(r, label_cols), (r["tpot_ms_median"], r["ppl_increase_pct"]),
+            # Labels name only what varies inside this panel; with many configs only the frontier and the
+            # baseline are labelled (the tables list every point), else the labels pile up unreadably.
+            cols = [c for c in label_cols if c in g and g[c].map(norm).nunique() > 1]
+            labelled = g if len(g) <= MAX_LABELS else g[g["pareto"] | g["is_baseline"].astype(bool)]
+            for _, r in labelled.iterrows():
+                ax.annotate(compact_label(r, cols), (r["tpot_ms_median"], r["ppl_increase_pct"]),
                             xytext=(4, 4), textcoords="offset points", fontsize=7, color="0.25")
+            if g["ppl_increase_pct"].max() - g["ppl_increase_pct"].min() > SYMLOG_SPAN:
+                ax.set_yscale("symlog", linthresh=1.0)  # a few outliers (+200 %) must not flatten the rest
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a point
         ax.axhline(0, color="0.8", lw=0.8, zorder=1)
         ax.set_xlabel(TPOT_LABEL)
@@ -119,12 +127,13 @@ def trace_plot(traces: list[tuple[str, pd.DataFrame, pd.DataFrame | None]], roll
     for ax, (label, tok, ev) in zip(axes[:, 0], traces):
         tok = tok.sort_values("index")
         nll = tok["nll"].astype(float).rolling(rolling, min_periods=1).mean()
-        ax.plot(tok["index"], nll, lw=1, color="C0", gid=f"nll:{label}")
+        # rasterized: a 20000-token trace (and its thousands of prune ticks) as SVG vectors is megabytes
+        ax.plot(tok["index"], nll, lw=1, color="C0", gid=f"nll:{label}", rasterized=True)
         if ev is not None and len(ev):
             # Few prunes: full-height faint lines; many: short ticks along the top, else they hide the trace.
             lo, alpha = (0.0, 0.35) if len(ev) <= 60 else (0.92, 0.7)
             ax.vlines(ev["step"], lo, 1.0, transform=ax.get_xaxis_transform(), color="C3", lw=0.6,
-                      alpha=alpha, gid=f"prunes:{label}")
+                      alpha=alpha, gid=f"prunes:{label}", rasterized=True)
         ax.set_ylabel(f"NLL (nats, mean of {rolling})", fontsize=8)
         ax.set_title(f"{label} — {0 if ev is None else len(ev)} prunes (red)", fontsize=9)
         ax.grid(alpha=0.3)

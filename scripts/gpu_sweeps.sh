@@ -31,7 +31,12 @@ declare -A STEPS=(
   [b4_book]="+sweep=b4_adaptive dataset=book"
   [e_wiki]="+sweep=phase_e_baselines dataset=wiki"
   [e_book]="+sweep=phase_e_baselines dataset=book"
+  [c_wiki]="+sweep=phase_c_managers dataset=wiki"
+  [d_wiki]="+sweep=phase_d_fused dataset=wiki"
 )
+# Phases C and D compare managers / backends: their blocks name cache and backend themselves (their
+# eager runs decode at ~25-30 ms/token: ~2 minutes per wiki run, ~10 per book run).
+declare -A OWN_PATH=([c_wiki]=1 [d_wiki]=1)
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } | tee -a "$log"
 for name in "$@"; do
@@ -41,7 +46,8 @@ for name in "$@"; do
   left=$(( budget - ($(date +%s) - t0) - 30 ))
   if [ "$left" -lt 30 ]; then echo "== SKIP $name (time left ${left}s)" | tee -a "$log"; continue; fi
   echo "== $(date -u +%T) $name (limit ${left}s): $args" | tee -a "$log"
-  timeout "$left" python3 run.py -m $args $fast hydra.sweep.dir="$work/$name" >>"$log" 2>&1
+  path=$fast; [ -n "${OWN_PATH[$name]:-}" ] && path="device=cuda progress=false"
+  timeout "$left" python3 run.py -m $args $path hydra.sweep.dir="$work/$name" >>"$log" 2>&1
   echo "== $(date -u +%T) $name rc=$?" | tee -a "$log"
   (cd "$work" && tar czf "$out/rec-$name.tar.gz" --exclude='.submitit' "$name")
 done

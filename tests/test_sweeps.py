@@ -52,3 +52,10 @@ def test_command_line_wins_over_the_preset():
     cfgs = jobs_of("phase_a", "window=64", "repeat=0", "model=tiny_llama")
     assert {c.window for c in cfgs} == {64} and {c.repeat for c in cfgs} == {0}
     assert sorted(c.compress_every for c in cfgs) == [1, 16, 32, 64, 128]
+
+
+def test_phase_c_on_cpu_keeps_every_manager_once():
+    cfgs = jobs_of("phase_c_managers", "device=cpu", "backend=eager")
+    assert {c.backend.name for c in cfgs} == {"eager"}
+    assert {c.cache.name for c in cfgs if c.policy.name == "refresh"} == {"concat", "soft_ring", "ring", "static"}
+    assert len(cfgs) == 12  # the fast-path block collapses into the eager one: 2 baselines + 4 managers, x 2
