@@ -189,7 +189,9 @@ def test_pareto_plot_objects(result):
     assert list(front.get_ydata()) == pytest.approx([5.0, 2.5, 2.0, 0.0, 0.0])
     (base,) = [c for c in ax.collections if c.get_gid() == "baseline"]
     assert base.get_offsets().tolist() == [[11.0, 0.0]]
-    assert any(txt.get_text() == "w32 R4" for txt in ax.texts)
+    # labels name what varies among the plotted points (window 32 for all of them: left out)
+    assert any(txt.get_text() == "R4" for txt in ax.texts)
+    assert not any("w32" in txt.get_text() for txt in ax.texts)
     plots.plt.close(fig)
 
 
@@ -292,3 +294,18 @@ def test_flatten_config_drops_non_config_keys_and_unused_tiny_fields():
     assert gguf["policy"] == "streaming" and gguf["window"] == 8
     tiny = flatten_config({**base, "model": {"name": "tiny_llama", "kind": "tiny_llama", "hidden_size": 64}})
     assert tiny["model.hidden_size"] == 64  # it shapes the tiny model: kept
+
+
+def test_pareto_plot_many_configs_and_outliers():
+    n = 15  # > MAX_LABELS: only the frontier and the baseline get a label; a +250 % outlier: symlog axis
+    t = pd.DataFrame({"model": "m", "policy": ["streaming"] * (n - 1) + ["h2o"], "cache": "ring",
+                      "backend": "eager", "compress_every": list(range(1, n + 1)),
+                      "tpot_ms_median": [1.0 + 0.01 * i for i in range(n)],
+                      "ppl_increase_pct": [0.0] + [0.1 * i for i in range(1, n - 1)] + [250.0]})
+    t["pareto"] = t.index == 0
+    t["is_baseline"] = t.index == 0
+    fig = plots.pareto_plot(t, "many", ["compress_every"])
+    ax = fig.axes[0]
+    assert [txt.get_text() for txt in ax.texts] == ["R1"]
+    assert ax.get_yscale() == "symlog"
+    plots.plt.close(fig)
