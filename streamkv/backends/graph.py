@@ -6,9 +6,11 @@ slot schedule at `schedule[t]` (streamkv/backends/schedule.py) for a device step
 writes the step's K/V into its slot, re-rotates the scheduled sink/refresh slots (ring), attends
 over the valid slots, scores the next token (NLL and entropy into device arrays at `t`), applies the
 eviction that ends the step (slots marked invalid) and increments `t`. Score-based policies (tova,
-h2o, snapkv; ring layout) also score the valid slots with the step's query in every layer and, at a
-scheduled prune, keep the top-scored slots (`ScoredEviction`); their write slot is the lowest free
-slot, computed on the device (the other policies' slots are all scheduled). The host only calls
+h2o, snapkv) also score the valid slots with the step's query in every layer and, at a scheduled
+prune, keep the top-scored slots (`ScoredEviction`): with original positions in the ring layout (their
+write slot is the lowest free slot, computed on the device), with positions=shift in the static layout
+(the compaction after a prune gathers with a permutation computed on the device from the keep mask:
+kept slots first, in cache order; the write slot, = the cache length, is scheduled). The host only calls
 `graph.replay()` per token (plus a compaction graph after a prune in the static layout): no host
 sync, no per-token copies, no recompiles as the cache fills.
 
@@ -76,7 +78,8 @@ FUSED_GEMV_EXACT = True
 
 
 class ScoredEviction:
-    """Score-based policies inside the graph step (ring layout): which slots a prune evicts, decided on
+    """Score-based policies inside the graph step (ring layout with original positions; static layout with
+    positions=shift, compacted after each prune by `compaction`): which slots a prune evicts, decided on
     the device.
 
     The schedule says when a prune ends a step and how many tokens it keeps (ScoredPlan). Here, on the
@@ -257,8 +260,8 @@ class GraphEvaluator:
     """Evaluator for the cudagraph backends (same interface as streamkv.evaluate.Evaluator).
 
     `eager` is the host-driven Evaluator of the same run: a policy that cannot be scheduled
-    (entropy-driven adaptive/refresh; tova, h2o and snapkv with layout="static") runs through it,
-    with a warning, and `backend_used` says so.
+    (entropy-driven adaptive/refresh; tova, h2o and snapkv with original positions and layout="static",
+    or positions=shift and layout="ring") runs through it, with a warning, and `backend_used` says so.
     """
 
     def __init__(self, eager, layout: str, fused: bool = False, capture: bool = True, tokenizer=None,

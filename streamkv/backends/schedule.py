@@ -20,11 +20,14 @@ Two slot layouts (the two preallocated managers):
   the StreamingLLM positions, as the concat manager does.
 
 Score-based policies with a device scoring rule (`ScoredPolicy.device_scores`: tova, h2o, snapkv) are
-half-scheduled, ring layout only (they keep original positions, which the static layout cannot):
-the cache length evolves the same whatever the scores (a prune fires on the length alone and always
-keeps keep_top's count), so the prune steps, visible lengths, RoPE positions and events are
-precomputed (`ScoredPlan`); which slots a prune frees, and so the write slot of every decode step,
-is computed on the device (streamkv.backends.graph.ScoredEviction).
+half-scheduled: the cache length evolves the same whatever the scores (a prune fires on the length
+alone and always keeps keep_top's count), so the prune steps, visible lengths, RoPE positions and
+events are precomputed (`ScoredPlan`); which slots a prune frees is computed on the device
+(streamkv.backends.graph.ScoredEviction). Original positions (policy.positions=original): ring layout
+(the write slot of every decode step is the lowest free slot, computed on the device). StreamingLLM
+positions (policy.positions=shift): static layout (the write slot is the cache length, scheduled; the
+query's RoPE position is its cache index; a compaction follows each prune, its permutation computed on
+the device from the keep mask). The other combinations raise Unschedulable (eager fallback).
 
 Any other policy that reads model outputs (entropy, attention scores) cannot be scheduled: the
 simulation hands it a StepView whose `entropy` raises `DataDependent` on any use, and a policy that
