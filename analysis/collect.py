@@ -74,6 +74,9 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 # Config keys that do not change what a run measures (= streamkv.record.NON_IDENTITY_KEYS; not
 # imported: this module never imports streamkv).
 NON_IDENTITY_KEYS = ("progress", "rerun")
+# Knobs added after records existed (= streamkv.record.LEGACY_VALUES): dropped at the values that mean
+# what earlier runs did, so records from before the knob and after it fall into the same config group.
+LEGACY_VALUES = {("policy", "positions"): (None, "original")}
 # Model fields that only shape the random tiny models (streamkv.config.ModelConfig): dropped for
 # other kinds, where they are unused defaults that would read as if they described the model.
 TINY_ONLY = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -89,6 +92,9 @@ def flatten_config(cfg: dict | None) -> dict[str, Any]:
     model = cfg.get("model")
     if isinstance(model, dict) and not str(model.get("kind", "")).startswith("tiny"):
         cfg["model"] = {k: v for k, v in model.items() if k not in TINY_ONLY}
+    for (group, knob), values in LEGACY_VALUES.items():
+        if isinstance(cfg.get(group), dict) and cfg[group].get(knob, values[0]) in values:
+            cfg[group] = {k: v for k, v in cfg[group].items() if k != knob}
     for k, v in cfg.items():
         if k == "hydra" or k in NON_IDENTITY_KEYS:
             continue

@@ -6,8 +6,9 @@
    the replays);
 3. per-token NLL of every backend x manager against concat x eager in bf16, on SmolLM2-135M (real
    weights) over the offline Wikipedia text, for streaming R=1 and R=32, max_drop, refresh, and the
-   score-based h2o, tova and snapkv (scored inside the graph on ring, eager fallback on static; the no-sync
-   check of 2. runs for their first graph path too). Tolerance, bf16: PPL within 1 % of concat x eager
+   score-based h2o, tova and snapkv (original positions: scored inside the graph on ring, eager fallback on
+   static; positions=shift: inside the graph on static, eager fallback on ring; the no-sync check of 2.
+   runs for the first graph path of each). Tolerance, bf16: PPL within 1 % of concat x eager
    and mean per-token |dNLL| <= 0.05 nats, with identical eviction events. The noise floor it sits on, measured
    on an H100: concat x eager in bf16 vs float32 differ by 0.035 nats per token; two bf16 eager runs
    of one config by up to 0.028 nats and 0.28 % PPL (cuBLAS picks kernels by buffer alignment). The
@@ -164,6 +165,10 @@ def main() -> int:
         "h2o R=32": (W, 32, "policy=h2o"),  # ring: scored inside the graph; static: eager fallback
         "tova R=32": (W, 32, "policy=tova"),
         "snapkv R=32": (W, 32, "policy=snapkv"),
+        # StreamingLLM positions: scored inside the graph in the static layout (ring: eager fallback)
+        "h2o shift R=32": (W, 32, "policy=h2o", "policy.positions=shift"),
+        "tova shift R=32": (W, 32, "policy=tova", "policy.positions=shift"),
+        "snapkv shift R=32": (W, 32, "policy=snapkv", "policy.positions=shift"),
     }
     paths = [("ring", "cudagraph"), ("ring", "cudagraph_fused"), ("ring", "cudagraph_fused+gemv"),
              ("static", "cudagraph"), ("static", "cudagraph_fused"), ("static", "cudagraph_fused+gemv")]
@@ -172,7 +177,6 @@ def main() -> int:
                                                                "refresh uniform 64, R=32")}
     elif args.only:
         policies = {k: v for k, v in policies.items() if k.startswith(tuple(args.only))}
-        paths = [p for p in paths if p[0] == "ring"]  # static: the scored policies fall back to eager
         if not policies:
             ap.error(f"--only: no policy label starts with {' / '.join(args.only)}")
     else:
@@ -183,7 +187,7 @@ def main() -> int:
     if args.paths:
         paths = [(c, b) for c, b in paths if any(s in f"{c} x {b}" for s in args.paths)]
     rows = []
-    sync_checked = set()  # "scheduled" / "scored": one no-sync check each
+    sync_checked = set()  # "scheduled" / "scored" / "scored shift": one no-sync check each
     for pname, ov in policies.items():
         try:
             ref, _, ref_events, _, ref_tpot = run_path(model, tok, ids, ov, "concat", "eager", dev, dtype)
@@ -204,10 +208,14 @@ def main() -> int:
         for cache, backend in paths:
             if pname.startswith(("h2o", "tova", "snapkv")) and backend not in ("cudagraph", "cudagraph_fused"):
                 continue
+            if args.only and pname.startswith(("h2o", "tova", "snapkv")) and ("shift" in pname) != (cache == "static"):
+                continue  # the graph runs original positions in the ring layout, shift in the static one
             if backend in ("compile", "fused", "eager") and pname not in ("streaming R=32", "refresh uniform 64, R=32"):
                 continue  # host-driven paths decode at eager speed: two policies are enough
             kind = "scored" if pname.startswith(("h2o", "tova", "snapkv")) else "scheduled"
-            check = backend.startswith("cudagraph") and cache == "ring" and kind not in sync_checked
+            kind += " shift" if "shift" in pname else ""
+            check = (backend.startswith("cudagraph") and cache == ("static" if "shift" in kind else "ring")
+                     and kind not in sync_checked)
             try:
                 nll, used, events, secs, tpot = run_path(model, tok, ids, ov, cache, backend, dev, dtype,
                                                          sync_check=check)

@@ -70,6 +70,10 @@ class PolicyConfig:
     kernel_size: int = 5  # snapkv: 1D pooling kernel over the scores (odd)
     pooling: str = "avg"  # snapkv: avg | max
     recent_frac: float = 0.5  # h2o: share of the window kept as the recent window (rest: heavy hitters)
+    # snapkv / h2o / tova: RoPE positions of the kept tokens: original (each keeps its text position, as
+    # kvpress; the presets' value) | shift (StreamingLLM: contiguous positions in cache order).
+    # null = the policy's own (original for these; the other policies always shift and take no value)
+    positions: Optional[str] = None
 
 
 @dataclass

@@ -132,6 +132,7 @@ class Decoder:
     def forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """ids: [1, T] -> logits [1, T, vocab]."""
         q_pos = cache.begin(ids.shape[1])
+        self.q_pos = q_pos  # the step's RoPE positions (score-based policies read them in their observer)
         if self.arch == "neox":
             x = self.base.embed_in(ids)
             for i, layer in enumerate(self.layers):

@@ -24,9 +24,17 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# Knobs added after records existed, left out of the identity at the values that mean what runs did
+# before the knob (so finished runs of earlier commits are still found): (group, knob) -> values.
+LEGACY_VALUES = {("policy", "positions"): (None, "original")}
+
+
 def run_identity(config: dict) -> str:
     """sha256 of the resolved run config minus presentation-only fields (used to skip finished runs)."""
     core = {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}
+    for (group, knob), values in LEGACY_VALUES.items():
+        if isinstance(core.get(group), dict) and knob in core[group] and core[group][knob] in values:
+            core[group] = {k: v for k, v in core[group].items() if k != knob}
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -203,8 +203,20 @@ def test_graph_scored_eviction_matches_concat_eager(policy):
     """tova / h2o / snapkv in the graph step (ring, un-captured, float32): the same tokens kept at every
     prune (the device's topk over the device's scores = keep_top over the eager policy's), the same
     events, and the same per-token NLL as concat x eager."""
+    _scored_matches_concat_eager("ring", ("n_sink=4", "window=24", *SCORED[policy]))
+
+
+@pytest.mark.parametrize("policy", list(SCORED))
+def test_graph_scored_shift_static_matches_concat_eager(policy):
+    """tova / h2o / snapkv with positions=shift in the static layout (un-captured, float32): keys
+    rotated at their slot index, the kept slots compacted to the front by a permutation computed on the
+    device from the keep mask; the same kept tokens, events and per-token NLL as concat x eager with
+    positions=shift."""
+    _scored_matches_concat_eager("static", ("n_sink=4", "window=24", *SCORED[policy], "policy.positions=shift"))
+
+
+def _scored_matches_concat_eager(layout, args):
     ids = text_ids(KIND, n=160)
-    args = ("n_sink=4", "window=24", *SCORED[policy])
     cfg, ev = _evaluator(*args, n=len(ids))
     kept_ref = []
     evict = ev.cache.evict
@@ -216,7 +228,7 @@ def test_graph_scored_eviction_matches_concat_eager(policy):
     ev.cache.evict = spy_evict
     ref = ev.run(ids, cfg.prefill_tokens)
 
-    cfg, g = _graph("ring", *args, n=len(ids))
+    cfg, g = _graph(layout, *args, n=len(ids))
     kept = []
     replay, prefill = g._replay, g._prefill
 
@@ -245,6 +257,11 @@ def test_graph_scored_eviction_matches_concat_eager(policy):
     np.testing.assert_allclose(r.nll, ref.nll, atol=2e-6, rtol=0)
     np.testing.assert_allclose(r.entropy, ref.entropy, atol=1e-4, rtol=0)
     assert g.memory["kv_capacity_slots"] == max(ref.visible_kv) + 1
+    if layout == "static":  # compacted: the kept tokens hold the first slots, in cache order
+        C = g.s.capacity
+        n_valid = int(g.valid[:C].sum())
+        assert g.valid[:n_valid].all() and (np.diff(g.scored.slot_pos[:n_valid].numpy()) > 0).all()
+    return np.abs(r.nll - ref.nll).max()
 
 
 def test_graph_scored_static_layout_falls_back(caplog):
@@ -256,6 +273,20 @@ def test_graph_scored_static_layout_falls_back(caplog):
         g.run(ids, 0)
     assert g.backend_used == "eager (fallback from cudagraph)"
     assert "static layout keeps StreamingLLM positions only" in caplog.text
+
+
+def test_graph_scored_shift_ring_layout_falls_back(caplog):
+    """positions=shift in the ring layout (keys stored at their true positions) runs eager, saying why."""
+    ids = text_ids(KIND, n=60)
+    args = ("n_sink=4", "window=24", "policy=h2o", "compress_every=4", "policy.positions=shift")
+    cfg, ev = _evaluator(*args, n=len(ids))
+    ref = ev.run(ids, 0)
+    cfg, g = _graph("ring", *args, n=len(ids))
+    with caplog.at_level("WARNING", logger="streamkv"):
+        r = g.run(ids, 0)
+    assert g.backend_used == "eager (fallback from cudagraph)"
+    assert "ring layout keeps true positions" in caplog.text and "use cache=static" in caplog.text
+    np.testing.assert_allclose(r.nll, ref.nll, atol=1e-5, rtol=0)  # the eager path over the ring manager
 
 
 @pytest.mark.parametrize("policy", [("policy=adaptive", "policy.mode=entropy", "policy.extra_slack=6"),

@@ -121,6 +121,38 @@ def test_manager_equals_concat_more(manager, policy, kind, extra):
     assert cache.stats["grows"] == 0
 
 
+# ---------------------------------------------------------------- score-based policies with StreamingLLM positions
+
+SHIFT_CASES = {  # policy.positions=shift: every kept token before a gap is a side token (re-rotated at prunes)
+    "tova": ("policy=tova", "compress_every=1"),
+    "h2o": ("policy=h2o", "compress_every=2", "prefill_tokens=64"),
+    "snapkv": ("policy=snapkv", "compress_every=4"),  # observation queries re-positioned after prunes
+}
+
+
+@pytest.mark.parametrize("manager", MANAGERS)
+@pytest.mark.parametrize("policy", list(SHIFT_CASES))
+def test_scored_shift_positions_equal_concat(manager, policy):
+    """tova / h2o / snapkv with positions=shift: the same kept tokens at every prune, events and
+    per-token NLL as concat (which re-rotates every key at its cache index every step)."""
+    ov = (*BASE, *SHIFT_CASES[policy], "policy.positions=shift")
+    ids = text_ids("tiny_llama", n=300)
+    kept: dict = {"concat": [], manager: []}
+
+    def spy(name):
+        return lambda cache: kept[name].append(cache.token_pos.copy())
+
+    ref, _ = run("tiny_llama", ids, "concat", *ov, spy=spy("concat"))
+    r, cache = run("tiny_llama", ids, manager, *ov, spy=spy(manager))
+    assert cache.position_mode == "shift"
+    assert_same_as_concat(r, ref)
+    assert len(kept[manager]) == len(kept["concat"]) > 10
+    for a, b in zip(kept[manager], kept["concat"]):
+        np.testing.assert_array_equal(a, b)
+    assert cache.stats["grows"] == 0, "the side buffer must be sized for the policy (side_bound)"
+    assert cache.stats["rotated"] > 0, "kept tokens before a gap must be re-positioned"
+
+
 # ---------------------------------------------------------------- random keeps, manager level
 
 

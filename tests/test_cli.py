@@ -26,6 +26,8 @@ BAD = [
     (["dataset=text_file"], "dataset.path: required"),
     (["model=tiny_llama", "dataset.max_tokens=100", "prefill_tokens=100"], "prefill_tokens: must be <"),
     (["model=tiny_llama", "policy.no_such_knob=1"], "policy.no_such_knob"),
+    (["model=tiny_llama", "policy=tova", "policy.positions=bogus"],
+     "policy.positions: 'bogus' is not one of original, shift"),
     (["model=tiny_llama", "window=abc"], "window"),
     (["model=tiny_llama", "window=16,32"], "needs -m/--multirun"),
     (["-m", "model=tiny_llama", "window=16,0"], "window: must be >= 1"),

@@ -213,6 +213,29 @@ def test_baseline_invariants(case):
         assert np.abs(res.nll - streaming(NEQ).nll).max() > 1e-4
 
 
+@pytest.mark.parametrize("policy", ["tova", "h2o", "snapkv"])
+def test_baseline_shift_positions_are_contiguous(policy):
+    """policy.positions=shift: after every prune the query sits at the next position after the kept
+    tokens' contiguous ones (concat: cache index), not at its text position; with R=1 and a text longer
+    than the budget this changes the NLL, while the kept-token invariants hold as with original."""
+    overrides = [f"policy={policy}", f"n_sink={S}", f"window={W}", "compress_every=1"]
+    seen = []
+
+    def spy(cache, pol):
+        assert len(cache.token_pos) == S + W and pol.position_mode == "shift"
+        assert cache.position_mode == "shift"
+        assert (cache._key_pos.numpy() == np.arange(len(cache._key_pos))).all()  # keys at 0..L-1 (the step's)
+        seen.append(int(pol.decoder.q_pos[-1]))
+
+    res, pol = run(*overrides, "policy.positions=shift", n=NEQ, spy=spy)
+    assert pol.position_mode == "shift" and set(seen) == {S + W}  # query at L - 1 = n_sink + window
+    orig, pol_o = run(*overrides, n=NEQ)
+    assert pol_o.position_mode == "original"
+    assert np.isfinite(res.nll).all()
+    assert np.abs(res.nll - orig.nll)[S + W + 1:].max() > 1e-3
+    np.testing.assert_array_equal(res.nll[:S + W + 1], orig.nll[:S + W + 1])  # before the first prune
+
+
 # ---------------------------------------------------------------- baselines on hand-made attention
 
 
@@ -389,6 +412,10 @@ BAD = [
     (["policy=snapkv", "policy.pooling=median"], "policy.pooling: 'median' is not one of avg, max"),
     (["policy=h2o", "policy.recent_frac=1.5"], "policy.recent_frac: must be between 0 and 1"),
     (["policy=max_drop", "policy.no_such_knob=1"], "policy.no_such_knob"),
+    (["policy=tova", "policy.positions=bogus"], "policy.positions: 'bogus' is not one of original, shift"),
+    (["policy=snapkv", "policy.positions=none"], "policy.positions: 'none' is not one of original, shift"),
+    (["policy=streaming", "policy.positions=shift"], "policy.positions: not a knob of policy=streaming"),
+    (["policy=refresh", "policy.positions=original"], "policy.positions: not a knob of policy=refresh"),
 ]
 
 
@@ -404,6 +431,9 @@ def test_bad_policy_config_fails_with_one_line(overrides, message):
 
 
 GOOD = [
+    ["policy=tova", "policy.positions=shift"],
+    ["policy=h2o", "policy.positions=original"],
+    ["policy.name=snapkv", "policy.positions=shift"],  # no preset: the schema's null = original
     ["policy=refresh", "policy.refresh_budget=0", "policy.refresh_select=entropy"],  # the refresh sweep's control
     ["policy=adaptive", "policy.mode=slack", "policy.entropy_high=6"],  # the adaptive sweep's control
     ["policy=max_drop", "policy.refresh_budget=16", "policy.mode=slack", "policy.extra_slack=16"],
@@ -421,6 +451,7 @@ def test_good_compositions_validate(overrides):
 @pytest.mark.parametrize("overrides", [
     ["policy=overlap", "policy.overlap=40", "compress_every=32"],
     ["policy=h2o", "policy.refresh_budget=16"],
+    ["policy=tova", "policy.positions=bogus"],
 ])
 def test_bad_policy_config_cli_exits_2_with_one_line(overrides, tmp_path):
     proc = run_cli("model=tiny_llama", "device=cpu", *overrides, f"hydra.run.dir={tmp_path}/run", timeout=120)

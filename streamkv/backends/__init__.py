@@ -15,10 +15,12 @@ docs/benchmarks.md). One name per backend (conf/backend/<name>.yaml):
   cudagraph_fused  cudagraph + liger-kernel (RMSNorm, residual-add + RMSNorm, SwiGLU) + our Triton kernels
                    (RoPE fused with the slot write; split-KV masked decode attention).
 
-The score-based policies tova, h2o and snapkv run inside the graph step with cache=ring (prefill
-included): when a prune fires and how many tokens it keeps is scheduled on the host, which tokens stay
-is a topk over attention scores computed on the device (streamkv.backends.graph.ScoredEviction). With
-cache=static (StreamingLLM positions only) they fall back to eager. Policies that cannot be
+The score-based policies tova, h2o and snapkv run inside the graph step (prefill included): with their
+original positions (policy.positions=original) in cache=ring, with StreamingLLM positions
+(policy.positions=shift) in cache=static (the kept slots compacted after each prune by a permutation
+computed on the device). When a prune fires and how many tokens it keeps is scheduled on the host, which
+tokens stay is a topk over attention scores computed on the device (streamkv.backends.graph.ScoredEviction).
+The other two combinations (original + static, shift + ring) fall back to eager with a warning. Policies that cannot be
 precomputed (entropy-driven adaptive/refresh) run on the eager path with a warning
 (`evaluator.backend_used` says which path ran). All but eager support the Llama family only (Llama,
 Mistral, Qwen2, Qwen3, SmolLM2).

@@ -6,9 +6,11 @@ slot schedule at `schedule[t]` (streamkv/backends/schedule.py) for a device step
 writes the step's K/V into its slot, re-rotates the scheduled sink/refresh slots (ring), attends
 over the valid slots, scores the next token (NLL and entropy into device arrays at `t`), applies the
 eviction that ends the step (slots marked invalid) and increments `t`. Score-based policies (tova,
-h2o, snapkv; ring layout) also score the valid slots with the step's query in every layer and, at a
-scheduled prune, keep the top-scored slots (`ScoredEviction`); their write slot is the lowest free
-slot, computed on the device (the other policies' slots are all scheduled). The host only calls
+h2o, snapkv) also score the valid slots with the step's query in every layer and, at a scheduled
+prune, keep the top-scored slots (`ScoredEviction`): with original positions in the ring layout (their
+write slot is the lowest free slot, computed on the device), with positions=shift in the static layout
+(the compaction after a prune gathers with a permutation computed on the device from the keep mask:
+kept slots first, in cache order; the write slot, = the cache length, is scheduled). The host only calls
 `graph.replay()` per token (plus a compaction graph after a prune in the static layout): no host
 sync, no per-token copies, no recompiles as the cache fills.
 
@@ -36,7 +38,7 @@ from streamkv.backends import functional as fn
 from streamkv.backends.schedule import Schedule, ScoredPlan, Unschedulable, build_schedule
 from streamkv.evaluate import EvalResult, _reset_peak
 from streamkv.policies.h2o import QUERY_CHUNK
-from streamkv.policies.scored import attention_weights
+from streamkv.policies.scored import attention_weights, rotate_by
 
 log = logging.getLogger("streamkv")
 
@@ -76,7 +78,8 @@ FUSED_GEMV_EXACT = True
 
 
 class ScoredEviction:
-    """Score-based policies inside the graph step (ring layout): which slots a prune evicts, decided on
+    """Score-based policies inside the graph step (ring layout with original positions; static layout with
+    positions=shift, compacted after each prune by `compaction`): which slots a prune evicts, decided on
     the device.
 
     The schedule says when a prune ends a step and how many tokens it keeps (ScoredPlan). Here, on the
@@ -98,8 +101,9 @@ class ScoredEviction:
     MAX_POS = 2**31 - 1
 
     def __init__(self, plan: ScoredPlan, capacity: int, n_layers: int, n_heads: int, head_dim: int, scale: float,
-                 device, dtype):
+                 device, dtype, inv_freq=None):
         self.plan, self.C, self.n_layers, self.scale = plan, capacity, n_layers, scale
+        self.inv_freq = inv_freq  # shift positions: SnapKV re-rotates its window's queries
         self.slot_pos = torch.full((capacity + 1,), -1, device=device, dtype=torch.int64)
         self.acc = torch.zeros(capacity + 1, device=device, dtype=torch.float32)
         self.prune = torch.as_tensor(plan.prune, device=device, dtype=torch.bool)
@@ -108,6 +112,7 @@ class ScoredEviction:
             w = plan.n_recent
             self.qring = torch.zeros(n_layers, w, n_heads, head_dim, device=device, dtype=dtype)
             self.qring_pos = torch.full((w,), self.MAX_POS, device=device, dtype=torch.int64)
+            self.qring_rope = torch.zeros(w, device=device, dtype=torch.int64)  # RoPE position when rotated
             self.ar_w, self.ar_c = torch.arange(w, device=device), torch.arange(capacity, device=device)
 
     def reset(self) -> None:
@@ -116,16 +121,17 @@ class ScoredEviction:
         if self.window:
             self.qring.zero_()
             self.qring_pos.fill_(self.MAX_POS)
+            self.qring_rope.zero_()
 
     # ---------------------------------------------------------------- decode step
 
     def begin_step(self, t, valid, qpos, write_slot):
         """The step's slot (the lowest free one), recorded in write_slot[t] and marked valid; its
         score starts at 0 (TOVA and SnapKV: every score is the current step's)."""
-        ws = (~valid[:self.C]).to(torch.uint8).argmax().view(1)
+        ws = (~valid[:self.C]).to(torch.uint8).argmax().view(1)  # static: = the cache length (compacted)
         write_slot.index_copy_(0, t, ws)
         valid.index_fill_(0, ws, True)
-        pos = qpos.index_select(0, t)
+        pos = t  # the step's text position (ring: also its RoPE position; static: qpos[t] = cache index)
         self.slot_pos.index_copy_(0, ws, pos)
         if self.plan.scores == "accumulated":
             self.acc.index_fill_(0, ws, 0.0)
@@ -135,6 +141,10 @@ class ScoredEviction:
             self.ring_row = torch.remainder(t, self.plan.n_recent)
             self.qring_pos.index_copy_(0, self.ring_row, pos)
             self._window_order(t, valid[:self.C])
+            if self.plan.shift:
+                rope = qpos.index_select(0, t)
+                self.qring_rope.index_copy_(0, self.ring_row, rope)
+                self._window_delta(t, rope)
         return ws
 
     def observe(self, i: int, q, keys, valid) -> None:
@@ -150,8 +160,18 @@ class ScoredEviction:
 
     def evict(self, t, valid, qpos) -> None:
         """End of decode step t: the scheduled prune (if any) keeps keep_top's slots."""
-        keep = self._keep(valid[:self.C], qpos.index_select(0, t))
+        keep = self._keep(valid[:self.C], t)  # the newest token: text position t
         valid[:self.C] = torch.where(self.prune.index_select(0, t), keep, valid[:self.C])
+
+    def compaction(self, valid):
+        """Static layout, after a prune: the permutation that puts the kept slots first, in their
+        current (= cache) order, then the freed ones (a stable sort of the keep mask: capturable);
+        the per-slot state follows it. The caller gathers K, V and valid with it."""
+        C = self.C
+        perm = torch.sort((~valid[:C]).to(torch.uint8), stable=True).indices
+        self.slot_pos[:C] = self.slot_pos[:C].index_select(0, perm)
+        self.acc[:C] = self.acc[:C].index_select(0, perm)
+        return perm
 
     # ---------------------------------------------------------------- prefill (slots 0..P-1 = positions)
 
@@ -161,8 +181,11 @@ class ScoredEviction:
             r = torch.arange(max(0, P - self.plan.n_recent), P, device=self.slot_pos.device)
             self.prefill_rows = (r, torch.remainder(r, self.plan.n_recent))
             self.qring_pos.index_copy_(0, self.prefill_rows[1], r)
+            self.qring_rope.index_copy_(0, self.prefill_rows[1], r)  # the prefill: RoPE positions = text
             self.prefill_valid = self.ar_c < P
             self._window_order(P - 1, self.prefill_valid)
+            if self.plan.shift:
+                self._window_delta(P - 1, P - 1)
 
     def observe_prefill(self, i: int, q, k, keys) -> None:
         """Layer i of the prefill: q [1, H, P, D], k [1, Hkv, P, D] rotated (keys: the same in the slots,
@@ -209,11 +232,21 @@ class ScoredEviction:
         self.order = torch.where(valid, self.slot_pos[:self.C], self.MAX_POS).sort().indices
         self.scored_n = self.ar_c < valid.sum() - w
 
+    def _window_delta(self, newest, rope) -> None:
+        """Shift positions (SnapKV as the eager policy): each window query at the position its token
+        holds in the cache now, i.e. rotated by delta = (rope - (newest - its text position)) - the
+        position it was rotated at (prunes since its step moved it towards the front); ring rows in
+        qorder (oldest first)."""
+        qp = self.qring_pos.index_select(0, self.qorder)
+        self.qdelta = (rope - (newest - qp)) - self.qring_rope.index_select(0, self.qorder)
+
     def _window_scores(self, i: int, keys, valid) -> None:
         """snapkv_scores over the slots: queries oldest first, keys gathered into cache order (the
         window and the empty slots zeroed: the eager pooling's zero padding), scattered back."""
         C, plan = self.C, self.plan
         qs = self.qring[i].index_select(0, self.qorder).transpose(0, 1)[None]  # [1, H, w, D]
+        if plan.shift:
+            qs = rotate_by(qs, self.qdelta, self.inv_freq)
         mask = valid[None, :] & (self.slot_pos[None, :C] <= self.qring_pos.index_select(0, self.qorder)[:, None])
         attn = attention_weights(qs, keys[None], mask, self.scale)  # [Hkv, G, w, C]
         Hkv, G = attn.shape[:2]
@@ -227,8 +260,8 @@ class GraphEvaluator:
     """Evaluator for the cudagraph backends (same interface as streamkv.evaluate.Evaluator).
 
     `eager` is the host-driven Evaluator of the same run: a policy that cannot be scheduled
-    (entropy-driven adaptive/refresh; tova, h2o and snapkv with layout="static") runs through it,
-    with a warning, and `backend_used` says so.
+    (entropy-driven adaptive/refresh; tova, h2o and snapkv with original positions and layout="static",
+    or positions=shift and layout="ring") runs through it, with a warning, and `backend_used` says so.
     """
 
     def __init__(self, eager, layout: str, fused: bool = False, capture: bool = True, tokenizer=None,
@@ -313,7 +346,9 @@ class GraphEvaluator:
         self.fix_slot, self.fix_src, self.fix_pos = put(s.fix_slot), put(s.fix_src), put(s.fix_pos)
         self.perms = put(s.perms, torch.int64) if len(s.perms) else None
         self.scored = None if s.scored is None else ScoredEviction(s.scored, C, L, w.n_heads, D, self.decoder.scale,
-                                                                   dev, dt)
+                                                                   dev, dt, self.decoder.base.rotary_emb.inv_freq)
+        # static layout: a compaction after each prune (score-based policies: its permutation from the device)
+        self.compacting = self.layout == "static" and (self.perms is not None or self.scored is not None)
         self.t = torch.zeros(1, device=dev, dtype=torch.int64)
         self.prune_ctr = torch.zeros(1, device=dev, dtype=torch.int64)
         n = s.n
@@ -363,13 +398,13 @@ class GraphEvaluator:
                 self._reset_state()
                 self.t.fill_(P)
                 self._decode_step()
-                if self.perms is not None:
+                if self.compacting:
                     self._compact()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._decode_step()
-        if self.perms is not None:
+        if self.compacting:
             self.compact_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.compact_graph, pool=self.graph.pool()):
                 self._compact()
@@ -429,10 +464,10 @@ class GraphEvaluator:
                 fixed = fn.rope(self.side[i].index_select(1, fix_src), fcos, fsin).to(self.k.dtype)
                 self.k[i].index_copy_(1, fix_slot, fixed)
             keys = self.k[i, :, :C]
-            if self.scored is not None:
-                self.scored.observe(i, q, keys, self.valid)
             if not self.rotate_stored:  # static: StreamingLLM positions = slot index
                 keys = fn.rope(keys, self.cos[:C], self.sin[:C]).to(keys.dtype)
+            if self.scored is not None:
+                self.scored.observe(i, q, keys, self.valid)
             qg = q.reshape(1, w.n_kv_heads, G, w.head_dim)  # GQA: a KV head's query heads as rows
             a = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), self.v[i, :, :C].unsqueeze(0),
                                                attn_mask=mask, scale=self.scale)
@@ -456,8 +491,7 @@ class GraphEvaluator:
                       self.fix_slot if self.n_fix else None, self.fix_src, self.fix_pos,
                       n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=self.rotate_stored, has_side=self.has_side)
             if self.scored is not None:  # the Triton attention exposes no probabilities: a torch softmax
-                self.scored.observe(i, self.q_rot.view(1, w.n_heads, 1, -1), self.k[i, :, :self.s.capacity],
-                                    self.valid)
+                self.scored.observe(i, self.q_rot.view(1, w.n_heads, 1, -1), self._observed_keys(i), self.valid)
             a = self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
                           None if self.rotate_stored else self.cos, None if self.rotate_stored else self.sin)
             o = F.linear(a.view(1, -1), lw.wo)
@@ -508,8 +542,7 @@ class GraphEvaluator:
                       self.fix_slot if self.n_fix else None, self.fix_src, self.fix_pos,
                       n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=self.rotate_stored, has_side=self.has_side)
             if self.scored is not None:  # as _layers_fused
-                self.scored.observe(i, self.q_rot.view(1, w.n_heads, 1, -1), self.k[i, :, :self.s.capacity],
-                                    self.valid)
+                self.scored.observe(i, self.q_rot.view(1, w.n_heads, 1, -1), self._observed_keys(i), self.valid)
             a = self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
                           None if self.rotate_stored else self.cos, None if self.rotate_stored else self.sin)
             o = gemv(a.view(1, -1), lw.wo) if small(lw.wo) else F.linear(a.view(1, -1), lw.wo)
@@ -524,14 +557,28 @@ class GraphEvaluator:
         h, _ = LigerFusedAddRMSNormFunction.apply(m, x, w.norm, w.eps, 0.0, "llama", False)
         return F.linear(h, w.lm_head)
 
-    def _compact(self) -> None:
-        """Static layout, after a prune: move the kept slots to the front (one gather per tensor)."""
+    def _observed_keys(self, i: int):
+        """Layer i's keys as the scored policies observe them: rotated (static: at the slot index)."""
+        keys = self.k[i, :, :self.s.capacity]
+        if self.rotate_stored:
+            return keys
         C = self.s.capacity
-        perm = self.perms.index_select(0, self.prune_ctr).view(-1)
+        return fn.rope(keys, self.cos[:C], self.sin[:C]).to(keys.dtype)
+
+    def _compact(self) -> None:
+        """Static layout, after a prune: move the kept slots to the front (one gather per tensor); the
+        permutation is the schedule's, or (score-based policies) computed from the device keep mask."""
+        if self.scored is not None:
+            self._gather(self.scored.compaction(self.valid))
+        else:
+            self._gather(self.perms.index_select(0, self.prune_ctr).view(-1))
+        self.prune_ctr.add_(1)
+
+    def _gather(self, perm) -> None:
+        C = self.s.capacity
         self.k[:, :, :C] = self.k[:, :, :C].index_select(2, perm)
         self.v[:, :, :C] = self.v[:, :, :C].index_select(2, perm)
         self.valid[:C] = self.valid[:C].index_select(0, perm)
-        self.prune_ctr.add_(1)
 
     def _prefill(self, P: int) -> None:
         """The first P tokens in one forward pass (PyTorch ops, not captured), then the prune after it."""
@@ -551,7 +598,7 @@ class GraphEvaluator:
             self.k[i].index_copy_(1, slots, (k_rot if self.rotate_stored else k)[0])
             self.v[i].index_copy_(1, slots, v[0])
             if self.scored is not None:
-                self.scored.observe_prefill(i, q, k_rot, self.k[i, :, :s.capacity])
+                self.scored.observe_prefill(i, q, k_rot, self._observed_keys(i))
             a = F.scaled_dot_product_attention(q, k_rot, v, is_causal=True, scale=self.scale,
                                                enable_gqa=w.n_kv_heads != w.n_heads)
             x = fn.attn_out_mlp(x, a.transpose(1, 2).reshape(1, P, -1), lw.wo, lw.ln2, lw.wgu, lw.wd, w.eps)
@@ -562,6 +609,8 @@ class GraphEvaluator:
         self.valid[slots] = True
         if self.scored is not None:
             self.scored.end_prefill(P, self.valid)
+            if self.compacting and self.scored.plan.prefill_prune:
+                self._gather(self.scored.compaction(self.valid))
         if len(s.prefill_evict):
             self.valid[torch.as_tensor(s.prefill_evict, device=dev)] = False
         if s.prefill_perm is not None:

@@ -20,11 +20,14 @@ Two slot layouts (the two preallocated managers):
   the StreamingLLM positions, as the concat manager does.
 
 Score-based policies with a device scoring rule (`ScoredPolicy.device_scores`: tova, h2o, snapkv) are
-half-scheduled, ring layout only (they keep original positions, which the static layout cannot):
-the cache length evolves the same whatever the scores (a prune fires on the length alone and always
-keeps keep_top's count), so the prune steps, visible lengths, RoPE positions and events are
-precomputed (`ScoredPlan`); which slots a prune frees, and so the write slot of every decode step,
-is computed on the device (streamkv.backends.graph.ScoredEviction).
+half-scheduled: the cache length evolves the same whatever the scores (a prune fires on the length
+alone and always keeps keep_top's count), so the prune steps, visible lengths, RoPE positions and
+events are precomputed (`ScoredPlan`); which slots a prune frees is computed on the device
+(streamkv.backends.graph.ScoredEviction). Original positions (policy.positions=original): ring layout
+(the write slot of every decode step is the lowest free slot, computed on the device). StreamingLLM
+positions (policy.positions=shift): static layout (the write slot is the cache length, scheduled; the
+query's RoPE position is its cache index; a compaction follows each prune, its permutation computed on
+the device from the keep mask). The other combinations raise Unschedulable (eager fallback).
 
 Any other policy that reads model outputs (entropy, attention scores) cannot be scheduled: the
 simulation hands it a StepView whose `entropy` raises `DataDependent` on any use, and a policy that
@@ -84,6 +87,7 @@ class ScoredPlan:
     prefill_prune: bool  # a prune follows the prefill
     kernel_size: int = 1  # SnapKV's pooling
     pooling: str = "avg"
+    shift: bool = False  # StreamingLLM positions (static layout): SnapKV re-positions its window's queries
 
 
 class BookkeepingCache(CacheManager):
@@ -162,9 +166,12 @@ def build_schedule(policy, layout: str, ids: np.ndarray, prefill: int, decoder=N
     if layout == "static" and mode != "shift":
         raise Unschedulable(f"the static layout keeps StreamingLLM positions only; policy "
                             f"'{getattr(policy, 'name', policy)}' uses position_mode='{mode}' (use cache=ring)")
+    if layout == "ring" and mode == "shift" and scores is not None:
+        raise Unschedulable(f"the ring layout keeps true positions, and policy '{policy.name}' with "
+                            f"positions=shift may keep any token before a gap (use cache=static)")
     n = len(ids)
     if scores is not None:
-        return _scored_schedule(policy, scores, n, prefill)
+        return _scored_schedule(policy, scores, n, prefill, layout)
     book = BookkeepingCache(n_layers=0, n_kv_heads=0, head_dim=0, dtype=None, device=None, position_mode=mode,
                             capacity=getattr(cache, "capacity", None))
     if cache is not None:  # re-attach the policy to the bookkeeping cache for the simulation, then back
@@ -320,11 +327,17 @@ def _layout(feeds, layout, mode, n, prefill) -> Schedule:
                     prefill_perm=prefill_perm, visible=visible, events=events)
 
 
-def _scored_schedule(policy, scores: str, n: int, prefill: int) -> Schedule:
-    """Ring layout, a score-based policy (original positions: no fixes, no side buffer). The host
-    schedules the prunes (ScoredPolicy.due of the cache length) and their sizes; the write slots of
-    the decode steps and the evicted slots are computed on the device (their rows here are
-    placeholders: `capacity`, the scratch slot)."""
+def _scored_schedule(policy, scores: str, n: int, prefill: int, layout: str = "ring") -> Schedule:
+    """A score-based policy. The host schedules the prunes (ScoredPolicy.due of the cache length)
+    and their sizes; which slots stay is computed on the device.
+
+    ring (original positions: no fixes, no side buffer): the write slots of the decode steps and the
+    evicted slots are computed on the device too (their rows here are placeholders: `capacity`, the
+    scratch slot).
+    static (positions=shift): the kept slots are compacted to the front after every prune (in cache
+    order, by a permutation computed on the device from the keep mask), so the cache order is the slot
+    order and the length after each prune is fixed: a token is written at slot = the cache length
+    before it, and its RoPE position as a query is that index (StreamingLLM's)."""
     S, n_recent, budget = policy.n_sink, policy.n_recent, policy.budget
     n_top = max(0, budget - S - n_recent)
     length = capacity = 0
@@ -354,16 +367,21 @@ def _scored_schedule(policy, scores: str, n: int, prefill: int) -> Schedule:
     for t in range(prefill, n - 1):
         visible[t] = length
         prune[t] = feed(t, 1)
+    static = layout == "static"
+    qpos = np.arange(n, dtype=np.int64)  # ring: true positions (the prefill: both layouts)
     write_slot = np.full(n, capacity, dtype=np.int64)
+    if static:  # the cache length before the step's token: its slot and its StreamingLLM position
+        write_slot[prefill:n - 1] = qpos[prefill:n - 1] = visible[prefill:]
     write_slot[:prefill] = np.arange(prefill)  # an empty cache: the prefill fills slots 0..P-1
     none = np.zeros((n, 0), dtype=np.int64)
     plan = ScoredPlan(scores=scores, n_sink=S, n_recent=n_recent, n_top=n_top, prune=prune,
-                      prefill_prune=prefill_prune)
+                      prefill_prune=prefill_prune, shift=static)
     if scores == "window":
         plan.kernel_size, plan.pooling = int(policy.pcfg.kernel_size), str(policy.pcfg.pooling)
-    return Schedule(layout="ring", position_mode="original", n=n, prefill=prefill, capacity=capacity, n_side=0,
-                    write_slot=write_slot, qpos=np.arange(n, dtype=np.int64), side_write=np.zeros(n, dtype=np.int64),
-                    evict=np.full((n, 1), capacity, dtype=np.int64), fix_slot=none, fix_src=none, fix_pos=none,
-                    prefill_evict=np.zeros(0, dtype=np.int64), compact=np.zeros(n, dtype=bool),
+    return Schedule(layout=layout, position_mode="shift" if static else "original", n=n, prefill=prefill,
+                    capacity=capacity, n_side=0, write_slot=write_slot, qpos=qpos,
+                    side_write=np.zeros(n, dtype=np.int64), evict=np.full((n, 1), capacity, dtype=np.int64),
+                    fix_slot=none, fix_src=none, fix_pos=none, prefill_evict=np.zeros(0, dtype=np.int64),
+                    compact=prune.copy() if static else np.zeros(n, dtype=bool),
                     perms=np.zeros((0, capacity), dtype=np.int32), prefill_perm=None, visible=visible,
                     events=events, scored=plan)

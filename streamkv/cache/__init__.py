@@ -29,8 +29,9 @@ def policy_bound(cfg, policy=None) -> int | None:
 def cache_sizes(cfg, n_tokens: int, policy=None) -> dict:
     """build_cache's sizes for a run over `n_tokens` tokens: capacity (tokens held at most) = the
     `cache.capacity` override if set, else the policy's bound, at least the prefill and at most the
-    text; side_capacity = sinks + refresh budget (the side tokens that get re-rotated; a hint,
-    the side buffer grows if a policy exceeds it)."""
+    text; side_capacity = sinks + refresh budget, or the policy's `side_bound` (score-based policies
+    with positions=shift) (the side tokens that get re-rotated; a hint, the side buffer grows if a
+    policy exceeds it)."""
     explicit = cfg.cache.get("capacity")
     if explicit is not None:
         capacity = int(explicit)
@@ -38,6 +39,12 @@ def cache_sizes(cfg, n_tokens: int, policy=None) -> dict:
         bound = policy_bound(cfg, policy)
         capacity = n_tokens if bound is None else min(max(bound, int(cfg.prefill_tokens)), n_tokens)
     side = int(cfg.n_sink) + int(cfg.policy.get("refresh_budget") or 0)
+    if policy is None:
+        from streamkv.policies import build_policy
+
+        policy = build_policy(cfg)
+    # score-based policies with positions=shift: any kept token may sit before a gap
+    side = max(side, int(getattr(policy, "side_bound", None) or 0))
     return {"capacity": max(1, capacity), "side_capacity": max(1, side)}
 
 

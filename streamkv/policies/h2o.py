@@ -4,7 +4,6 @@ import numpy as np
 import torch
 
 from streamkv.errors import ConfigError
-from streamkv.policies.base import check_knobs
 from streamkv.policies.scored import ScoredPolicy, attention_weights
 
 QUERY_CHUNK = 256
@@ -17,16 +16,16 @@ class H2OPolicy(ScoredPolicy):
     cache (every query row of every step, mean over heads and layers). A prune keeps the n_sink
     sinks, the round(recent_frac * window) newest tokens, and the heavy hitters (highest accumulated
     attention) filling the rest of the budget n_sink + window. Positions: original text positions
-    (position_mode "original"), as kvpress.
+    (as kvpress) or, with policy.positions=shift, StreamingLLM's.
     """
 
     name = "h2o"
-    knobs = ("recent_frac",)
+    knobs = ("recent_frac", "positions")
     device_scores = "accumulated"
 
     @classmethod
     def check(cls, cfg) -> None:
-        check_knobs(cls, cfg)
+        super().check(cfg)
         f = cfg.policy.recent_frac
         if not 0.0 <= f <= 1.0:
             raise ConfigError(f"policy.recent_frac: must be between 0 and 1 (got {f})")

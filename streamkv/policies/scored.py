@@ -10,8 +10,12 @@ Budget: like `streaming`, a prune fires when the cache exceeds n_sink + window +
 and brings it back to exactly n_sink + window (R = 1: every step, the classic per-step setting).
 The n_sink first tokens are always kept (sinks), like every policy here.
 
-Positions: position_mode = "original" — a kept token keeps its text position (gaps stay), as
-kvpress does; no StreamingLLM shift.
+Positions (`policy.positions`, the instance's position_mode): "original" (the default) — a kept token
+keeps its text position (gaps stay), as kvpress does; "shift" — StreamingLLM's positions (the kept
+tokens get contiguous positions in cache order, the query the next one), to compare the *selection*
+with streaming's like for like (with original positions the query passes the model's trained
+context on long texts). The scores are computed the same way in both modes (softmax(q K^T) of the
+keys as the cache manager rotates them).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from streamkv.policies.base import Decision, Policy
+from streamkv.policies.base import Decision, Policy, check_knobs
+
+POSITIONS = ("original", "shift")
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask, scale: float) -> torch.Tensor:
@@ -35,6 +41,19 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask, scale: float) -> t
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
     return s.softmax(-1)
+
+
+def rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., T, D] (already rotated at some positions) by delta[T] more positions (RoPE
+    composes; delta may be negative): angles in float64 from inv_freq, no attention scaling (a pure
+    rotation of the first 2 * len(inv_freq) dims; the rest, if any, unchanged)."""
+    angles = delta.to(torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    r = emb.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    out = rot * cos + torch.cat([-rot[..., r // 2:], rot[..., :r // 2]], dim=-1) * sin
+    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
 
 
 def keep_top(scores: np.ndarray, length: int, n_sink: int, n_recent: int, budget: int) -> np.ndarray:
@@ -53,7 +72,8 @@ class ScoredPolicy(Policy):
     """Base of the attention-score baselines. Subclasses implement `observe` and `scores` and set
     `n_recent` (newest tokens always kept)."""
 
-    position_mode = "original"
+    position_mode = "original"  # the class default; __init__ sets the instance's from policy.positions
+    knobs: tuple = ("positions",)
     # how the cudagraph backends score on the device (streamkv.backends.graph.ScoredEviction):
     # "last" = the step's query only (TOVA), "accumulated" = every query since the token's write (H2O),
     # "window" = the last obs_window queries, pooled (SnapKV); None = the graph backends run it eager
@@ -61,10 +81,26 @@ class ScoredPolicy(Policy):
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        self.position_mode = str(self.pcfg.get("positions") or "original")
         self.n_layers = 1
         self.scale = 1.0
         self.cache = None
         self.reset()
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        from streamkv.errors import ConfigError
+
+        check_knobs(cls, cfg)
+        positions = cfg.policy.get("positions")
+        if positions is not None and positions not in POSITIONS:
+            raise ConfigError(f"policy.positions: '{positions}' is not one of {', '.join(POSITIONS)}")
+
+    @property
+    def side_bound(self) -> int | None:
+        """Kept tokens that may need re-rotation at a prune in "shift" mode (every kept token may sit
+        before a gap): the slot managers size their side buffer with it (streamkv.cache.cache_sizes)."""
+        return self.budget if self.position_mode == "shift" else None
 
     @property
     def n_recent(self) -> int:
@@ -78,6 +114,7 @@ class ScoredPolicy(Policy):
         self.n_layers = decoder.shape.n_layers
         self.scale = decoder.scale
         self.cache = cache
+        self.decoder = decoder
         decoder.attention_observer = self.observe
 
     def due(self, length: int) -> bool:

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from streamkv.errors import ConfigError
-from streamkv.policies.base import check_knobs
-from streamkv.policies.scored import ScoredPolicy, attention_weights
+from streamkv.policies.scored import ScoredPolicy, attention_weights, rotate_by
 
 POOLINGS = ("avg", "max")
 
@@ -36,16 +35,16 @@ class SnapKVPolicy(ScoredPolicy):
     pooled with a 1D `kernel_size` kernel (`pooling` avg|max), averaged per KV group (GQA) and then
     over KV heads and layers. Keeps the n_sink sinks, the obs_window newest tokens (the
     observation window) and the top-scored others, n_sink + window in all. Positions: original text
-    positions (position_mode "original"), as kvpress.
+    positions (as kvpress) or, with policy.positions=shift, StreamingLLM's.
     """
 
     name = "snapkv"
-    knobs = ("obs_window", "kernel_size", "pooling")
+    knobs = ("obs_window", "kernel_size", "pooling", "positions")
     device_scores = "window"
 
     @classmethod
     def check(cls, cfg) -> None:
-        check_knobs(cls, cfg)
+        super().check(cfg)
         p = cfg.policy
         if not 1 <= p.obs_window <= cfg.window:
             raise ConfigError(f"policy.obs_window: must be between 1 and window={cfg.window} (got {p.obs_window})")
@@ -61,6 +60,7 @@ class SnapKVPolicy(ScoredPolicy):
     def reset(self) -> None:
         self._q: dict = {}  # layer -> [H, <=w, D] the most recent query vectors (rotated)
         self._qpos = np.zeros(0, dtype=np.int64)  # their text positions
+        self._qrope = np.zeros(0, dtype=np.int64)  # the RoPE positions they were rotated at (shift mode)
         self._acc = None
 
     def observe(self, layer, q, k, mask) -> None:
@@ -68,15 +68,28 @@ class SnapKVPolicy(ScoredPolicy):
         T = q.shape[2]
         prev = self._q.get(layer)
         self._q[layer] = (q[0] if prev is None else torch.cat([prev, q[0]], dim=1))[:, -w:]
+        shift = self.position_mode == "shift"
         if layer == 0:
             self._qpos = np.concatenate([self._qpos, self.cache.token_pos[-T:]])[-w:]
+            if shift:
+                rope = np.asarray(self.decoder.q_pos.cpu().numpy(), dtype=np.int64).reshape(-1)[-T:]
+                self._qrope = np.concatenate([self._qrope, rope])[-w:]
         L = k.shape[2]
         if not self.due(L):
             return
         kpos = torch.as_tensor(self.cache.token_pos, device=k.device)
         qpos = torch.as_tensor(self._qpos, device=k.device)
         causal = kpos[None, :] <= qpos[:, None]  # a query sees only keys at or before its position
-        attn = attention_weights(self._q[layer][None], k, causal, self.scale)
+        q = self._q[layer]
+        if shift and layer == 0:
+            # StreamingLLM positions: each observation query at the position its token holds in the
+            # cache now (= its own key's; prunes since its step moved it), whatever the manager's
+            # offset convention: delta = now - when rotated (0 for the slot managers)
+            now = self._qrope[-1] - (self._qpos[-1] - self._qpos)
+            self._qdelta = torch.as_tensor(now - self._qrope, device=k.device)
+        if shift and bool((self._qdelta != 0).any()):
+            q = rotate_by(q, self._qdelta, self.decoder.base.rotary_emb.inv_freq)
+        attn = attention_weights(q[None], k, causal, self.scale)
         s = snapkv_scores(attn, min(w, L), int(self.pcfg.kernel_size), str(self.pcfg.pooling))
         self._acc = s if layer == 0 or self._acc is None else self._acc + s
 

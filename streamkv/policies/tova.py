@@ -11,11 +11,12 @@ class TOVAPolicy(ScoredPolicy):
     Score of a cached token = attention weight of the step's (last) query, averaged over all heads
     and layers. With compress_every = R > 1 the prune removes the R lowest-scored tokens at once
     (R = 1 is TOVA's per-step eviction). Keeps the n_sink sinks and, as kvpress does, the newest
-    token. Positions: original text positions (position_mode "original"), as kvpress.
+    token. Positions: original text positions (as kvpress) or, with policy.positions=shift,
+    StreamingLLM's.
     """
 
     name = "tova"
-    knobs = ()
+    knobs = ("positions",)
     device_scores = "last"
 
     @property
