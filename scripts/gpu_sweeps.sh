@@ -33,10 +33,13 @@ declare -A STEPS=(
   [e_book]="+sweep=phase_e_baselines dataset=book"
   [c_wiki]="+sweep=phase_c_managers dataset=wiki"
   [d_wiki]="+sweep=phase_d_fused dataset=wiki"
+  [e_shift_wiki]="+sweep=phase_e_shift dataset=wiki cache=static backend=cudagraph_fused"
+  [e_shift_book]="+sweep=phase_e_shift dataset=book cache=static backend=cudagraph_fused"
 )
 # Phases C and D compare managers / backends: their blocks name cache and backend themselves (their
 # eager runs decode at ~25-30 ms/token: ~2 minutes per wiki run, ~10 per book run).
-declare -A OWN_PATH=([c_wiki]=1 [d_wiki]=1)
+# Phase E with shifted positions runs on the static layout (its args name it).
+declare -A OWN_PATH=([c_wiki]=1 [d_wiki]=1 [e_shift_wiki]=1 [e_shift_book]=1)
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } | tee -a "$log"
 for name in "$@"; do
