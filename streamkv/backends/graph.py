@@ -479,21 +479,11 @@ class GraphEvaluator:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
         from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
 
-        from streamkv.backends.triton_kernels import kv_update
-
         w = self.w
         x = x.view(1, -1)
         h = LigerRMSNormFunction.apply(x, w.layers[0].ln1, w.eps, 0.0, "llama", False)
         for i, lw in enumerate(w.layers):
-            qkv = F.linear(h, lw.wqkv, lw.bqkv)
-            kv_update(qkv, self.q_rot, self.k[i], self.v[i], self.side[i] if self.has_side else None,
-                      self.cos, self.sin, t, self.qpos, self.write_slot, self.side_write,
-                      self.fix_slot if self.n_fix else None, self.fix_src, self.fix_pos,
-                      n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=self.rotate_stored, has_side=self.has_side)
-            if self.scored is not None:  # the Triton attention exposes no probabilities: a torch softmax
-                self.scored.observe(i, self.q_rot.view(1, w.n_heads, 1, -1), self._observed_keys(i), self.valid)
-            a = self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
-                          None if self.rotate_stored else self.cos, None if self.rotate_stored else self.sin)
+            a = self._attend_fused(i, F.linear(h, lw.wqkv, lw.bqkv), t)
             o = F.linear(a.view(1, -1), lw.wo)
             h, x = LigerFusedAddRMSNormFunction.apply(o, x, lw.ln2, w.eps, 0.0, "llama", False)
             m = F.linear(LigerFusedGateUpSiLUMulFunction.apply(F.linear(h, lw.wgu)), lw.wd)
@@ -506,7 +496,6 @@ class GraphEvaluator:
         attention (2), o_proj, add+RMSNorm+gate/up GEMV, SwiGLU+down GEMV: 7 launches instead
         of 10. Returns the logits [1, vocab]."""
         from streamkv.backends.gemv_kernels import add_rmsnorm_gemv, gemv, swiglu_gemv
-        from streamkv.backends.triton_kernels import kv_update
 
         w = self.w
         x = x.reshape(1, -1)
@@ -537,14 +526,7 @@ class GraphEvaluator:
         m = None  # the previous layer's down-projection output, added to the residual x in the prologue
         for i, lw in enumerate(w.layers):
             qkv, x = norm_gemv(m, x, lw.ln1, lw.wqkv, lw.bqkv)
-            kv_update(qkv, self.q_rot, self.k[i], self.v[i], self.side[i] if self.has_side else None,
-                      self.cos, self.sin, t, self.qpos, self.write_slot, self.side_write,
-                      self.fix_slot if self.n_fix else None, self.fix_src, self.fix_pos,
-                      n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=self.rotate_stored, has_side=self.has_side)
-            if self.scored is not None:  # as _layers_fused
-                self.scored.observe(i, self.q_rot.view(1, w.n_heads, 1, -1), self._observed_keys(i), self.valid)
-            a = self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
-                          None if self.rotate_stored else self.cos, None if self.rotate_stored else self.sin)
+            a = self._attend_fused(i, qkv, t)
             o = gemv(a.view(1, -1), lw.wo) if small(lw.wo) else F.linear(a.view(1, -1), lw.wo)
             gu, x = norm_gemv(o, x, lw.ln2, lw.wgu)
             m = mlp_down(gu, lw.wd)
@@ -556,6 +538,21 @@ class GraphEvaluator:
 
         h, _ = LigerFusedAddRMSNormFunction.apply(m, x, w.norm, w.eps, 0.0, "llama", False)
         return F.linear(h, w.lm_head)
+
+    def _attend_fused(self, i: int, qkv, t):
+        """Layer i's attention on the fused paths, from its qkv projection: RoPE + slot write (Triton
+        kv_update), the scored policies' observation, split-KV decode attention. Returns [H, D]."""
+        from streamkv.backends.triton_kernels import kv_update
+
+        w = self.w
+        kv_update(qkv, self.q_rot, self.k[i], self.v[i], self.side[i] if self.has_side else None,
+                  self.cos, self.sin, t, self.qpos, self.write_slot, self.side_write,
+                  self.fix_slot if self.n_fix else None, self.fix_src, self.fix_pos,
+                  n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=self.rotate_stored, has_side=self.has_side)
+        if self.scored is not None:  # the Triton attention exposes no probabilities: a torch softmax
+            self.scored.observe(i, self.q_rot.view(1, w.n_heads, 1, -1), self._observed_keys(i), self.valid)
+        return self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
+                         None if self.rotate_stored else self.cos, None if self.rotate_stored else self.sin)
 
     def _observed_keys(self, i: int):
         """Layer i's keys as the scored policies observe them: rotated (static: at the slot index)."""
