@@ -50,6 +50,11 @@ def text_ids(kind: str, name: str = "wiki", n: int = 400) -> torch.Tensor:
 
 def evaluate(kind: str, ids: torch.Tensor, *overrides: str, spy=None):
     """Run one config in-process on `ids`; returns the EvalResult. `spy(cache)` runs after each prune."""
+    return evaluate_with_cache(kind, ids, *overrides, spy=spy)[0]
+
+
+def evaluate_with_cache(kind: str, ids: torch.Tensor, *overrides: str, spy=None):
+    """As `evaluate`, returning (EvalResult, the run's cache manager)."""
     from streamkv.runner import make_evaluator
 
     cfg = compose(f"model={kind}", *overrides)
@@ -62,7 +67,7 @@ def evaluate(kind: str, ids: torch.Tensor, *overrides: str, spy=None):
             spy(ev.cache)
 
         ev.cache.evict = spying_evict
-    return ev.run(ids, cfg.prefill_tokens)
+    return ev.run(ids, cfg.prefill_tokens), ev.cache
 
 
 def hf_nll(kind: str, ids: torch.Tensor) -> np.ndarray:

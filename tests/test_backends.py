@@ -275,15 +275,22 @@ def test_graph_scored_static_layout_falls_back(caplog):
     assert "static layout keeps StreamingLLM positions only" in caplog.text
 
 
-def test_graph_scored_shift_ring_layout_falls_back(caplog):
-    """positions=shift in the ring layout (keys stored at their true positions) runs eager, saying why."""
-    ids = text_ids(KIND, n=60)
-    args = ("n_sink=4", "window=24", "policy=h2o", "compress_every=4", "policy.positions=shift")
+def _eager_and_ring_graph(caplog, n: int, *args):
+    """The eager run and the ring graph run (its warnings captured) of one config on n tokens:
+    (eager result, GraphEvaluator, graph result)."""
+    ids = text_ids(KIND, n=n)
     cfg, ev = _evaluator(*args, n=len(ids))
     ref = ev.run(ids, 0)
     cfg, g = _graph("ring", *args, n=len(ids))
     with caplog.at_level("WARNING", logger="streamkv"):
         r = g.run(ids, 0)
+    return ref, g, r
+
+
+def test_graph_scored_shift_ring_layout_falls_back(caplog):
+    """positions=shift in the ring layout (keys stored at their true positions) runs eager, saying why."""
+    ref, g, r = _eager_and_ring_graph(caplog, 60, "n_sink=4", "window=24", "policy=h2o", "compress_every=4",
+                                      "policy.positions=shift")
     assert g.backend_used == "eager (fallback from cudagraph)"
     assert "ring layout keeps true positions" in caplog.text and "use cache=static" in caplog.text
     np.testing.assert_allclose(r.nll, ref.nll, atol=1e-5, rtol=0)  # the eager path over the ring manager
@@ -293,13 +300,7 @@ def test_graph_scored_shift_ring_layout_falls_back(caplog):
                                     ("policy=refresh", "policy.refresh_budget=4", "policy.refresh_select=entropy",
                                      "compress_every=8")])
 def test_data_dependent_policy_falls_back_to_eager(policy, caplog):
-    ids = text_ids(KIND, n=120)
-    args = ("n_sink=4", "window=24", *policy)
-    cfg, ev = _evaluator(*args, n=len(ids))
-    ref = ev.run(ids, 0)
-    cfg, g = _graph("ring", *args, n=len(ids))
-    with caplog.at_level("WARNING", logger="streamkv"):
-        r = g.run(ids, 0)
+    ref, g, r = _eager_and_ring_graph(caplog, 120, "n_sink=4", "window=24", *policy)
     assert g.backend_used == "eager (fallback from cudagraph)"
     assert "cannot be precomputed" in caplog.text
     np.testing.assert_array_equal(r.nll, ref.nll)

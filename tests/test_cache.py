@@ -23,7 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import PYTHON, ROOT, compose, load, text_ids  # noqa: E402
+from conftest import PYTHON, ROOT, compose, evaluate_with_cache, load, text_ids  # noqa: E402
 
 from streamkv.cache import CACHES, build_cache  # noqa: E402
 from streamkv.errors import ConfigError  # noqa: E402
@@ -64,20 +64,8 @@ def _overrides(policy: str, extra=None) -> tuple:
 
 
 def run(kind: str, ids: torch.Tensor, cache: str, *overrides: str, spy=None):
-    """One in-process run (as conftest.evaluate) -> (EvalResult, the cache manager)."""
-    from streamkv.runner import make_evaluator
-
-    cfg = compose(f"model={kind}", f"cache={cache}", "progress=false", *overrides)
-    ev = make_evaluator(cfg, load(kind).model, len(ids), torch.device("cpu"), load(kind).tokenizer)
-    if spy is not None:
-        evict = ev.cache.evict
-
-        def spying_evict(keep):
-            evict(keep)
-            spy(ev.cache)
-
-        ev.cache.evict = spying_evict
-    return ev.run(ids, cfg.prefill_tokens), ev.cache
+    """One in-process run -> (EvalResult, the cache manager)."""
+    return evaluate_with_cache(kind, ids, f"cache={cache}", "progress=false", *overrides, spy=spy)
 
 
 @functools.lru_cache(maxsize=64)
