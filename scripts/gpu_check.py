@@ -105,9 +105,7 @@ def check_kernels(dev) -> list[dict]:
 def run_path(model, tok, ids, overrides, cache, backend, dev, dtype, sync_check=False):
     from streamkv.bench import Case, our_evaluator
 
-    gemv = backend.endswith("+gemv")  # cudagraph_fused with the fused-prologue GEMVs (gemv_kernels.py)
-    case = Case("x", "ours", cache=cache, backend=backend.removesuffix("+gemv"), policy=tuple(overrides[2:]),
-                R=int(overrides[1]), gemv=gemv)
+    case = Case("x", "ours", cache=cache, backend=backend, policy=tuple(overrides[2:]), R=int(overrides[1]))
     n_sink, window = 4, int(overrides[0])
     ev = our_evaluator(case, model, tok, len(ids), dev, dtype, n_sink, window)
     prefill = n_sink + window
@@ -170,8 +168,8 @@ def main() -> int:
         "tova shift R=32": (W, 32, "policy=tova", "policy.positions=shift"),
         "snapkv shift R=32": (W, 32, "policy=snapkv", "policy.positions=shift"),
     }
-    paths = [("ring", "cudagraph"), ("ring", "cudagraph_fused"), ("ring", "cudagraph_fused+gemv"),
-             ("static", "cudagraph"), ("static", "cudagraph_fused"), ("static", "cudagraph_fused+gemv")]
+    paths = [("ring", "cudagraph"), ("ring", "cudagraph_fused"), ("ring", "cudagraph_fused_gemv"),
+             ("static", "cudagraph"), ("static", "cudagraph_fused"), ("static", "cudagraph_fused_gemv")]
     if args.quick:
         policies = {k: v for k, v in policies.items() if k in ("streaming R=1", "streaming R=32",
                                                                "refresh uniform 64, R=32")}

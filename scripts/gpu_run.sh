@@ -2,7 +2,7 @@
 # Device-side driver for the lent GPU machine (see /work/shared/device/README.md for the carry):
 #   source .devcarry/bootstrap.sh && bash scripts/gpu_run.sh check|bench-small|bench-big|quick
 # (quick: the graph paths' NLL check + the fused graph path and HF static+compile on SmolLM2 and 7B;
-#  gemv: scripts/gemv_bench.py + cudagraph_fused with/without the fused GEMVs on SmolLM2 + their NLL check)
+#  gemv: scripts/gemv_bench.py + cudagraph_fused vs cudagraph_fused_gemv on SmolLM2 + their NLL check)
 # Writes everything under $OUT (or ./gpu-out): check.json/check.log, bench/bench.{json,md}, logs.
 set -uo pipefail
 stage=${1:?usage: gpu_run.sh check|bench-small|bench-big|quick|gemv}
@@ -20,7 +20,7 @@ case "$stage" in
                  --out "$out/bench" 2>&1 | tee "$out/bench.log" ;;
   gemv)        python3 scripts/gemv_bench.py --out "$out/gemv_bench.json" 2>&1 | tee "$out/gemv_bench.log"
                python3 -m streamkv.bench --models smollm2 --only "ring x cudagraph_fused streaming R=32" \
-                 "ring x cudagraph_fused+gemv" "static x cudagraph_fused+gemv" "static x cudagraph_fused streaming R=32" \
+                 "ring x cudagraph_fused_gemv" "static x cudagraph_fused_gemv" "static x cudagraph_fused streaming R=32" \
                  --out "$out/bench" 2>&1 | tee "$out/bench.log"
                python3 scripts/gpu_check.py --quick --paths "cudagraph_fused" --out "$out" 2>&1 | tee "$out/check.log" ;;
   *) echo "unknown stage $stage"; exit 2 ;;

@@ -66,7 +66,6 @@ class Case:
     R: int = 32
     decode: int = 0  # decode steps (0: the model's default for the kind)
     profile: bool = False
-    gemv: bool = False  # cudagraph_fused with the fused-prologue GEMVs (GraphEvaluator(fused_gemv=True))
 
 
 @dataclass
@@ -396,8 +395,9 @@ def our_evaluator(case: Case, model, tokenizer, n_tokens: int, device, dtype, n_
     if case.backend in GRAPH:
         from streamkv.backends.graph import GraphEvaluator
 
-        return GraphEvaluator(ev, layout=case.cache, fused=case.backend == "cudagraph_fused",
-                              capture=device.type == "cuda", tokenizer=tokenizer, fused_gemv=case.gemv)
+        return GraphEvaluator(ev, layout=case.cache, fused=case.backend.startswith("cudagraph_fused"),
+                              fused_gemv=case.backend == "cudagraph_fused_gemv", capture=device.type == "cuda",
+                              tokenizer=tokenizer)
     from streamkv.backends import functional as fn
 
     if case.backend == "compile":
@@ -464,11 +464,9 @@ def default_cases(model: str, smoke: bool, managers: set) -> list[Case]:
         cases += [Case("concat x compile", "ours", backend="compile"),
                   Case("concat x fused", "ours", backend="fused")]
     for R in (1, 32, 64):
-        cases.append(Case("ring x cudagraph_fused", "ours", "ring", "cudagraph_fused", R=R, profile=R == 32,
-                          gemv=False))
-    # the same with the fused-prologue GEMVs (streamkv/backends/gemv_kernels.py), whatever FUSED_GEMV says
-    cases.append(Case("ring x cudagraph_fused+gemv", "ours", "ring", "cudagraph_fused", R=32, profile=True,
-                      gemv=True))
+        cases.append(Case("ring x cudagraph_fused", "ours", "ring", "cudagraph_fused", R=R, profile=R == 32))
+    # the same with the fused-prologue GEMVs (streamkv/backends/gemv_kernels.py)
+    cases.append(Case("ring x cudagraph_fused_gemv", "ours", "ring", "cudagraph_fused_gemv", R=32, profile=True))
     cases.append(Case("ring x cudagraph", "ours", "ring", "cudagraph", R=32, profile=not big))
     if not big:
         for R in (1, 64):
@@ -483,7 +481,7 @@ def default_cases(model: str, smoke: bool, managers: set) -> list[Case]:
                        policy=("policy=refresh", "policy.refresh_budget=64"), policy_name="refresh (uniform, 64)")]
     for R in ((1, 32, 64) if not big else (1, 32)):
         cases.append(Case("static x cudagraph_fused", "ours", "static", "cudagraph_fused", R=R))
-    cases.append(Case("static x cudagraph_fused+gemv", "ours", "static", "cudagraph_fused", R=32, gemv=True))
+    cases.append(Case("static x cudagraph_fused_gemv", "ours", "static", "cudagraph_fused_gemv", R=32))
     if not big:
         cases.append(Case("static x cudagraph", "ours", "static", "cudagraph", R=32))
     # host-driven preallocated managers, where this checkout has them (streamkv/cache)
@@ -514,7 +512,7 @@ def run_model(name: str, args, device, dtype, bw: float, out_dir: Path) -> list[
         decode = case.decode or ((args.decode_slow + (4 if case.kind == "ours" else 0)) if slow else args.decode)
         policy_label = case.policy_name
         row = Row(model=name, label=case.label, cache=case.cache if case.kind == "ours" else "-",
-                  backend=(case.backend + ("+gemv" if case.gemv else "")) if case.kind == "ours" else "-", policy=policy_label if case.kind != "hf_static"
+                  backend=case.backend if case.kind == "ours" else "-", policy=policy_label if case.kind != "hf_static"
                   else "full (dense)", R=case.R if case.kind != "hf_static" else 0,
                   weights_mb=total_w / 2**20)
         t_case = time.perf_counter()

@@ -39,6 +39,8 @@ def one_thread():
     (["backend.name=nope"], "backend: 'nope' is not one of"),
     (["backend=cudagraph", "cache=ring"], "backend: 'cudagraph' needs a CUDA device (device=cpu)"),
     (["backend=cudagraph_fused", "cache=static"], "needs a CUDA device"),
+    (["backend=cudagraph_fused_gemv", "cache=ring"], "backend: 'cudagraph_fused_gemv' needs a CUDA device"),
+    (["backend=cudagraph_fused_gemv", "device=cuda"], "needs a preallocated cache manager"),
     (["backend=fused"], "backend: 'fused' needs a CUDA device"),
     (["backend=cudagraph", "device=cuda"], "needs a preallocated cache manager (cache=ring or cache=static), "
                                            "not cache=concat"),
@@ -111,6 +113,19 @@ def test_compile_backend_traces_and_matches():
     ev.decoder.dense = compiled_dense(fn.gather_weights(load(KIND).model), backend="aot_eager")
     r = ev.run(ids, 0)
     np.testing.assert_allclose(r.nll, ref.nll, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name, gemv", [("cudagraph", False), ("cudagraph_fused", False),
+                                        ("cudagraph_fused_gemv", True)])
+def test_graph_backends_wire_their_kernels(name, gemv):
+    """attach_backend gives each graph backend its own kernels, and backend_used names it."""
+    from streamkv.backends import attach_backend
+    from streamkv.backends.graph import GraphEvaluator
+
+    cfg, ev = _evaluator(f"backend={name}", "cache=ring", "device=cuda", "window=16", n=40)  # built on the CPU
+    g = attach_backend(cfg, ev)
+    assert isinstance(g, GraphEvaluator)
+    assert (g.fused, g.fused_gemv, g.backend_used) == (name != "cudagraph", gemv, name)
 
 
 # ---------------------------------------------------------------- the graph path, un-captured
@@ -498,7 +513,7 @@ def test_fused_graph_step_in_interpreter():
                                           (True, None, False)]:
                 graph.FUSED_GEMV_LM_HEAD, graph.FUSED_GEMV_MAX_BYTES, graph.FUSED_GEMV_EXACT = lm_head, limit, exact
                 g = GraphEvaluator(ev(), layout, fused=True, capture=False, fused_gemv=True)
-                assert g.fused_gemv and g.backend_name == "cudagraph_fused+gemv"
+                assert g.fused_gemv and g.backend_name == "cudagraph_fused_gemv"
                 rg = g.run(ids, 20)
                 assert np.abs(rg.nll - r.nll).max() < 1e-5, (layout, lm_head, limit, exact, np.abs(rg.nll - r.nll).max())
                 assert np.abs(rg.entropy - r.entropy).max() < 1e-4, (layout, lm_head, limit, exact)

@@ -14,6 +14,10 @@ docs/benchmarks.md). One name per backend (conf/backend/<name>.yaml):
                    schedule (streamkv/backends/schedule.py). Needs cache=ring or cache=static and CUDA.
   cudagraph_fused  cudagraph + liger-kernel (RMSNorm, residual-add + RMSNorm, SwiGLU) + our Triton kernels
                    (RoPE fused with the slot write; split-KV masked decode attention).
+  cudagraph_fused_gemv  cudagraph_fused with each residual-add + RMSNorm fused into the GEMV after it and
+                   SwiGLU into the down projection (our Triton GEMVs, streamkv/backends/gemv_kernels.py,
+                   tuned for SmolLM2-sized weights; weights above 4 MiB keep cuBLAS). Fastest path on
+                   small models (docs/benchmarks.md).
 
 The score-based policies tova, h2o and snapkv run inside the graph step (prefill included): with their
 original positions (policy.positions=original) in cache=ring, with StreamingLLM positions
@@ -34,9 +38,10 @@ BACKENDS = {
     "fused": "liger-kernel fused RMSNorm / add+RMSNorm / SwiGLU, host-driven cache manager (CUDA)",
     "cudagraph": "whole decode step captured as one CUDA graph over a slot schedule (CUDA; cache=ring|static)",
     "cudagraph_fused": "cudagraph + liger-kernel + own Triton RoPE/cache-write and decode attention",
+    "cudagraph_fused_gemv": "cudagraph_fused + own Triton GEMVs with the norm / SwiGLU fused in",
 }
-CUDA_ONLY = ("fused", "cudagraph", "cudagraph_fused")
-GRAPH = ("cudagraph", "cudagraph_fused")
+CUDA_ONLY = ("fused", "cudagraph", "cudagraph_fused", "cudagraph_fused_gemv")
+GRAPH = ("cudagraph", "cudagraph_fused", "cudagraph_fused_gemv")
 PREALLOCATED = ("ring", "static")
 
 
@@ -90,7 +95,8 @@ def attach_backend(cfg, evaluator, tokenizer=None):
         return evaluator
     from streamkv.backends.graph import GraphEvaluator
 
-    return GraphEvaluator(evaluator, layout=cfg.cache.name, fused=name == "cudagraph_fused", tokenizer=tokenizer)
+    return GraphEvaluator(evaluator, layout=cfg.cache.name, fused=name.startswith("cudagraph_fused"),
+                          fused_gemv=name == "cudagraph_fused_gemv", tokenizer=tokenizer)
 
 
 __all__ = ["BACKENDS", "attach_backend", "check_backend"]

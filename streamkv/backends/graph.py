@@ -16,8 +16,8 @@ sync, no per-token copies, no recompiles as the cache fills.
 
 `cudagraph` runs the step with PyTorch ops (SDPA for attention); `cudagraph_fused` swaps in
 liger-kernel's fused RMSNorm (+ residual add) and SwiGLU and our Triton kernels for RoPE + cache
-write and split-KV decode attention (streamkv/backends/triton_kernels.py); with `fused_gemv`
-(FUSED_GEMV below) it also folds each add + RMSNorm into the GEMV after it and SwiGLU into the down
+write and split-KV decode attention (streamkv/backends/triton_kernels.py); `cudagraph_fused_gemv`
+(`fused_gemv=True`) also folds each add + RMSNorm into the GEMV after it and SwiGLU into the down
 projection (streamkv/backends/gemv_kernels.py).
 
 The same class runs un-captured on the CPU (`capture=False`): that is how tests check the schedule,
@@ -60,19 +60,18 @@ def _capture_stream(device) -> "torch.cuda.Stream":
     return _STREAMS[key]
 
 
-# cudagraph_fused: replace liger's add + RMSNorm and SwiGLU kernels and the cuBLAS GEMV after each by one
-# Triton kernel (streamkv/backends/gemv_kernels.py): 3 launches fewer per layer (+ the final norm
-# fused into the LM head). Off until measured on the GPU against the cuBLAS path; the constructor's
-# `fused_gemv` overrides it per evaluator (streamkv.bench runs both, "cudagraph_fused+gemv").
-FUSED_GEMV = False
-# with FUSED_GEMV: also fuse the final add + RMSNorm into the LM head GEMV (a large, bandwidth-bound
+# cudagraph_fused_gemv (`fused_gemv=True`): replace liger's add + RMSNorm and SwiGLU kernels and the cuBLAS
+# GEMV after each by one Triton kernel (streamkv/backends/gemv_kernels.py): 3 launches fewer per layer
+# (+ the final norm fused into the LM head). Its own backend name, not a change of cudagraph_fused, so
+# that records made with either stay comparable (docs/benchmarks.md has both, measured in one call).
+# with fused_gemv: also fuse the final add + RMSNorm into the LM head GEMV (a large, bandwidth-bound
 # GEMV, where our kernel must match cuBLAS's bandwidth to gain the launch).
 FUSED_GEMV_LM_HEAD = True
-# with FUSED_GEMV: weights larger than this (bytes) keep liger + cuBLAS (bandwidth-bound GEMVs of big
+# with fused_gemv: weights larger than this (bytes) keep liger + cuBLAS (bandwidth-bound GEMVs of big
 # models: on an H100 cuBLAS beats our kernel from ~10 MB up, by more than the saved launch, see
 # docs/benchmarks.md); None: every GEMV fused. Smaller weights also take our plain kernel for o_proj.
 FUSED_GEMV_MAX_BYTES = 4 << 20
-# with FUSED_GEMV: False = the one-pass norm prologue (y = rstd * W @ (s * gamma): the weight loads do not
+# with fused_gemv: False = the one-pass norm prologue (y = rstd * W @ (s * gamma): the weight loads do not
 # wait for the norm; h not rounded to bf16 before the dot, see gemv_kernels.py); True = HF's roundings.
 FUSED_GEMV_EXACT = True
 
@@ -265,14 +264,14 @@ class GraphEvaluator:
     """
 
     def __init__(self, eager, layout: str, fused: bool = False, capture: bool = True, tokenizer=None,
-                 fused_gemv: bool | None = None):
+                 fused_gemv: bool = False):
         self.eager = eager
         self.decoder, self.cache, self.policy, self.device = eager.decoder, eager.cache, eager.policy, eager.device
         self.layout, self.fused, self.capture = layout, fused, capture
-        # cudagraph_fused only: norm/SwiGLU prologues fused into the GEMVs (gemv_kernels.py)
-        self.fused_gemv = bool(fused and (FUSED_GEMV if fused_gemv is None else fused_gemv))
+        # cudagraph_fused_gemv: norm/SwiGLU prologues fused into the GEMVs (gemv_kernels.py)
+        self.fused_gemv = bool(fused and fused_gemv)
         self.tokenizer = tokenizer
-        self.backend_name = ("cudagraph_fused+gemv" if self.fused_gemv else "cudagraph_fused") if fused else "cudagraph"
+        self.backend_name = ("cudagraph_fused_gemv" if self.fused_gemv else "cudagraph_fused") if fused else "cudagraph"
         self.backend_used = self.backend_name
         self.fallback_reason = None
         self.w = fn.gather_weights(self.decoder.model, self.backend_name)
