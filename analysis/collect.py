@@ -27,7 +27,7 @@ GROUPS = ("model", "dataset", "policy", "cache", "backend")
 LEAD = ("model", "dataset", "policy", "cache", "backend", "n_sink", "window", "compress_every",
         "prefill_tokens", "seed", "repeat", "dtype", "device")
 # Per-run facts that are not config (kept next to the config columns).
-INFO = ("status", "error_type", "error", "device_name", "device_type", "identity", "overrides",
+INFO = ("status", "error_type", "error", "device_name", "device_type", "backend_used", "identity", "overrides",
         "git_commit", "started_at", "finished_at", "path")
 
 
@@ -147,7 +147,7 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
             dev = rec.get("device") or {}
             info["device_name"] = dev.get("name")
             info["device_type"] = dev.get("type")
-            for k in ("identity", "git_commit", "started_at", "finished_at"):
+            for k in ("backend_used", "identity", "git_commit", "started_at", "finished_at"):
                 info[k] = rec.get(k)
             cfg = rec.get("config")
             m = rec.get("metrics") or {}

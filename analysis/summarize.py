@@ -35,7 +35,9 @@ def group_columns(runs: pd.DataFrame, cfg_cols: list[str], group_by: list[str] |
                   ignore: tuple[str, ...] | list[str] = DEFAULT_IGNORE) -> list[str]:
     """The columns that define a config: --group-by if given, else every config column but `ignore`.
 
-    device_name is included by default: timings from different hardware are never pooled.
+    device_name and backend_used (the path that really ran: a graph backend falls back to eager for a
+    policy it cannot precompute) are included by default: timings from different hardware or decode
+    paths are never pooled.
     """
     if group_by:
         check_columns(runs, group_by, "--group-by")
@@ -43,7 +45,7 @@ def group_columns(runs: pd.DataFrame, cfg_cols: list[str], group_by: list[str] |
     ok = runs[runs["status"] == "ok"]
     ok = ok if len(ok) else runs  # no ok run: the (empty) summary still gets sensible columns
     cols = [c for c in cfg_cols if c not in ignore and ok[c].notna().any()]
-    return cols + ["device_name"]
+    return cols + ["device_name"] + (["backend_used"] if "backend_used" in ok and ok["backend_used"].notna().any() else [])
 
 
 def _is_method(col: str) -> bool:

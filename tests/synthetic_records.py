@@ -48,7 +48,8 @@ def events(steps, window: int = 32, n_sink: int = 4, dropped: int = 4) -> pd.Dat
 
 
 def write_run(run_dir: Path, cfg: dict, metrics: dict | None = None, status: str | None = "ok",
-              error: dict | None = None, device: str = DEVICE, with_traces: bool = True) -> Path:
+              error: dict | None = None, device: str = DEVICE, with_traces: bool = True,
+              backend_used: str | None = None) -> Path:
     """Write one run directory. status=None writes no result.json (an incomplete run)."""
     run_dir = Path(run_dir)
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
@@ -60,6 +61,7 @@ def write_run(run_dir: Path, cfg: dict, metrics: dict | None = None, status: str
     rec = {
         "schema": 1, "status": status, "error": error, "identity": "0" * 64, "config": cfg,
         "metrics": metrics or {}, "model": {"name": cfg["model"]["name"], "arch": "llama", "n_params": 1000},
+        "backend_used": backend_used or cfg["backend"]["name"],
         "dataset": {"name": cfg["dataset"]["name"], "n_tokens": 120},
         "device": {"type": "cpu", "name": device},
         "versions": {"python": "3.11", "torch": "2.13.0"}, "git_commit": "abc",

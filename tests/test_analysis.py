@@ -309,3 +309,16 @@ def test_pareto_plot_many_configs_and_outliers():
     assert [txt.get_text() for txt in ax.texts] == ["R1"]
     assert ax.get_yscale() == "symlog"
     plots.plt.close(fig)
+
+
+def test_runs_that_fell_back_to_eager_are_their_own_config(tmp_path):
+    """A graph backend runs an unschedulable policy on the eager path: backend_used keeps those runs out of
+    the graph runs' medians (same config, different decode path)."""
+    cfg = syn.config(policy="adaptive", backend="cudagraph", cache="ring")
+    syn.write_run(tmp_path / "0", cfg, syn.metrics(1.0, 20.0), backend_used="cudagraph")
+    syn.write_run(tmp_path / "1", {**cfg, "repeat": 1}, syn.metrics(30.0, 20.0),
+                  backend_used="eager (fallback from cudagraph)")
+    res = run(Options(paths=[str(tmp_path)], out=tmp_path / "report", traces=0))
+    t = res.summary.table
+    assert sorted(t["backend_used"]) == ["cudagraph", "eager (fallback from cudagraph)"]
+    assert sorted(t["tpot_ms_median"]) == [1.0, 30.0] and (t["count"] == 1).all()
