@@ -167,6 +167,24 @@ def test_graph_step_matches_concat_eager(policy):
         assert g.memory["kv_capacity_slots"] == max(ref.visible_kv) + 1 or policy == "lazy_prefill"
 
 
+@pytest.mark.parametrize("policy", ["strict", "refresh", "max_drop"])
+def test_static_compaction_without_a_permutation_table(policy, monkeypatch):
+    """Static layout: when every prune keeps cache order the kept-first permutation comes from the device's
+    valid mask (no [n_prunes, capacity] table); it gives the same run as the schedule's table."""
+    import streamkv.backends.schedule as schedule
+
+    ids = text_ids(KIND, n=160)
+    runs = {}
+    for table in (False, True):
+        monkeypatch.setattr(schedule, "PERM_TABLE_ALWAYS", table)
+        cfg, g = _graph("static", *POLICIES[policy], n=len(ids))
+        runs[table] = g.run(ids, cfg.prefill_tokens)
+        assert g.compacting and (g.perms is None) == (not table)
+        assert len(g.s.perms) == (g.s.compact.sum() if table else 0)
+    np.testing.assert_array_equal(runs[False].nll, runs[True].nll)
+    assert runs[False].events == runs[True].events
+
+
 def test_graph_ring_large_positions():
     """Ring keys live at their true positions (here ~12k): float32 RoPE there must still give
     StreamingLLM's distances (concat re-rotates at positions < 40)."""

@@ -76,6 +76,12 @@ FUSED_GEMV_MAX_BYTES = 4 << 20
 FUSED_GEMV_EXACT = True
 
 
+def kept_first(valid: torch.Tensor) -> torch.Tensor:
+    """The compaction permutation of the static layout: valid slots first, then the freed ones, each in
+    slot order (a stable sort of the mask: capturable, no host sync)."""
+    return torch.sort((~valid).to(torch.uint8), stable=True).indices
+
+
 class ScoredEviction:
     """Score-based policies inside the graph step (ring layout with original positions; static layout with
     positions=shift, compacted after each prune by `compaction`): which slots a prune evicts, decided on
@@ -167,7 +173,7 @@ class ScoredEviction:
         current (= cache) order, then the freed ones (a stable sort of the keep mask: capturable);
         the per-slot state follows it. The caller gathers K, V and valid with it."""
         C = self.C
-        perm = torch.sort((~valid[:C]).to(torch.uint8), stable=True).indices
+        perm = kept_first(valid[:C])
         self.slot_pos[:C] = self.slot_pos[:C].index_select(0, perm)
         self.acc[:C] = self.acc[:C].index_select(0, perm)
         return perm
@@ -347,7 +353,7 @@ class GraphEvaluator:
         self.scored = None if s.scored is None else ScoredEviction(s.scored, C, L, w.n_heads, D, self.decoder.scale,
                                                                    dev, dt, self.decoder.base.rotary_emb.inv_freq)
         # static layout: a compaction after each prune (score-based policies: its permutation from the device)
-        self.compacting = self.layout == "static" and (self.perms is not None or self.scored is not None)
+        self.compacting = self.layout == "static" and (bool(s.compact.any()) or self.scored is not None)
         self.t = torch.zeros(1, device=dev, dtype=torch.int64)
         self.prune_ctr = torch.zeros(1, device=dev, dtype=torch.int64)
         n = s.n
@@ -563,9 +569,12 @@ class GraphEvaluator:
 
     def _compact(self) -> None:
         """Static layout, after a prune: move the kept slots to the front (one gather per tensor); the
-        permutation is the schedule's, or (score-based policies) computed from the device keep mask."""
+        permutation is computed from the device keep mask (kept slots first, in cache order), or the
+        schedule's when a policy reorders the kept tokens (schedule.py)."""
         if self.scored is not None:
             self._gather(self.scored.compaction(self.valid))
+        elif self.perms is None:
+            self._gather(kept_first(self.valid[:self.s.capacity]))
         else:
             self._gather(self.perms.index_select(0, self.prune_ctr).view(-1))
         self.prune_ctr.add_(1)

@@ -15,9 +15,12 @@ Two slot layouts (the two preallocated managers):
   as *fixes* (slot, side-buffer row, position), and the step re-rotates their un-rotated copy kept
   in a small side buffer into their slot: O(sinks + refresh) work per step, never O(window).
   Eviction = marking slots invalid; a later token reuses the slot.
-* ``static``: slots are the cache order (compacted after each prune by a gather with a precomputed
-  permutation) and keys are stored un-rotated; the step rotates every key at its slot index, i.e.
-  the StreamingLLM positions, as the concat manager does.
+* ``static``: slots are the cache order (compacted after each prune by a gather) and keys are stored
+  un-rotated; the step rotates every key at its slot index, i.e.
+  the StreamingLLM positions, as the concat manager does. When every prune keeps its tokens in cache
+  order (all our policies), the compaction permutation (kept slots first, then the freed ones) is a
+  stable sort of the step's valid mask, computed on the device: no table. Otherwise the schedule holds
+  one permutation per prune ([n_prunes, capacity]: 280 MB of int64 for strict streaming on 20k tokens).
 
 Score-based policies with a device scoring rule (`ScoredPolicy.device_scores`: tova, h2o, snapkv) are
 half-scheduled: the cache length evolves the same whatever the scores (a prune fires on the length
@@ -127,7 +130,8 @@ class Schedule:
     prefill_evict: np.ndarray  # slots freed by the prune after prefill (any number)
     # static layout only: a slot permutation after every prune (kept slots first)
     compact: np.ndarray  # [n] bool: step t ends with a compaction
-    perms: np.ndarray  # [n_compactions, capacity] int32 (decode steps, in order)
+    perms: np.ndarray  # [n_compactions, capacity] int32 (decode steps, in order); [0, capacity] when every
+    #                    prune keeps cache order: the permutation is then the device's kept-first sort
     prefill_perm: np.ndarray | None
     visible: np.ndarray  # [n-1] visible cached tokens per step (as the evaluator records)
     events: list = field(default_factory=list)
@@ -210,6 +214,10 @@ def _simulate(policy, book, ids, prefill, n):
     return feeds
 
 
+# tests: keep the per-prune permutation table even when the device's kept-first sort gives the same
+PERM_TABLE_ALWAYS = False
+
+
 def _layout(feeds, layout, mode, n, prefill) -> Schedule:
     write_slot = np.zeros(n, dtype=np.int64)
     qpos = np.arange(n, dtype=np.int64)  # true positions (ring; prefill of both layouts)
@@ -219,6 +227,7 @@ def _layout(feeds, layout, mode, n, prefill) -> Schedule:
     dropped_at: list = [[] for _ in range(n)]  # tokens dropped by the prune that ends step t
     compact = np.zeros(n, dtype=bool)
     perms: list = []
+    kept_in_order = True  # every decode-step prune keeps cache order: no permutation table needed
     prefill_perm, prefill_evict = None, np.zeros(0, dtype=np.int64)
     events = []
     capacity = 0
@@ -273,6 +282,7 @@ def _layout(feeds, layout, mode, n, prefill) -> Schedule:
         else:
             slots = [int(c) for c in drop]
             perm = np.concatenate([keep, drop])
+            kept_in_order &= bool(np.all(np.diff(keep) > 0))
             if is_prefill:
                 prefill_perm = perm
             else:
@@ -315,6 +325,8 @@ def _layout(feeds, layout, mode, n, prefill) -> Schedule:
     fix_src = _pad([[q for _, q, _ in r] for r in rows], width, n_side)[:, :width]
     fix_pos = _pad([[p for _, _, p in r] for r in rows], width, 0)[:, :width]
     evict = _pad(evict_rows, max((len(r) for r in evict_rows), default=0), capacity)
+    if kept_in_order and not PERM_TABLE_ALWAYS:
+        perms = []
     perm_arr = np.zeros((len(perms), capacity), dtype=np.int32)
     for i, p in enumerate(perms):
         perm_arr[i, :len(p)] = p
