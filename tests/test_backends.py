@@ -213,6 +213,9 @@ def test_schedule_rerotates_only_after_prunes():
     fixed = np.flatnonzero((s.fix_slot < s.capacity).any(axis=1))
     assert list(fixed) == [p + 1 for p in prune_steps if p + 1 < 119]
     assert s.n_fix == S and s.n_side == S  # the sinks, re-rotated from their un-rotated copies
+    # the eviction table holds one row per prune (+ row 0: none), not one per step
+    assert s.evict.shape == (1 + len(prune_steps), R) and (s.evict[0] == s.capacity).all()
+    assert list(np.flatnonzero(s.evict_row)) == prune_steps and (s.evict_row[prune_steps] == np.arange(1, len(prune_steps) + 1)).all()
     assert (s.side_write[:S] == np.arange(S)).all() and (s.side_write[S:] == s.n_side).all()
 
 

@@ -346,7 +346,7 @@ class GraphEvaluator:
 
         self.ids = ids.to(dev)
         self.write_slot, self.qpos, self.side_write = put(s.write_slot), put(s.qpos), put(s.side_write)
-        self.evict = put(s.evict)
+        self.evict, self.evict_row = put(s.evict), put(s.evict_row)
         self.n_fix = s.n_fix
         self.fix_slot, self.fix_src, self.fix_pos = put(s.fix_slot), put(s.fix_src), put(s.fix_pos)
         self.perms = put(s.perms, torch.int64) if len(s.perms) else None
@@ -438,7 +438,8 @@ class GraphEvaluator:
         if self.scored is not None:
             self.scored.evict(t, self.valid, self.qpos)
         else:
-            self.valid.index_fill_(0, self.evict.index_select(0, t).view(-1), False)  # the step's eviction
+            evicted = self.evict.index_select(0, self.evict_row.index_select(0, t)).view(-1)
+            self.valid.index_fill_(0, evicted, False)  # the step's eviction (row 0: the scratch slot only)
         self.t.add_(1)
 
     def _layers_torch(self, x, t, ws):

@@ -122,7 +122,9 @@ class Schedule:
     write_slot: np.ndarray  # [n] slot the token is written to
     qpos: np.ndarray  # [n] RoPE position of the token as a query (and of its key when written)
     side_write: np.ndarray  # [n] side-buffer row for the un-rotated key, or n_side (a scratch row)
-    evict: np.ndarray  # [n, E] slots freed after step t; padded with `capacity` (a scratch slot)
+    evict: np.ndarray  # [1 + n_prunes, E] slots freed by each prune; row 0 frees none; padded with `capacity`
+    #                    (a scratch slot). Per prune, not per step: R = 512 on 20k tokens would be 82 MB
+    evict_row: np.ndarray  # [n] the row of `evict` applied after step t (0: no prune)
     fix_slot: np.ndarray  # [n, F] slots to re-rotate before step t's attention (pad: capacity);
     #                       non-empty on the first step after a prune (and never in original mode)
     fix_src: np.ndarray  # [n, F] their side-buffer rows (pad: n_side)
@@ -142,7 +144,8 @@ class Schedule:
         return self.fix_slot.shape[1]
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.write_slot, self.qpos, self.side_write, self.evict, self.fix_slot,
+        return sum(a.nbytes for a in (self.write_slot, self.qpos, self.side_write, self.evict, self.evict_row,
+                                       self.fix_slot,
                                        self.fix_src, self.fix_pos, self.perms))
 
 
@@ -324,7 +327,10 @@ def _layout(feeds, layout, mode, n, prefill) -> Schedule:
     fix_slot = _pad([[s for s, _, _ in r] for r in rows], width, capacity)[:, :width]
     fix_src = _pad([[q for _, q, _ in r] for r in rows], width, n_side)[:, :width]
     fix_pos = _pad([[p for _, _, p in r] for r in rows], width, 0)[:, :width]
-    evict = _pad(evict_rows, max((len(r) for r in evict_rows), default=0), capacity)
+    pruned = [t for t in range(n) if evict_rows[t]]
+    evict = _pad([[]] + [evict_rows[t] for t in pruned], max((len(r) for r in evict_rows), default=0), capacity)
+    evict_row = np.zeros(n, dtype=np.int64)
+    evict_row[pruned] = np.arange(1, len(pruned) + 1)
     if kept_in_order and not PERM_TABLE_ALWAYS:
         perms = []
     perm_arr = np.zeros((len(perms), capacity), dtype=np.int32)
@@ -334,8 +340,9 @@ def _layout(feeds, layout, mode, n, prefill) -> Schedule:
     if prefill_perm is not None:
         prefill_perm = np.concatenate([prefill_perm, np.arange(len(prefill_perm), capacity)]).astype(np.int32)
     return Schedule(layout=layout, position_mode=mode, n=n, prefill=prefill, capacity=capacity, n_side=n_side,
-                    write_slot=write_slot, qpos=qpos, side_write=side_write, evict=evict, fix_slot=fix_slot,
-                    fix_src=fix_src, fix_pos=fix_pos, prefill_evict=prefill_evict, compact=compact, perms=perm_arr,
+                    write_slot=write_slot, qpos=qpos, side_write=side_write, evict=evict, evict_row=evict_row,
+                    fix_slot=fix_slot, fix_src=fix_src, fix_pos=fix_pos, prefill_evict=prefill_evict, compact=compact,
+                    perms=perm_arr,
                     prefill_perm=prefill_perm, visible=visible, events=events)
 
 
@@ -392,7 +399,8 @@ def _scored_schedule(policy, scores: str, n: int, prefill: int, layout: str = "r
         plan.kernel_size, plan.pooling = int(policy.pcfg.kernel_size), str(policy.pcfg.pooling)
     return Schedule(layout=layout, position_mode="shift" if static else "original", n=n, prefill=prefill,
                     capacity=capacity, n_side=0, write_slot=write_slot, qpos=qpos,
-                    side_write=np.zeros(n, dtype=np.int64), evict=np.full((n, 1), capacity, dtype=np.int64),
+                    side_write=np.zeros(n, dtype=np.int64), evict=np.full((1, 1), capacity, dtype=np.int64),
+                    evict_row=np.zeros(n, dtype=np.int64),
                     fix_slot=none, fix_src=none, fix_pos=none, prefill_evict=np.zeros(0, dtype=np.int64),
                     compact=prune.copy() if static else np.zeros(n, dtype=bool),
                     perms=np.zeros((0, capacity), dtype=np.int32), prefill_perm=None, visible=visible,
