@@ -251,6 +251,23 @@ def test_graph_scored_shift_static_matches_concat_eager(policy):
     _scored_matches_concat_eager("static", ("n_sink=4", "window=24", *SCORED[policy], "policy.positions=shift"))
 
 
+@pytest.mark.parametrize("policy, lazy", [("tova_R8", True), ("snapkv_R8", True), ("h2o_R8", False)])
+def test_graph_scores_only_on_prune_steps(policy, lazy, monkeypatch):
+    """TOVA's and SnapKV's scores are read only by a prune: the decode steps score only when one follows
+    (H2O accumulates on every step). Counted per layer call of ScoredEviction.observe."""
+    from streamkv.backends.graph import ScoredEviction
+
+    calls = []
+    observe = ScoredEviction.observe
+    monkeypatch.setattr(ScoredEviction, "observe", lambda self, i, *a: calls.append(i) or observe(self, i, *a))
+    ids = text_ids(KIND, n=160)
+    cfg, g = _graph("ring", "n_sink=4", "window=24", *SCORED[policy], n=len(ids))
+    g.run(ids, cfg.prefill_tokens)
+    n_layers, prune = len(g.w.layers), g.s.scored.prune
+    steps = prune[:len(ids) - 1].sum() if lazy else len(ids) - 1
+    assert g.scored.lazy == lazy and len(calls) == n_layers * steps and 0 < prune.sum() < len(ids) // 4
+
+
 def _scored_matches_concat_eager(layout, args):
     ids = text_ids(KIND, n=160)
     cfg, ev = _evaluator(*args, n=len(ids))

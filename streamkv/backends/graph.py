@@ -101,6 +101,11 @@ class ScoredEviction:
         layers; the observation window itself is not scored (always kept).
     A new token goes into the lowest free slot, computed here and stored into the schedule's
     write_slot[t] (where the Triton kv_update reads it). Static shapes, no host sync.
+
+    TOVA's and SnapKV's scores are read only by a prune, so they are computed only on prune steps
+    (`lazy`): the graph evaluator captures a step with scoring and one without (`scoring`, a Python
+    flag fixed at capture) and replays the one the host schedule asks for. SnapKV's query ring is kept
+    on every step; H2O accumulates every step.
     """
 
     MAX_POS = 2**31 - 1
@@ -113,6 +118,9 @@ class ScoredEviction:
         self.acc = torch.zeros(capacity + 1, device=device, dtype=torch.float32)
         self.prune = torch.as_tensor(plan.prune, device=device, dtype=torch.bool)
         self.window = plan.scores == "window"
+        self.lazy = plan.scores != "accumulated"
+        self.prune_steps = np.asarray(plan.prune, dtype=bool)  # host copy: which step graph to replay
+        self.scoring = True
         if self.window:  # SnapKV: each layer's last w queries (rotated) in a ring, and their positions
             w = plan.n_recent
             self.qring = torch.zeros(n_layers, w, n_heads, head_dim, device=device, dtype=dtype)
@@ -145,17 +153,24 @@ class ScoredEviction:
         if self.window:
             self.ring_row = torch.remainder(t, self.plan.n_recent)
             self.qring_pos.index_copy_(0, self.ring_row, pos)
-            self._window_order(t, valid[:self.C])
+            if self.scoring:
+                self._window_order(t, valid[:self.C])
             if self.plan.shift:
                 rope = qpos.index_select(0, t)
                 self.qring_rope.index_copy_(0, self.ring_row, rope)
-                self._window_delta(t, rope)
+                if self.scoring:
+                    self._window_delta(t, rope)
         return ws
 
-    def observe(self, i: int, q, keys, valid) -> None:
-        """Layer i of a decode step: q [1, H, 1, D] rotated, keys [Hkv, C, D] (rotated, slot order)."""
+    def record_query(self, i: int, q) -> None:
+        """SnapKV, every decode step: layer i's rotated query q [1, H, 1, D] into its ring."""
         if self.window:
             self.qring[i].index_copy_(0, self.ring_row, q[0].transpose(0, 1))
+
+    def observe(self, i: int, q, keys, valid) -> None:
+        """Layer i of a scoring decode step (after record_query): q [1, H, 1, D] rotated, keys [Hkv, C, D]
+        (rotated, slot order)."""
+        if self.window:
             return self._window_scores(i, keys, valid[:self.C])
         w = attention_weights(q, keys[None], valid[:self.C].view(1, -1), self.scale)  # [Hkv, G, 1, C]
         if self.plan.scores == "last":
@@ -165,6 +180,8 @@ class ScoredEviction:
 
     def evict(self, t, valid, qpos) -> None:
         """End of decode step t: the scheduled prune (if any) keeps keep_top's slots."""
+        if not self.scoring:  # a lazy policy's step without a prune
+            return
         keep = self._keep(valid[:self.C], t)  # the newest token: text position t
         valid[:self.C] = torch.where(self.prune.index_select(0, t), keep, valid[:self.C])
 
@@ -327,7 +344,7 @@ class GraphEvaluator:
         dev, dt = self.device, self.decoder.dtype
         w = self.w
         L, Hkv, D, C = len(w.layers), w.n_kv_heads, w.head_dim, s.capacity
-        self.graph = self.compact_graph = None
+        self.graph = self.plain_graph = self.compact_graph = None
         self.k = self.v = self.side = None
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -398,17 +415,27 @@ class GraphEvaluator:
         P = self.s.prefill
         stream = _capture_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
+        lazy = self.scored is not None and self.scored.lazy
         with torch.cuda.stream(stream):  # warm-up outside the graph: Triton JIT, cuBLAS handles
-            for _ in range(2):
-                self._reset_state()
-                self.t.fill_(P)
-                self._decode_step()
-                if self.compacting:
-                    self._compact()
+            for scoring in ((True, False) if lazy else (True,)):
+                self._set_scoring(scoring)
+                for _ in range(2):
+                    self._reset_state()
+                    self.t.fill_(P)
+                    self._decode_step()
+                    if self.compacting:
+                        self._compact()
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._set_scoring(True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._decode_step()
+        if lazy:  # the same step without the scoring, for the steps without a prune
+            self._set_scoring(False)
+            self.plain_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.plain_graph, pool=self.graph.pool()):
+                self._decode_step()
+            self._set_scoring(True)
         if self.compacting:
             self.compact_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.compact_graph, pool=self.graph.pool()):
@@ -473,7 +500,7 @@ class GraphEvaluator:
             if not self.rotate_stored:  # static: StreamingLLM positions = slot index
                 keys = fn.rope(keys, self.cos[:C], self.sin[:C]).to(keys.dtype)
             if self.scored is not None:
-                self.scored.observe(i, q, keys, self.valid)
+                self._observe(i, q, lambda: keys)
             qg = q.reshape(1, w.n_kv_heads, G, w.head_dim)  # GQA: a KV head's query heads as rows
             a = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), self.v[i, :, :C].unsqueeze(0),
                                                attn_mask=mask, scale=self.scale)
@@ -556,9 +583,16 @@ class GraphEvaluator:
                   self.fix_slot if self.n_fix else None, self.fix_src, self.fix_pos,
                   n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=self.rotate_stored, has_side=self.has_side)
         if self.scored is not None:  # the Triton attention exposes no probabilities: a torch softmax
-            self.scored.observe(i, self.q_rot.view(1, w.n_heads, 1, -1), self._observed_keys(i), self.valid)
+            self._observe(i, self.q_rot.view(1, w.n_heads, 1, -1), lambda: self._observed_keys(i))
         return self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
                          None if self.rotate_stored else self.cos, None if self.rotate_stored else self.sin)
+
+    def _observe(self, i: int, q, keys) -> None:
+        """The scored policy's view of layer i's decode attention; `keys()` gives the rotated slot keys
+        (built only when this step scores)."""
+        self.scored.record_query(i, q)
+        if self.scored.scoring:
+            self.scored.observe(i, q, keys(), self.valid)
 
     def _observed_keys(self, i: int):
         """Layer i's keys as the scored policies observe them: rotated (static: at the slot index)."""
@@ -627,12 +661,19 @@ class GraphEvaluator:
             self.valid[:C] = self.valid[:C].index_select(0, perm)
         self.t.fill_(P)
 
+    def _set_scoring(self, on: bool) -> None:
+        if self.scored is not None:
+            self.scored.scoring = on
+
     def _replay(self, t: int) -> None:
+        # lazy scored policies: score only on the steps that end with a prune
+        scoring = self.scored is None or not self.scored.lazy or bool(self.scored.prune_steps[t])
         if self.graph is not None:
-            self.graph.replay()
+            (self.graph if scoring or self.plain_graph is None else self.plain_graph).replay()
             if self.s.compact[t]:
                 self.compact_graph.replay()
         else:
+            self._set_scoring(scoring)
             self._decode_step()
             if self.s.compact[t]:
                 self._compact()
