@@ -382,7 +382,7 @@ def compose_run(overrides: list[str]):
 def our_evaluator(case: Case, model, tokenizer, n_tokens: int, device, dtype, n_sink: int, window: int):
     """An evaluator for `case`; host objects (decoder, policy, host cache) built by the runner's
     make_evaluator, the backend wired as streamkv.backends.attach_backend does."""
-    from streamkv.backends import GRAPH
+    from streamkv.backends import GRAPH, graph_kernels
     from streamkv.cache import CACHES
     from streamkv.runner import make_evaluator
 
@@ -395,9 +395,8 @@ def our_evaluator(case: Case, model, tokenizer, n_tokens: int, device, dtype, n_
     if case.backend in GRAPH:
         from streamkv.backends.graph import GraphEvaluator
 
-        return GraphEvaluator(ev, layout=case.cache, fused=case.backend.startswith("cudagraph_fused"),
-                              fused_gemv=case.backend == "cudagraph_fused_gemv", capture=device.type == "cuda",
-                              tokenizer=tokenizer)
+        return GraphEvaluator(ev, layout=case.cache, capture=device.type == "cuda", tokenizer=tokenizer,
+                              **graph_kernels(case.backend))
     from streamkv.backends import functional as fn
 
     if case.backend == "compile":

@@ -95,8 +95,12 @@ def attach_backend(cfg, evaluator, tokenizer=None):
         return evaluator
     from streamkv.backends.graph import GraphEvaluator
 
-    return GraphEvaluator(evaluator, layout=cfg.cache.name, fused=name.startswith("cudagraph_fused"),
-                          fused_gemv=name == "cudagraph_fused_gemv", tokenizer=tokenizer)
+    return GraphEvaluator(evaluator, layout=cfg.cache.name, tokenizer=tokenizer, **graph_kernels(name))
 
 
-__all__ = ["BACKENDS", "attach_backend", "check_backend"]
+def graph_kernels(name: str) -> dict:
+    """GraphEvaluator's kernel switches for a graph backend name (also used by streamkv.bench)."""
+    return {"fused": name.startswith("cudagraph_fused"), "fused_gemv": name == "cudagraph_fused_gemv"}
+
+
+__all__ = ["BACKENDS", "attach_backend", "check_backend", "graph_kernels"]

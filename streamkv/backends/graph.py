@@ -654,11 +654,7 @@ class GraphEvaluator:
         if len(s.prefill_evict):
             self.valid[torch.as_tensor(s.prefill_evict, device=dev)] = False
         if s.prefill_perm is not None:
-            perm = torch.as_tensor(s.prefill_perm, device=dev, dtype=torch.int64)
-            C = s.capacity
-            self.k[:, :, :C] = self.k[:, :, :C].index_select(2, perm)
-            self.v[:, :, :C] = self.v[:, :, :C].index_select(2, perm)
-            self.valid[:C] = self.valid[:C].index_select(0, perm)
+            self._gather(torch.as_tensor(s.prefill_perm, device=dev, dtype=torch.int64))
         self.t.fill_(P)
 
     def _set_scoring(self, on: bool) -> None:
