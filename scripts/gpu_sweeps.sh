@@ -40,19 +40,29 @@ declare -A STEPS=(
 # eager runs decode at ~25-30 ms/token: ~2 minutes per wiki run, ~10 per book run).
 # Phase E with shifted positions runs on the static layout (its args name it).
 declare -A OWN_PATH=([c_wiki]=1 [d_wiki]=1 [e_shift_wiki]=1 [e_shift_book]=1)
+# Phase C's baseline block (concat x eager streaming R=1/32) is Phase D's: a step also skips the runs
+# finished by the step named here (copied under _from_STEP, left out of its tar: no duplicate records).
+declare -A SHARES=([c_wiki]=d_wiki)
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } | tee -a "$log"
 for name in "$@"; do
   args=${STEPS[$name]:-}
   if [ -z "$args" ]; then echo "== unknown step $name" | tee -a "$log"; continue; fi
   [ -d "docs/results/records/$name" ] && mkdir -p "$work/$name" && cp -rn "docs/results/records/$name/." "$work/$name/"
+  shared=${SHARES[$name]:-}
+  if [ -n "$shared" ]; then
+    mkdir -p "$work/$name/_from_$shared"
+    for src in "docs/results/records/$shared" "$work/$shared"; do
+      [ -d "$src" ] && cp -rn "$src/." "$work/$name/_from_$shared/"
+    done
+  fi
   left=$(( budget - ($(date +%s) - t0) - 30 ))
   if [ "$left" -lt 30 ]; then echo "== SKIP $name (time left ${left}s)" | tee -a "$log"; continue; fi
   echo "== $(date -u +%T) $name (limit ${left}s): $args" | tee -a "$log"
   path=$fast; [ -n "${OWN_PATH[$name]:-}" ] && path="device=cuda progress=false"
   timeout "$left" python3 run.py -m $args $path hydra.sweep.dir="$work/$name" >>"$log" 2>&1
   echo "== $(date -u +%T) $name rc=$?" | tee -a "$log"
-  (cd "$work" && tar czf "$out/rec-$name.tar.gz" --exclude='.submitit' "$name")
+  (cd "$work" && tar czf "$out/rec-$name.tar.gz" --exclude='.submitit' --exclude='_from_*' "$name")
 done
 (cd "$work" && grep -h -o '"status": *"[a-z]*"' */*/result.json 2>/dev/null | sort | uniq -c) | tee -a "$log"
 cp "$log" "$out/sweeps.log"; tail -c 3000 "$log"

@@ -99,6 +99,7 @@ class Row:
     ppl_all: float = float("nan")  # over all decoded tokens of the path
     backend_used: str = ""
     profile: dict = field(default_factory=dict)
+    left_resident: list = field(default_factory=list)  # --memory-history: what the case left allocated
 
 
 # ---------------------------------------------------------------- device facts
@@ -478,6 +479,23 @@ def default_cases(model: str, smoke: bool, managers: set) -> list[Case]:
                        policy=("policy=max_drop", "policy.max_drop=8"), policy_name="max_drop (8)"),
                   Case("ring x cudagraph", "ours", "ring", "cudagraph", R=32,
                        policy=("policy=refresh", "policy.refresh_budget=64"), policy_name="refresh (uniform, 64)")]
+    if not big:
+        # the GEMVs with the other scheduled policies and R (the same weights per step: expected no change)
+        for R in (1, 64):
+            cases.append(Case("ring x cudagraph_fused_gemv", "ours", "ring", "cudagraph_fused_gemv", R=R))
+        cases += [Case("ring x cudagraph_fused_gemv", "ours", "ring", "cudagraph_fused_gemv", R=32,
+                       policy=("policy=max_drop", "policy.max_drop=8"), policy_name="max_drop (8)"),
+                  Case("ring x cudagraph_fused_gemv", "ours", "ring", "cudagraph_fused_gemv", R=32,
+                       policy=("policy=refresh", "policy.refresh_budget=64"), policy_name="refresh (uniform, 64)")]
+        # the score baselines scored inside the graph (ring: original positions; static: positions=shift);
+        # TOVA and SnapKV score only on prune steps, H2O every step
+        for backend in ("cudagraph_fused", "cudagraph_fused_gemv"):
+            for pol in ("tova", "h2o", "snapkv"):
+                cases.append(Case(f"ring x {backend}", "ours", "ring", backend, R=32, policy=(f"policy={pol}",),
+                                  policy_name=pol))
+        for pol in ("tova", "h2o", "snapkv"):
+            cases.append(Case("static x cudagraph_fused", "ours", "static", "cudagraph_fused", R=32,
+                              policy=(f"policy={pol}", "policy.positions=shift"), policy_name=f"{pol} (shift)"))
     for R in ((1, 32, 64) if not big else (1, 32)):
         cases.append(Case("static x cudagraph_fused", "ours", "static", "cudagraph_fused", R=R))
     cases.append(Case("static x cudagraph_fused_gemv", "ours", "static", "cudagraph_fused_gemv", R=32))
@@ -488,6 +506,29 @@ def default_cases(model: str, smoke: bool, managers: set) -> list[Case]:
         if m in managers:
             cases.append(Case(f"{m} x eager", "ours", m, "eager", R=32))
     return cases
+
+
+def _alive_blocks(device) -> dict:
+    """address -> (bytes, where) of every live allocation (where: call sites, when history is recorded)."""
+    out = {}
+    for seg in torch.cuda.memory._snapshot(device)["segments"]:
+        for b in seg["blocks"]:
+            if b["state"] == "active_allocated":
+                frames = b.get("frames") or []
+                ours = [f for f in frames if "streamkv" in f["filename"]][:2]
+                where = " < ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+                                   for f in (frames[:1] + ours)) or "?"
+                out[b["address"]] = (b["size"], where)
+    return out
+
+
+def left_resident(before: dict, after: dict, top: int = 8) -> list[dict]:
+    """Allocations alive after a case that were not before it, grouped by call site (largest first)."""
+    by_where: dict = {}
+    for addr, (size, where) in after.items():
+        if addr not in before:
+            by_where[where] = by_where.get(where, 0) + size
+    return [{"mb": v / 2**20, "where": k} for k, v in sorted(by_where.items(), key=lambda kv: -kv[1])[:top]]
 
 
 def run_model(name: str, args, device, dtype, bw: float, out_dir: Path) -> list[Row]:
@@ -517,6 +558,7 @@ def run_model(name: str, args, device, dtype, bw: float, out_dir: Path) -> list[
         t_case = time.perf_counter()
         if device.type == "cuda":
             row.resident_before_mb = torch.cuda.memory_allocated(device) / 2**20
+        alive_before = _alive_blocks(device) if args.memory_history and device.type == "cuda" else None
         k = args.profile_steps if case.profile and args.profile_steps else 0
         try:
             ids = bench_ids(prefill + decode + 8 + k + 2, vocab, tokenizer).to(device)
@@ -568,6 +610,10 @@ def run_model(name: str, args, device, dtype, bw: float, out_dir: Path) -> list[
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if alive_before is not None:
+                row.left_resident = left_resident(alive_before, _alive_blocks(device))
+                for e in row.left_resident:
+                    print(f"[{name}]   left resident {e['mb']:7.1f} MB  {e['where']}", flush=True)
         print(f"[{name}] {row.label:42s} {row.policy:24s} R={row.R:<3d} TPOT {row.tpot_ms:8.3f} ms  "
               f"peak {row.peak_mem_mb:8.1f} MB  roofline {row.roofline_frac * 100:5.1f}%  PPL {row.ppl:8.3f}  "
               f"[{row.status}{' ' + row.error if row.error else ''}] ({time.perf_counter() - t_case:.1f}s)", flush=True)
@@ -665,6 +711,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-compile-mode", default="reduce-overhead")
     ap.add_argument("--only", nargs="*", default=None, help="run only cases whose label contains one of these")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--memory-history", action="store_true", help="CUDA: record allocation call sites and list, "
+                    "per case, what it left allocated (the process's one-time overheads)")
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args(argv)
 
@@ -680,6 +728,8 @@ def main(argv=None) -> int:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         models = args.models.split(",") if args.models else ["smollm2", "llama-1.1b", "llama-7b"]
     out_dir = Path(args.out)
+    if args.memory_history and device.type == "cuda":
+        torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     import transformers
 
     bw = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 26))
