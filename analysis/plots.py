@@ -28,6 +28,7 @@ PPL_INC_LABEL = "PPL increase vs baseline (%)"
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 DASHES = ("-", "--", ":", "-.")
 MAX_LABELS = 12  # more configs in one Pareto panel: label only the frontier and the baseline
+TPOT_LOG_SPAN = 10.0  # slowest / fastest TPOT in a Pareto panel above which the x axis is logarithmic
 SYMLOG_SPAN = 50.0  # PPL increase range (percentage points) above which the Pareto y axis is symlog
 ABBREV = {"window": "w", "compress_every": "R", "n_sink": "s", "prefill_tokens": "pf"}
 
@@ -100,13 +101,17 @@ def pareto_plot(t: pd.DataFrame, title: str, label_cols: list[str], facet_cols: 
                            edgecolors="black", linewidths=1.5, zorder=4, label="baseline", gid="baseline")
             # Labels name only what varies inside this panel; with many configs only the frontier and the
             # baseline are labelled (the tables list every point), else the labels pile up unreadably.
-            cols = [c for c in label_cols if c in g and g[c].map(norm).nunique() > 1]
             labelled = g if len(g) <= MAX_LABELS else g[g["pareto"] | g["is_baseline"].astype(bool)]
+            # name what varies among the labelled points (the panel's variation if only one is labelled)
+            among = labelled if len(labelled) > 1 else g
+            cols = [c for c in label_cols if c in g and among[c].map(norm).nunique() > 1]
             for _, r in labelled.iterrows():
                 ax.annotate(compact_label(r, cols), (r["tpot_ms_median"], r["ppl_increase_pct"]),
                             xytext=(4, 4), textcoords="offset points", fontsize=7, color="0.25")
             if g["ppl_increase_pct"].max() - g["ppl_increase_pct"].min() > SYMLOG_SPAN:
                 ax.set_yscale("symlog", linthresh=1.0)  # a few outliers (+200 %) must not flatten the rest
+            if g["tpot_ms_median"].min() > 0 and g["tpot_ms_median"].max() / g["tpot_ms_median"].min() > TPOT_LOG_SPAN:
+                ax.set_xscale("log")  # eager (~30 ms) next to graph paths (~1 ms): both readable
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a point
         ax.axhline(0, color="0.8", lw=0.8, zorder=1)
         ax.set_xlabel(TPOT_LABEL)

@@ -308,6 +308,11 @@ def test_pareto_plot_many_configs_and_outliers():
     ax = fig.axes[0]
     assert [txt.get_text() for txt in ax.texts] == ["R1"]
     assert ax.get_yscale() == "symlog"
+    assert ax.get_xscale() == "linear"  # TPOT spans 1.0-1.14 ms
+    plots.plt.close(fig)
+    t.loc[n - 1, "tpot_ms_median"] = 30.0  # an eager run next to ~1 ms graph runs: log TPOT axis
+    fig = plots.pareto_plot(t, "many", ["compress_every"])
+    assert fig.axes[0].get_xscale() == "log"
     plots.plt.close(fig)
 
 
