@@ -240,11 +240,12 @@ def _write_report(opts: Options, runs: pd.DataFrame, s: Summary, findings: list[
                ("p", f"Book protocol (book, pg19): PPL increase <= {opts.long_ppl_max:g} % with TPOT below the best "
                      f"plain lazy prune; wiki protocol (wiki, wikitext): PPL increase <= {opts.wiki_ppl_max:g} % "
                      "with lower TPOT than the best plain lazy prune. Candidates: every config that is neither "
-                     f"the baseline nor a plain lazy prune (`{opts.lazy}` with compress_every > 1)."),
+                     f"the baseline nor a plain lazy prune (`{opts.lazy}` with compress_every > 1), each "
+                     "compared with the best lazy prune on its own decode path (`backend_used`)."),
                ("table", _findings_table(verdict_fs, scope_cols), devices_caption(s.table)),
                ("h", 2, "Recommended configs"),
                ("p", f"Short text: the fastest config with PPL increase <= {opts.short_ppl_max:g} %. Long text: the "
-                     "lowest PPL increase among configs with TPOT below the best plain lazy prune."),
+                     "lowest PPL increase among configs with TPOT below the best plain lazy prune on their decode path."),
                ("table", _findings_table(rec_fs, scope_cols), devices_caption(s.table))]
     if warnings:
         blocks += [("h", 2, "Warnings"), ("ul", warnings)]

@@ -1,6 +1,8 @@
 """Recommended configs per scenario and the go/no-go verdict, each with the numbers it rests on.
 
-All comparisons are within one scope (model, dataset, device by default) of the summary table.
+All comparisons are within one scope (model, dataset, device by default) of the summary table, and a
+config is compared with the best plain lazy prune on its own decode path (`backend_used`, else
+`backend`): a faster backend must not pass for a better eviction.
 """
 
 from __future__ import annotations
@@ -65,9 +67,40 @@ def _best_lazy(g: pd.DataFrame) -> pd.Series | None:
     return lazy.sort_values("tpot_ms_median", kind="mergesort").iloc[0]
 
 
+def _path(g: pd.DataFrame) -> pd.Series:
+    """The decode path of each config: backend_used where recorded, else the backend asked for."""
+    for col in ("backend_used", "backend"):
+        if col in g and g[col].notna().any():
+            return norm_series(g[col])
+    return pd.Series("", index=g.index, dtype=object)
+
+
+def _lazy_ref(g: pd.DataFrame) -> tuple[pd.Series, dict]:
+    """(each config's path, path -> the fastest plain lazy prune on that path)."""
+    path = _path(g)
+    refs = {}
+    for p in sorted(set(path)):
+        best = _best_lazy(g[path == p])
+        if best is not None:
+            refs[p] = best
+    return path, refs
+
+
+def _below_lazy(g: pd.DataFrame, path: pd.Series, refs: dict) -> pd.Series:
+    """True where a config is faster than the best lazy prune on its own path."""
+    ref_tpot = path.map(lambda p: refs[p].tpot_ms_median if p in refs else float("nan")).astype(float)
+    return g["tpot_ms_median"] < ref_tpot
+
+
+def _lazy_label(lazy: pd.Series, cols: list[str]) -> str:
+    return (f"best lazy prune on the same decode path {config_label(lazy, cols)}: TPOT "
+            f"{_f(lazy.tpot_ms_median, ' ms')}, PPL increase {_f(lazy.ppl_increase_pct, ' %')}")
+
+
 def recommend(s: Summary, short_ppl_max: float = 3.0) -> list[Finding]:
     """Short text: fastest config with PPL increase <= short_ppl_max.
-    Long text: lowest PPL increase among configs faster (lower TPOT) than the best plain lazy prune."""
+    Long text: lowest PPL increase among configs faster (lower TPOT) than the best plain lazy prune on
+    their decode path."""
     out: list[Finding] = []
     cols = _label_cols(s)
     for scope, g in _scopes(s):
@@ -83,19 +116,21 @@ def recommend(s: Summary, short_ppl_max: float = 3.0) -> list[Finding]:
                                f"fastest with PPL increase <= {short_ppl_max:g} %: TPOT {_f(r.tpot_ms_median, ' ms')}, "
                                f"PPL increase {_f(r.ppl_increase_pct, ' %')}, speedup {_f(r.tpot_speedup, 'x', 3)}",
                                {"tpot_ms": r.tpot_ms_median, "ppl_increase_pct": r.ppl_increase_pct}))
-        lazy = _best_lazy(g)
-        if lazy is None:
+        path, refs = _lazy_ref(g)
+        if not refs:
             out.append(Finding(scope, "long text", "none", "no plain lazy-prune config to compare against"))
             continue
-        fast = g[g["tpot_ms_median"] < lazy.tpot_ms_median].sort_values(
-            ["ppl_increase_pct", "tpot_ms_median"], kind="mergesort")
-        ref = (f"best lazy prune {config_label(lazy, cols)}: TPOT {_f(lazy.tpot_ms_median, ' ms')}, "
-               f"PPL increase {_f(lazy.ppl_increase_pct, ' %')}")
+        fast = g[_below_lazy(g, path, refs)].sort_values(["ppl_increase_pct", "tpot_ms_median"], kind="mergesort")
         if fast.empty:
-            out.append(Finding(scope, "long text", "none", f"no config faster than the {ref}",
+            lazy = _best_lazy(g)
+            out.append(Finding(scope, "long text", "none", f"no config faster than the best lazy prune on its "
+                               f"decode path (the fastest lazy prune: {config_label(lazy, cols)}, TPOT "
+                               f"{_f(lazy.tpot_ms_median, ' ms')})",
                                {"lazy_tpot_ms": lazy.tpot_ms_median}))
         else:
             r = fast.iloc[0]
+            lazy = refs[path[r.name]]
+            ref = _lazy_label(lazy, cols)
             out.append(Finding(scope, "long text", config_label(r, cols),
                                f"lowest PPL increase below the lazy-prune TPOT: PPL increase "
                                f"{_f(r.ppl_increase_pct, ' %')}, TPOT {_f(r.tpot_ms_median, ' ms')} (vs the {ref})",
@@ -106,7 +141,8 @@ def recommend(s: Summary, short_ppl_max: float = 3.0) -> list[Finding]:
 
 def verdicts(s: Summary, book_ppl_max: float = 5.0, wiki_ppl_max: float = 3.0) -> list[Finding]:
     """GO when some candidate config (neither the baseline nor a plain lazy prune) has a PPL increase
-    <= the protocol's limit and a TPOT strictly below the best plain lazy prune's."""
+    <= the protocol's limit and a TPOT strictly below the best plain lazy prune's on its decode path
+    (candidates on a path without a lazy prune are not judged)."""
     out: list[Finding] = []
     cols = _label_cols(s)
     for scope, g in _scopes(s):
@@ -115,19 +151,17 @@ def verdicts(s: Summary, book_ppl_max: float = 5.0, wiki_ppl_max: float = 3.0) -
             continue
         limit = book_ppl_max if proto == "book" else wiki_ppl_max
         kind = f"verdict ({proto} protocol)"
-        rule = f"PPL increase <= {limit:g} % and TPOT below the best lazy prune"
-        lazy = _best_lazy(g)
+        rule = f"PPL increase <= {limit:g} % and TPOT below the best lazy prune on the same decode path"
+        path, refs = _lazy_ref(g)
         cand = g[~g["is_baseline"] & ~g["lazy_prune"] & g["ppl_increase_pct"].notna() & g["tpot_ms_median"].notna()]
-        if lazy is None or cand.empty or not g["is_baseline"].any():
-            what = ("no plain lazy-prune config" if lazy is None else
+        cand = cand[path[cand.index].isin(list(refs))]  # a candidate needs a lazy prune on its own path
+        if not refs or cand.empty or not g["is_baseline"].any():
+            what = ("no plain lazy-prune config" if not refs else
                     "no baseline config" if not g["is_baseline"].any() else
-                    "no candidate config with a PPL increase (neither baseline nor lazy prune)")
+                    "no candidate config with a PPL increase on a decode path that has a lazy prune")
             out.append(Finding(scope, kind, "undecided", f"{rule}: {what}"))
             continue
-        ref = (f"best lazy prune {config_label(lazy, cols)}: TPOT {_f(lazy.tpot_ms_median, ' ms')}, "
-               f"PPL increase {_f(lazy.ppl_increase_pct, ' %')}")
-        passing = cand[(cand["ppl_increase_pct"] <= limit) & (cand["tpot_ms_median"] < lazy.tpot_ms_median)]
-        nums = {"limit_pct": limit, "lazy_tpot_ms": lazy.tpot_ms_median, "lazy_ppl_increase_pct": lazy.ppl_increase_pct}
+        passing = cand[(cand["ppl_increase_pct"] <= limit) & _below_lazy(cand, path[cand.index], refs)]
         if not passing.empty:
             r = passing.sort_values(["tpot_ms_median", "ppl_increase_pct"], kind="mergesort").iloc[0]
             verdict = "GO"
@@ -137,7 +171,10 @@ def verdicts(s: Summary, book_ppl_max: float = 5.0, wiki_ppl_max: float = 3.0) -
             r = cand.sort_values(["ppl_increase_pct", "tpot_ms_median"], kind="mergesort").iloc[0]
             verdict = "NO-GO"
             why = "closest candidate fails"
-        nums.update(tpot_ms=r.tpot_ms_median, ppl_increase_pct=r.ppl_increase_pct)
+        lazy = refs[path[r.name]]
+        ref = _lazy_label(lazy, cols)
+        nums = {"limit_pct": limit, "lazy_tpot_ms": lazy.tpot_ms_median, "lazy_ppl_increase_pct": lazy.ppl_increase_pct,
+                "tpot_ms": r.tpot_ms_median, "ppl_increase_pct": r.ppl_increase_pct}
         out.append(Finding(scope, kind, verdict,
                            f"{rule}; {why}: {config_label(r, cols)} has PPL increase {_f(r.ppl_increase_pct, ' %')}, "
                            f"TPOT {_f(r.tpot_ms_median, ' ms')} (vs the {ref})", nums))

@@ -327,3 +327,25 @@ def test_runs_that_fell_back_to_eager_are_their_own_config(tmp_path):
     t = res.summary.table
     assert sorted(t["backend_used"]) == ["cudagraph", "eager (fallback from cudagraph)"]
     assert sorted(t["tpot_ms_median"]) == [1.0, 30.0] and (t["count"] == 1).all()
+
+
+def test_verdict_compares_on_the_same_decode_path(tmp_path):
+    """A candidate on a faster backend with no lazy prune of its own is not judged against lazy prunes of
+    a slower backend: the verdict rests on the same-path comparison."""
+    spec = [(dict(dataset="book", policy="streaming", compress_every=1), [(10.0, 10.0)]),
+            (dict(dataset="book", policy="streaming", compress_every=8), [(8.0, 10.1)]),
+            (dict(dataset="book", policy="max_drop", compress_every=8, max_drop=4), [(8.5, 10.05)]),
+            (dict(dataset="book", policy="max_drop", compress_every=8, max_drop=4, backend="fast"), [(2.0, 10.05)])]
+    syn.write_sweep(tmp_path / "s", spec, failed=False, incomplete=False)
+    res = run(Options(paths=[str(tmp_path / "s")], out=tmp_path / "r", traces=0))
+    (v,) = [f for f in res.findings if f.kind.startswith("verdict")]
+    # on eager the candidate (8.5 ms) is slower than the lazy prune (8.0 ms); the 2.0 ms one has no lazy prune
+    assert v.outcome == "NO-GO" and v.numbers["tpot_ms"] == 8.5 and v.numbers["lazy_tpot_ms"] == 8.0
+    (long,) = [f for f in res.findings if f.kind == "long text"]
+    assert long.outcome == "none"
+    # a lazy prune on the fast path makes the fast candidate comparable: it beats it -> GO
+    spec2 = [(dict(dataset="book", policy="streaming", compress_every=8, backend="fast"), [(2.5, 10.1)])]
+    syn.write_sweep(tmp_path / "s2", spec2, failed=False, incomplete=False)
+    res = run(Options(paths=[str(tmp_path / "s"), str(tmp_path / "s2")], out=tmp_path / "r2", traces=0))
+    (v,) = [f for f in res.findings if f.kind.startswith("verdict")]
+    assert v.outcome == "GO" and v.numbers["tpot_ms"] == 2.0 and v.numbers["lazy_tpot_ms"] == 2.5
