@@ -711,6 +711,10 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-compile-mode", default="reduce-overhead")
     ap.add_argument("--only", nargs="*", default=None, help="run only cases whose label contains one of these")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--gemv-configs", metavar="JSON", help="cudagraph_fused_gemv: launch configs tuned by "
+                    "scripts/gemv_bench.py (its --out), added to gemv_kernels.MEASURED for this run")
+    ap.add_argument("--gemv-max-mb", type=float, default=None, help="cudagraph_fused_gemv: fuse GEMVs with "
+                    "weights up to this many MiB (default: graph.FUSED_GEMV_MAX_BYTES, 4; 0 = no limit)")
     ap.add_argument("--memory-history", action="store_true", help="CUDA: record allocation call sites and list, "
                     "per case, what it left allocated (the process's one-time overheads)")
     ap.add_argument("--out", default="bench-out")
@@ -728,6 +732,18 @@ def main(argv=None) -> int:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         models = args.models.split(",") if args.models else ["smollm2", "llama-1.1b", "llama-7b"]
     out_dir = Path(args.out)
+    gemv_meta = {}
+    if args.gemv_configs:
+        from streamkv.backends import gemv_kernels
+
+        added = gemv_kernels.load_measured(args.gemv_configs)
+        gemv_meta["gemv_configs_added"] = {f"{n}x{k}": list(c) for (n, k), c in added.items()}
+        print(f"gemv configs from {args.gemv_configs}: {gemv_meta['gemv_configs_added']}", flush=True)
+    if args.gemv_max_mb is not None:
+        from streamkv.backends import graph
+
+        graph.FUSED_GEMV_MAX_BYTES = None if args.gemv_max_mb == 0 else int(args.gemv_max_mb * 2**20)
+        gemv_meta["gemv_max_bytes"] = graph.FUSED_GEMV_MAX_BYTES
     if args.memory_history and device.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     import transformers
@@ -737,7 +753,7 @@ def main(argv=None) -> int:
                   "python": sys.version.split()[0], "copy_bw_gbs": bw / 1e9, "n_sink": args.n_sink,
                   "window": args.window, "dtype": str(dtype).replace("torch.", ""), "decode": args.decode,
                   "decode_slow": args.decode_slow, "hf_compile_mode": args.hf_compile_mode,
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **gemv_meta})
     print(f"device: {_META['device']}  copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     for name in models:
         rows = run_model(name, args, device, dtype, bw, out_dir)

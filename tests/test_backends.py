@@ -8,6 +8,7 @@ The GPU side (capture, bf16 tolerance, liger) is scripts/gpu_check.py; speed is 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -410,6 +411,21 @@ def test_triton_kernels_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gemv_configs_from_a_gemv_bench_file(tmp_path, monkeypatch):
+    """`bench --gemv-configs`: only configs that beat the heuristic's are added, keyed by (N, K)."""
+    from streamkv.backends import gemv_kernels as gk
+
+    monkeypatch.setattr(gk, "MEASURED", dict(gk.MEASURED))
+    rows = [{"N": 12288, "K": 4096, "best_cfg": [8, 512, 4], "best_us": 40.0, "ours_us": 49.0},
+            {"N": 4096, "K": 11008, "best_cfg": [4, 256, 2], "best_us": 30.0, "ours_us": 30.0}]  # no gain
+    f = tmp_path / "g.json"
+    f.write_text(json.dumps({"meta": {}, "rows": rows}))
+    assert gk.load_measured(f) == {(12288, 4096): (8, 512, 4)}
+    assert gk.gemv_config(12288, 4096) == (8, 512, 4)
+    assert (4096, 11008) not in gk.MEASURED
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

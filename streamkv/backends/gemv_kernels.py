@@ -184,6 +184,21 @@ MEASURED = {
 }
 
 
+def load_measured(path) -> dict:
+    """Add the best launch configs of a `scripts/gemv_bench.py` JSON (its rows' N, K, best_cfg) to
+    MEASURED, for the shapes where the best config beat the heuristic one; returns what was added.
+    A tuning hook for benchmarks (`python -m streamkv.bench --gemv-configs FILE`): configs that prove
+    themselves end to end belong in MEASURED itself."""
+    import json
+
+    added = {}
+    for row in json.loads(open(path).read())["rows"]:
+        if row.get("best_cfg") and row.get("best_us", float("inf")) < row.get("ours_us", float("inf")):
+            added[(int(row["N"]), int(row["K"]))] = tuple(int(v) for v in row["best_cfg"])
+    MEASURED.update(added)
+    return added
+
+
 def gemv_config(N: int, K: int, n_sm: int = 132) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for an [N, K] weight and one activation row (see the module doc;
     scripts/gemv_bench.py prints it for every benchmarked shape)."""
