@@ -35,11 +35,14 @@ declare -A STEPS=(
   [d_wiki]="+sweep=phase_d_fused dataset=wiki"
   [e_shift_wiki]="+sweep=phase_e_shift dataset=wiki cache=static backend=cudagraph_fused"
   [e_shift_book]="+sweep=phase_e_shift dataset=book cache=static backend=cudagraph_fused"
+  # B4 on the static layout, where the entropy-driven runs go online on the graph path (not eager)
+  [b4_wiki_static]="+sweep=b4_adaptive dataset=wiki cache=static backend=cudagraph_fused"
+  [b4_book_static]="+sweep=b4_adaptive dataset=book cache=static backend=cudagraph_fused"
 )
 # Phases C and D compare managers / backends: their blocks name cache and backend themselves (their
 # eager runs decode at ~25-30 ms/token: ~2 minutes per wiki run, ~10 per book run).
 # Phase E with shifted positions runs on the static layout (its args name it).
-declare -A OWN_PATH=([c_wiki]=1 [d_wiki]=1 [e_shift_wiki]=1 [e_shift_book]=1)
+declare -A OWN_PATH=([c_wiki]=1 [d_wiki]=1 [e_shift_wiki]=1 [e_shift_book]=1 [b4_wiki_static]=1 [b4_book_static]=1)
 # Phase C's baseline block (concat x eager streaming R=1/32) is Phase D's: a step also skips the runs
 # finished by the step named here (copied under _from_STEP, left out of its tar: no duplicate records).
 declare -A SHARES=([c_wiki]=d_wiki)

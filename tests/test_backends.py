@@ -356,8 +356,41 @@ def test_graph_scored_shift_ring_layout_falls_back(caplog):
 def test_data_dependent_policy_falls_back_to_eager(policy, caplog):
     ref, g, r = _eager_and_ring_graph(caplog, 120, "n_sink=4", "window=24", *policy)
     assert g.backend_used == "eager (fallback from cudagraph)"
-    assert "cannot be precomputed" in caplog.text
+    assert "cannot be precomputed" in caplog.text and "cache=static runs it online" in caplog.text
     np.testing.assert_array_equal(r.nll, ref.nll)
+
+
+# the tiny model's predictive entropy spans ~4.97-5.29 nats on this text: thresholds inside it make the
+# allowed slack move from step to step (prunes of 1-4 tokens, and 12 after a 40-token prefill)
+ENTROPY_POLICIES = {
+    "adaptive_entropy": ("policy=adaptive", "policy.mode=entropy", "policy.extra_slack=6",
+                         "policy.entropy_low=5.05", "policy.entropy_high=5.25"),
+    "refresh_entropy": ("policy=refresh", "policy.refresh_budget=4", "policy.refresh_select=entropy",
+                        "compress_every=8"),
+}
+
+
+@pytest.mark.parametrize("prefill", [0, 40])
+@pytest.mark.parametrize("policy", list(ENTROPY_POLICIES))
+def test_entropy_driven_policy_runs_online_in_the_static_layout(policy, prefill):
+    """Entropy-driven policies on cache=static: the step's write slot comes from the device's valid mask,
+    the host decides after each step from the entropy the step wrote, and a prune uploads the compaction.
+    Same events, visible lengths and per-token NLL as concat x eager (float32, un-captured step)."""
+    ids = text_ids(KIND, n=160)
+    args = ("n_sink=4", "window=24", f"prefill_tokens={prefill}", *ENTROPY_POLICIES[policy])
+    cfg, ev = _evaluator(*args, n=len(ids))
+    ref = ev.run(ids, cfg.prefill_tokens)
+    cfg, g = _graph("static", *args, n=len(ids))
+    for _ in range(2):  # a second run starts from a clean state (policy, bookkeeping, events)
+        r = g.run(ids, cfg.prefill_tokens)
+        assert g.backend_used == "cudagraph (online)" and g.fallback_reason is None
+        if policy == "adaptive_entropy":
+            assert len({e["dropped"] for e in ref.events}) > 1  # the entropy really moved the prunes
+        assert r.events == ref.events
+        assert (r.visible_kv == ref.visible_kv).all()
+        np.testing.assert_allclose(r.nll, ref.nll, atol=2e-6, rtol=0)
+        np.testing.assert_allclose(r.entropy, ref.entropy, atol=1e-4, rtol=0)
+    assert g.memory["kv_capacity_slots"] == max(g.policy.capacity, prefill)
 
 
 # ---------------------------------------------------------------- our Triton kernels (interpreter)
@@ -586,6 +619,16 @@ def test_fused_graph_step_in_interpreter():
             assert r.events == ref.events
             rg = GraphEvaluator(ev(), "ring", fused=True, capture=False, fused_gemv=True).run(ids, 20)
             assert np.abs(rg.nll - r.nll).max() < 1e-5 and rg.events == ref.events, ("gemv", ov)
+        # an entropy-driven policy, online in the static layout (the write slot from the valid mask)
+        ov = ("policy=adaptive", "policy.mode=entropy", "policy.extra_slack=6", "policy.entropy_low=5.05",
+              "policy.entropy_high=5.25", "n_sink=4", "window=12", "prefill_tokens=20")
+        ref = ev().run(ids, 20)
+        assert len(ref.events) > 3
+        for gemv in (False, True):
+            g = GraphEvaluator(ev(), "static", fused=True, capture=False, fused_gemv=gemv)
+            r = g.run(ids, 20)
+            assert g.backend_used.endswith("(online)"), g.backend_used
+            assert np.abs(r.nll - ref.nll).max() < 1e-5 and r.events == ref.events, ("online", gemv)
         print("ok")
     """)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)

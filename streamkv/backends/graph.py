@@ -12,7 +12,10 @@ write slot is the lowest free slot, computed on the device), with positions=shif
 (the compaction after a prune gathers with a permutation computed on the device from the keep mask:
 kept slots first, in cache order; the write slot, = the cache length, is scheduled). The host only calls
 `graph.replay()` per token (plus a compaction graph after a prune in the static layout): no host
-sync, no per-token copies, no recompiles as the cache fills.
+sync, no per-token copies, no recompiles as the cache fills. Entropy-driven policies run *online* in
+the static layout: the step takes its write slot from the valid mask, and after each replay the host
+reads the entropy (one sync), asks the policy, and after a prune uploads the compaction and replays a
+small prune graph (`_online_decide`).
 
 `cudagraph` runs the step with PyTorch ops (SDPA for attention); `cudagraph_fused` swaps in
 liger-kernel's fused RMSNorm (+ residual add) and SwiGLU and our Triton kernels for RoPE + cache
@@ -35,8 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from streamkv.backends import functional as fn
-from streamkv.backends.schedule import Schedule, ScoredPlan, Unschedulable, build_schedule
+from streamkv.backends.schedule import (BookkeepingCache, EntropyDependent, Schedule, ScoredPlan, Unschedulable,
+                                        build_schedule, online_schedule)
 from streamkv.evaluate import EvalResult, _reset_peak
+from streamkv.policies.base import StepView
 from streamkv.policies.h2o import QUERY_CHUNK
 from streamkv.policies.scored import attention_weights, rotate_by
 
@@ -313,8 +318,13 @@ class GraphEvaluator:
             return self.fallback_reason is None
         self._key = key
         try:
-            sched = build_schedule(self.policy, self.layout, ids.cpu().numpy(), prefill, self.decoder, self.cache,
-                                   self.tokenizer)
+            try:
+                sched = build_schedule(self.policy, self.layout, ids.cpu().numpy(), prefill, self.decoder,
+                                       self.cache, self.tokenizer)
+            except EntropyDependent as exc:
+                if self.layout != "static":
+                    raise EntropyDependent(f"{exc}; cache=static runs it online on the graph path") from exc
+                sched = online_schedule(self.policy, len(ids), prefill)
         except Unschedulable as exc:
             self.fallback_reason = str(exc)
             self.backend_used = f"eager (fallback from {self.backend_name})"
@@ -322,7 +332,8 @@ class GraphEvaluator:
                         self.backend_name, getattr(self.policy, "name", "?"), exc)
             return False
         self.fallback_reason = None
-        self.backend_used = self.backend_name
+        # online: the host decides after every step (one sync per token): a path of its own in the records
+        self.backend_used = f"{self.backend_name} (online)" if sched.online else self.backend_name
         self._release_host_cache()
         with torch.inference_mode():
             self._allocate(sched, ids)
@@ -367,6 +378,17 @@ class GraphEvaluator:
         self.n_fix = s.n_fix
         self.fix_slot, self.fix_src, self.fix_pos = put(s.fix_slot), put(s.fix_src), put(s.fix_pos)
         self.perms = put(s.perms, torch.int64) if len(s.perms) else None
+        self.online = s.online
+        if s.online:  # the host's view of the cache, and the compaction a prune uploads (static layout)
+            self.book = BookkeepingCache(n_layers=0, n_kv_heads=0, head_dim=0, dtype=None, device=None,
+                                         position_mode=s.position_mode, capacity=C)
+            self.ids_np = ids.cpu().numpy()
+            self.online_perm = torch.arange(C, device=dev)
+            self.online_valid = torch.zeros(C, device=dev, dtype=torch.bool)
+            pin = dev.type == "cuda"
+            self._perm_host = torch.zeros(C, dtype=torch.int64, pin_memory=pin)
+            self._valid_host = torch.zeros(C, dtype=torch.bool, pin_memory=pin)
+            self.prune_graph = None
         self.scored = None if s.scored is None else ScoredEviction(s.scored, C, L, w.n_heads, D, self.decoder.scale,
                                                                    dev, dt, self.decoder.base.rotary_emb.inv_freq)
         # static layout: a compaction after each prune (score-based policies: its permutation from the device)
@@ -410,6 +432,11 @@ class GraphEvaluator:
         self.entropy.zero_()
         if self.scored is not None:
             self.scored.reset()
+        if self.online:
+            self.book.reset()
+            self.policy.reset()
+            self.s.events.clear()
+            self.s.visible[:] = 0
 
     def _capture(self) -> None:
         P = self.s.prefill
@@ -440,6 +467,13 @@ class GraphEvaluator:
             self.compact_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.compact_graph, pool=self.graph.pool()):
                 self._compact()
+        if self.online:
+            with torch.cuda.stream(stream):
+                self._online_prune()  # warm-up (the buffers hold the identity: a no-op)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self.prune_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.prune_graph, pool=self.graph.pool()):
+                self._online_prune()
         torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ the step
@@ -450,6 +484,10 @@ class GraphEvaluator:
         w = self.w
         if self.scored is not None:
             ws = self.scored.begin_step(t, self.valid, self.qpos, self.write_slot)
+        elif self.online:  # static layout, compacted: the write slot and the query's position = the cache length
+            ws = (~self.valid[:self.s.capacity]).to(torch.uint8).argmax().view(1)
+            self.write_slot.index_copy_(0, t, ws)
+            self.qpos.index_copy_(0, t, ws)
         else:
             ws = self.write_slot.index_select(0, t)
         self.valid.index_fill_(0, ws, True)
@@ -614,6 +652,47 @@ class GraphEvaluator:
             self._gather(self.perms.index_select(0, self.prune_ctr).view(-1))
         self.prune_ctr.add_(1)
 
+    def _online_prune(self) -> None:
+        """Online runs (static layout): apply the compaction the host uploaded (kept slots first, in the
+        policy's cache order) and the new valid mask (capturable: reads device buffers only)."""
+        self._gather(self.online_perm)
+        self.valid[:self.s.capacity].copy_(self.online_valid)
+
+    def _online_decide(self, t: int, n_new: int) -> None:
+        """Online runs: after the step (or the prefill) whose last input is text position t, the host
+        mirrors the cache, asks the policy (the entropy read syncs the GPU: the price of a data-dependent
+        policy) and applies a prune: bookkeeping, events and visible lengths as streamkv.evaluate does."""
+        book, s = self.book, self.s
+        book.begin(n_new)
+        book.end()
+        m, C = len(book.token_pos), s.capacity
+        if m > C:
+            raise RuntimeError(f"policy '{getattr(self.policy, 'name', '?')}' holds {m} tokens, more than its "
+                               f"capacity {C} (streamkv.policies: `capacity` must bound the cache)")
+        if n_new == 1:
+            s.visible[t] = m - 1
+        else:
+            s.visible[:n_new] = np.arange(n_new)
+        decision = self.policy.decide(StepView(token_pos=book.token_pos, step=t, entropy=self.entropy,
+                                               token_ids=self.ids_np))
+        if decision is None:
+            return
+        keep = np.asarray(decision.keep, dtype=np.int64)
+        drop = np.setdiff1d(np.arange(m), keep, assume_unique=True)
+        book.evict(keep)
+        self._perm_host.copy_(torch.from_numpy(np.concatenate([keep, drop, np.arange(m, C)])))
+        self._valid_host.zero_()
+        self._valid_host[:len(keep)] = True
+        # the next decision follows the next step's entropy read (a sync): these buffers are free by then
+        self.online_perm.copy_(self._perm_host, non_blocking=True)
+        self.online_valid.copy_(self._valid_host, non_blocking=True)
+        if self.prune_graph is not None:
+            self.prune_graph.replay()
+        else:
+            self._online_prune()
+        s.events.append({"step": int(t), "dropped": m - len(keep), "kept": len(keep), "visible_before": m,
+                         "visible_after": len(keep), "refreshed": int(getattr(decision, "refreshed", 0))})
+
     def _gather(self, perm) -> None:
         C = self.s.capacity
         self.k[:, :, :C] = self.k[:, :, :C].index_select(2, perm)
@@ -656,6 +735,8 @@ class GraphEvaluator:
         if s.prefill_perm is not None:
             self._gather(torch.as_tensor(s.prefill_perm, device=dev, dtype=torch.int64))
         self.t.fill_(P)
+        if self.online:
+            self._online_decide(P - 1, P)
 
     def _set_scoring(self, on: bool) -> None:
         if self.scored is not None:
@@ -673,6 +754,8 @@ class GraphEvaluator:
             self._decode_step()
             if self.s.compact[t]:
                 self._compact()
+        if self.online:
+            self._online_decide(t, 1)
 
     # ------------------------------------------------------------------ the Evaluator interface
 

@@ -33,9 +33,13 @@ query's RoPE position is its cache index; a compaction follows each prune, its p
 the device from the keep mask). The other combinations raise Unschedulable (eager fallback).
 
 Any other policy that reads model outputs (entropy, attention scores) cannot be scheduled: the
-simulation hands it a StepView whose `entropy` raises `DataDependent` on any use, and a policy that
-registers an attention observer without a device scoring rule is refused up front; the graph
-backends then fall back to the eager path with a warning (see streamkv/backends/__init__.py).
+simulation hands it a StepView whose `entropy` raises `EntropyDependent` on any use, and a policy that
+registers an attention observer without a device scoring rule is refused up front (`DataDependent`).
+Entropy-driven policies (adaptive mode=entropy, refresh_select=entropy) then run *online* in the static
+layout (`online_schedule`): the captured step takes its write slot and RoPE position from the device's
+valid mask (the cache length), the host reads the step's entropy (one sync per step), asks the policy,
+and after a prune uploads the compaction (permutation + valid mask) and replays a small prune graph.
+Everything else falls back to the eager path with a warning (see streamkv/backends/__init__.py).
 """
 
 from __future__ import annotations
@@ -60,11 +64,16 @@ class DataDependent(Unschedulable):
     """The policy's decision depends on model outputs (entropy, attention scores)."""
 
 
+class EntropyDependent(DataDependent):
+    """The policy's decisions read the predictive entropy (and nothing else the model computes): the
+    static layout runs it online (`online_schedule`), the host deciding after each step."""
+
+
 class _NoData:
     """StepView.entropy during the simulation: any use means the policy reads model outputs."""
 
     def _refuse(self, *args, **kwargs):
-        raise DataDependent("the policy reads the predictive entropy")
+        raise EntropyDependent("the policy reads the predictive entropy")
 
     __getitem__ = __len__ = __iter__ = __array__ = __bool__ = __float__ = __int__ = _refuse
     cpu = numpy = item = tolist = float = _refuse
@@ -138,6 +147,7 @@ class Schedule:
     visible: np.ndarray  # [n-1] visible cached tokens per step (as the evaluator records)
     events: list = field(default_factory=list)
     scored: ScoredPlan | None = None  # score-based policy: which slots go is decided on the device
+    online: bool = False  # entropy-driven policy: decided by the host after each step (online_schedule)
 
     @property
     def n_fix(self) -> int:
@@ -344,6 +354,25 @@ def _layout(feeds, layout, mode, n, prefill) -> Schedule:
                     fix_slot=fix_slot, fix_src=fix_src, fix_pos=fix_pos, prefill_evict=prefill_evict, compact=compact,
                     perms=perm_arr,
                     prefill_perm=prefill_perm, visible=visible, events=events)
+
+
+def online_schedule(policy, n: int, prefill: int) -> Schedule:
+    """The tables of an online run (static layout, decisions made by the host after each step): sized
+    by the policy's capacity; the decode steps' write slots and positions are filled on the device, the
+    events and visible lengths by the host as the run goes (GraphEvaluator._online_decide)."""
+    mode = getattr(policy, "position_mode", "shift")
+    if mode != "shift":
+        raise Unschedulable(f"the static layout keeps StreamingLLM positions only; policy "
+                            f"'{getattr(policy, 'name', policy)}' uses position_mode='{mode}'")
+    C = max(int(policy.capacity), prefill)  # the prefill is written before the first decision
+    empty = np.zeros((n, 0), dtype=np.int64)
+    return Schedule(layout="static", position_mode=mode, n=n, prefill=prefill, capacity=C, n_side=0,
+                    write_slot=np.arange(n, dtype=np.int64), qpos=np.arange(n, dtype=np.int64),
+                    side_write=np.zeros(n, dtype=np.int64), evict=np.full((1, 1), C, dtype=np.int64),
+                    evict_row=np.zeros(n, dtype=np.int64), fix_slot=empty, fix_src=empty, fix_pos=empty,
+                    prefill_evict=np.zeros(0, dtype=np.int64), compact=np.zeros(n, dtype=bool),
+                    perms=np.zeros((0, C), dtype=np.int32), prefill_perm=None,
+                    visible=np.zeros(max(n - 1, 0), dtype=np.int32), events=[], online=True)
 
 
 def _scored_schedule(policy, scores: str, n: int, prefill: int, layout: str = "ring") -> Schedule:
