@@ -8,7 +8,8 @@
    weights) over the offline Wikipedia text, for streaming R=1 and R=32, max_drop, refresh, and the
    score-based h2o, tova and snapkv (original positions: scored inside the graph on ring, eager fallback on
    static; positions=shift: inside the graph on static, eager fallback on ring; the no-sync check of 2.
-   runs for the first graph path of each). Tolerance, bf16: PPL within 1 % of concat x eager
+   runs for the first graph path of each), and adaptive mode=entropy online on static (one host sync per
+   step by design; its prune steps may differ from the bf16 reference's, see below). Tolerance, bf16: PPL within 1 % of concat x eager
    and mean per-token |dNLL| <= 0.05 nats, with identical eviction events. The noise floor it sits on, measured
    on an H100: concat x eager in bf16 vs float32 differ by 0.035 nats per token; two bf16 eager runs
    of one config by up to 0.028 nats and 0.28 % PPL (cuBLAS picks kernels by buffer alignment). The
@@ -167,6 +168,8 @@ def main() -> int:
         "h2o shift R=32": (W, 32, "policy=h2o", "policy.positions=shift"),
         "tova shift R=32": (W, 32, "policy=tova", "policy.positions=shift"),
         "snapkv shift R=32": (W, 32, "policy=snapkv", "policy.positions=shift"),
+        # entropy-driven: online in the static layout (the host decides after each step; ring: eager fallback)
+        "adaptive entropy 64": (W, 1, "policy=adaptive", "policy.mode=entropy", "policy.extra_slack=64"),
     }
     paths = [("ring", "cudagraph"), ("ring", "cudagraph_fused"), ("ring", "cudagraph_fused_gemv"),
              ("static", "cudagraph"), ("static", "cudagraph_fused"), ("static", "cudagraph_fused_gemv")]
@@ -204,15 +207,18 @@ def main() -> int:
         ref_ppl = math.exp(ref.mean())
         print(f"\n{pname}: concat x eager bf16 PPL {ref_ppl:.4f} ({ref_tpot:.2f} ms/token)", flush=True)
         for cache, backend in paths:
-            if pname.startswith(("h2o", "tova", "snapkv")) and not backend.startswith("cudagraph"):
+            if pname.startswith(("h2o", "tova", "snapkv", "adaptive entropy")) and not backend.startswith("cudagraph"):
                 continue
+            if pname.startswith("adaptive entropy") and cache != "static":
+                continue  # online in the static layout only
             if args.only and pname.startswith(("h2o", "tova", "snapkv")) and ("shift" in pname) != (cache == "static"):
                 continue  # the graph runs original positions in the ring layout, shift in the static one
             if backend in ("compile", "fused", "eager") and pname not in ("streaming R=32", "refresh uniform 64, R=32"):
                 continue  # host-driven paths decode at eager speed: two policies are enough
             kind = "scored" if pname.startswith(("h2o", "tova", "snapkv")) else "scheduled"
             kind += " shift" if "shift" in pname else ""
-            check = (backend.startswith("cudagraph") and cache == ("static" if "shift" in kind else "ring")
+            online = pname.startswith("adaptive entropy")  # syncs once per step by design: no sync check
+            check = (not online and backend.startswith("cudagraph") and cache == ("static" if "shift" in kind else "ring")
                      and kind not in sync_checked)
             try:
                 nll, used, events, secs, tpot = run_path(model, tok, ids, ov, cache, backend, dev, dtype,
@@ -227,7 +233,10 @@ def main() -> int:
                        "mean_abs_dnll": float(d.mean()), "max_abs_dnll": float(d.max()),
                        "p99_abs_dnll": float(np.quantile(d, 0.99)), "events_equal": events == ref_events,
                        "tpot_ms": tpot}
-                row["ok"] = bool(row["ppl_rel"] <= PPL_TOL and row["mean_abs_dnll"] <= MEAN_TOL and row["events_equal"])
+                # online (entropy-driven) runs: bf16 kernel differences move entropies across the policy's
+                # thresholds, so the prune steps may differ from the reference's; PPL and dNLL still apply
+                row["ok"] = bool(row["ppl_rel"] <= PPL_TOL and row["mean_abs_dnll"] <= MEAN_TOL
+                                 and (row["events_equal"] or online))
             except Exception as exc:
                 traceback.print_exc()
                 row = {"policy": pname, "path": f"{cache} x {backend}", "ok": False,

@@ -496,6 +496,12 @@ def default_cases(model: str, smoke: bool, managers: set) -> list[Case]:
         for pol in ("tova", "h2o", "snapkv"):
             cases.append(Case("static x cudagraph_fused", "ours", "static", "cudagraph_fused", R=32,
                               policy=(f"policy={pol}", "policy.positions=shift"), policy_name=f"{pol} (shift)"))
+        # entropy-driven: online in the static layout (one host sync per step), vs its slack-mode control
+        for backend in ("cudagraph_fused", "cudagraph_fused_gemv"):
+            for mode in ("entropy", "slack"):
+                cases.append(Case(f"static x {backend}", "ours", "static", backend, R=1,
+                                  policy=("policy=adaptive", f"policy.mode={mode}", "policy.extra_slack=64"),
+                                  policy_name=f"adaptive {mode} 64"))
     for R in ((1, 32, 64) if not big else (1, 32)):
         cases.append(Case("static x cudagraph_fused", "ours", "static", "cudagraph_fused", R=R))
     cases.append(Case("static x cudagraph_fused_gemv", "ours", "static", "cudagraph_fused_gemv", R=32))
