@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device-side driver for the lent GPU machine (see /work/shared/device/README.md for the carry):
-#   source .devcarry/bootstrap.sh && bash scripts/gpu_run.sh check|bench-small|bench-big|quick
+#   source .devcarry/bootstrap.sh && bash scripts/gpu_run.sh check|bench-small|bench-big|quick|gemv|gemv7b
 # (quick: the graph paths' NLL check + the fused graph path and HF static+compile on SmolLM2 and 7B;
 #  gemv: scripts/gemv_bench.py + cudagraph_fused vs cudagraph_fused_gemv on SmolLM2 + their NLL check;
 #  gemv7b: hill-climb the GEMV launch configs for 7B shapes, then 7B end to end with them, all GEMVs fused)
