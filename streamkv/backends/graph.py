@@ -388,6 +388,7 @@ class GraphEvaluator:
             pin = dev.type == "cuda"
             self._perm_host = torch.zeros(C, dtype=torch.int64, pin_memory=pin)
             self._valid_host = torch.zeros(C, dtype=torch.bool, pin_memory=pin)
+            self._uploaded = torch.cuda.Event() if pin else None  # the last upload has left the pinned buffers
             self.prune_graph = None
         self.scored = None if s.scored is None else ScoredEviction(s.scored, C, L, w.n_heads, D, self.decoder.scale,
                                                                    dev, dt, self.decoder.base.rotary_emb.inv_freq)
@@ -660,8 +661,9 @@ class GraphEvaluator:
 
     def _online_decide(self, t: int, n_new: int) -> None:
         """Online runs: after the step (or the prefill) whose last input is text position t, the host
-        mirrors the cache, asks the policy (the entropy read syncs the GPU: the price of a data-dependent
-        policy) and applies a prune: bookkeeping, events and visible lengths as streamkv.evaluate does."""
+        mirrors the cache, asks the policy (its entropy read, when it makes one, syncs the GPU: the price of
+        a data-dependent policy) and applies a prune: bookkeeping, events and visible lengths as
+        streamkv.evaluate does."""
         book, s = self.book, self.s
         book.begin(n_new)
         book.end()
@@ -680,12 +682,15 @@ class GraphEvaluator:
         keep = np.asarray(decision.keep, dtype=np.int64)
         drop = np.setdiff1d(np.arange(m), keep, assume_unique=True)
         book.evict(keep)
+        if self._uploaded is not None:  # a decision need not read the entropy (no sync since the last
+            self._uploaded.synchronize()  # upload): wait until that copy has left the pinned buffers
         self._perm_host.copy_(torch.from_numpy(np.concatenate([keep, drop, np.arange(m, C)])))
         self._valid_host.zero_()
         self._valid_host[:len(keep)] = True
-        # the next decision follows the next step's entropy read (a sync): these buffers are free by then
         self.online_perm.copy_(self._perm_host, non_blocking=True)
         self.online_valid.copy_(self._valid_host, non_blocking=True)
+        if self._uploaded is not None:
+            self._uploaded.record()
         if self.prune_graph is not None:
             self.prune_graph.replay()
         else:
