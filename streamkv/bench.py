@@ -447,6 +447,11 @@ def run_ours(case: Case, model, tokenizer, ids, prefill, device, dtype, n_sink, 
 # ---------------------------------------------------------------- the plan
 
 
+# the controlled policies timed next to streaming on the graph paths: (overrides, table name)
+SCHEDULED_POLICIES = ((("policy=max_drop", "policy.max_drop=8"), "max_drop (8)"),
+                      (("policy=refresh", "policy.refresh_budget=64"), "refresh (uniform, 64)"))
+
+
 def default_cases(model: str, smoke: bool, managers: set) -> list[Case]:
     if smoke:
         cases = [Case("seed-style (HF eager + DynamicCache)", "seed", profile=True),
@@ -471,22 +476,14 @@ def default_cases(model: str, smoke: bool, managers: set) -> list[Case]:
     if not big:
         for R in (1, 64):
             cases.append(Case("ring x cudagraph", "ours", "ring", "cudagraph", R=R))
-        cases += [Case("ring x cudagraph_fused", "ours", "ring", "cudagraph_fused", R=32,
-                       policy=("policy=max_drop", "policy.max_drop=8"), policy_name="max_drop (8)"),
-                  Case("ring x cudagraph_fused", "ours", "ring", "cudagraph_fused", R=32,
-                       policy=("policy=refresh", "policy.refresh_budget=64"), policy_name="refresh (uniform, 64)"),
-                  Case("ring x cudagraph", "ours", "ring", "cudagraph", R=32,
-                       policy=("policy=max_drop", "policy.max_drop=8"), policy_name="max_drop (8)"),
-                  Case("ring x cudagraph", "ours", "ring", "cudagraph", R=32,
-                       policy=("policy=refresh", "policy.refresh_budget=64"), policy_name="refresh (uniform, 64)")]
-    if not big:
+        for backend in ("cudagraph_fused", "cudagraph"):
+            cases += [Case(f"ring x {backend}", "ours", "ring", backend, R=32, policy=p, policy_name=name)
+                      for p, name in SCHEDULED_POLICIES]
         # the GEMVs with the other scheduled policies and R (the same weights per step: expected no change)
         for R in (1, 64):
             cases.append(Case("ring x cudagraph_fused_gemv", "ours", "ring", "cudagraph_fused_gemv", R=R))
-        cases += [Case("ring x cudagraph_fused_gemv", "ours", "ring", "cudagraph_fused_gemv", R=32,
-                       policy=("policy=max_drop", "policy.max_drop=8"), policy_name="max_drop (8)"),
-                  Case("ring x cudagraph_fused_gemv", "ours", "ring", "cudagraph_fused_gemv", R=32,
-                       policy=("policy=refresh", "policy.refresh_budget=64"), policy_name="refresh (uniform, 64)")]
+        cases += [Case("ring x cudagraph_fused_gemv", "ours", "ring", "cudagraph_fused_gemv", R=32, policy=p,
+                       policy_name=name) for p, name in SCHEDULED_POLICIES]
         # the score baselines scored inside the graph (ring: original positions; static: positions=shift);
         # TOVA and SnapKV score only on prune steps, H2O every step
         for backend in ("cudagraph_fused", "cudagraph_fused_gemv"):
