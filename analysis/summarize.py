@@ -17,6 +17,9 @@ DEFAULT_IGNORE = ("repeat", "seed", "progress", "model.name_or_path", "model.ggu
 DEFAULT_BASELINE = "policy=streaming,compress_every=1"
 DEFAULT_MATCH = ("model", "dataset", "n_sink", "window", "device_name")
 DEFAULT_PARETO_BY = ("model", "dataset", "device_name")
+# A config whose repeats' TPOT max/min exceeds this is flagged: its median is not a stable speed (host-driven
+# eager decode on the lent H100s measured 24 and 47 ms/token for the same config in consecutive runs).
+TPOT_SPREAD_WARN = 1.2
 # Columns that describe the method being compared (they may differ from the baseline's).
 METHOD_PREFIXES = ("policy", "cache", "backend", "compress_every")
 
@@ -164,7 +167,24 @@ def summarize(runs: pd.DataFrame, group_cols: list[str], baseline: dict[str, str
         t.loc[idx, "pareto"] = pareto_mask(t.loc[idx, "tpot_ms_median"], t.loc[idx, "ppl_increase_pct"])
     for c in ("is_baseline", "lazy_prune", "pareto"):
         t[c] = t[c].astype(bool)
+    warnings += spread_warnings(t, group_cols)
     return Summary(t, group_cols, warnings, dict(baseline), match, pareto_by)
+
+
+def spread_warnings(t: pd.DataFrame, group_cols: list[str], limit: float = TPOT_SPREAD_WARN) -> list[str]:
+    """One warning naming the configs whose repeats disagree on TPOT by more than `limit` (max/min)."""
+    ratio = t["tpot_ms_max"] / t["tpot_ms_min"]
+    noisy = t[(t["count"] > 1) & (ratio > limit)]
+    if noisy.empty:
+        return []
+    cols = [c for c in varying(t, group_cols) if c != "backend"] or group_cols
+    worst = ratio[noisy.index].sort_values(ascending=False).index
+    shown = "; ".join(f"{config_label(t.loc[i], cols)}: {t.at[i, 'tpot_ms_min']:.3g}-{t.at[i, 'tpot_ms_max']:.3g} ms"
+                      for i in worst[:3])
+    more = f" and {len(worst) - 3} more" if len(worst) > 3 else ""
+    return [f"TPOT varies more than {100 * (limit - 1):.0f} % between the repeats of {len(worst)} "
+            f"config{'s' if len(worst) != 1 else ''} ({shown}{more}): their median is not a stable speed; "
+            "compare min or rerun them"]
 
 
 def varying(t: pd.DataFrame, cols: list[str]) -> list[str]:

@@ -349,3 +349,16 @@ def test_verdict_compares_on_the_same_decode_path(tmp_path):
     res = run(Options(paths=[str(tmp_path / "s"), str(tmp_path / "s2")], out=tmp_path / "r2", traces=0))
     (v,) = [f for f in res.findings if f.kind.startswith("verdict")]
     assert v.outcome == "GO" and v.numbers["tpot_ms"] == 2.0 and v.numbers["lazy_tpot_ms"] == 2.5
+
+
+def test_repeats_with_unstable_tpot_are_flagged(tmp_path):
+    # eager decode on a shared host can measure 2x apart between repeats: the median alone would hide it
+    spec = [(dict(dataset="wiki", policy="streaming", compress_every=1), [(1.00, 10.0), (1.01, 10.0)]),
+            (dict(dataset="wiki", policy="streaming", compress_every=4), [(24.0, 10.1), (47.0, 10.1)]),
+            (dict(dataset="wiki", policy="streaming", compress_every=8), [(5.0, 10.2)])]
+    syn.write_sweep(tmp_path / "s", spec, failed=False, incomplete=False)
+    res = run(Options(paths=[str(tmp_path / "s")], out=tmp_path / "r", traces=0))
+    flagged = [w for w in res.warnings if w.startswith("TPOT varies")]
+    assert len(flagged) == 1 and "of 1 config " in flagged[0]
+    assert "compress_every=4: 24-47 ms" in flagged[0] and "compress_every=1" not in flagged[0]
+    assert flagged[0] in (tmp_path / "r" / "summary.md").read_text()
