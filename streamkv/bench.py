@@ -93,6 +93,7 @@ class Row:
     other_mb: float = float("nan")  # decode peak - resident before - KV capacity - schedule: activations,
     #                                 the graph's pool, workspaces
     visible_kv_mean: float = float("nan")
+    n_prunes: int = -1  # prunes during the timed decode (our paths; -1: not counted, the HF baselines)
     roofline_ms: float = float("nan")
     roofline_frac: float = float("nan")
     ppl: float = float("nan")  # over decode steps 4 .. 4 + decode_slow: the same tokens for every path
@@ -420,6 +421,7 @@ def run_ours(case: Case, model, tokenizer, ids, prefill, device, dtype, n_sink, 
     out = {"prefill_ms": r.prefill_ms, "ttft_ms": r.ttft_ms, "decode_ms": r.decode_ms,
            "decode_tokens": r.decode_tokens, "peak_mem_mb": peak, "peak_mem_all_mb": r.peak_mem_mb,
            "visible_kv_mean": float(r.visible_kv[prefill:].mean()) + 1, "nll": r.nll[prefill:],
+           "n_prunes": sum(1 for e in r.events if e["step"] >= prefill),
            "backend_used": getattr(ev, "backend_used", case.backend), "memory": dict(getattr(ev, "memory", {}))}
     if profile_steps:
         short = ids[:prefill + 1 + profile_steps]
@@ -596,6 +598,7 @@ def run_model(name: str, args, device, dtype, bw: float, out_dir: Path) -> list[
                 row.other_mb = row.peak_mem_mb - base - row.kv_capacity_mb - \
                     (0.0 if math.isnan(row.schedule_mb) else row.schedule_mb)
             row.visible_kv_mean = res["visible_kv_mean"]
+            row.n_prunes = res.get("n_prunes", -1)
             row.roofline_ms = (read_w + row.visible_kv_mean * kv_tok) / bw * 1e3
             row.roofline_frac = row.roofline_ms / row.tpot_ms
             nll = res["nll"]
@@ -651,17 +654,18 @@ def markdown(rows: list[Row], meta: dict) -> str:
         seed = next((r.tpot_ms for r in mrows if r.label.startswith("seed") and r.status == "ok"), float("nan"))
         hfs = next((r.tpot_ms for r in mrows if r.label.startswith("HF Static") and r.status == "ok"), float("nan"))
         lines += [f"### {model}", "",
-                  "| path (manager x backend) | policy | R | TPOT ms | x seed | x HF static | TTFT ms | peak MB decode "
+                  "| path (manager x backend) | policy | R | prunes | TPOT ms | x seed | x HF static | TTFT ms | peak MB decode "
                   "(incl. prefill) | weights MB | KV cap MB (slots) | sched MB | other MB† | roofline ms | % roofline "
                   "| PPL |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in mrows:
             if r.status != "ok":
-                lines.append(f"| {r.label} | {r.policy} | {r.R} | failed: {r.error} ||||||||||||")
+                lines.append(f"| {r.label} | {r.policy} | {r.R} | failed: {r.error} |||||||||||||")
                 continue
             used = f" ({r.backend_used})" if r.backend_used and r.backend_used != r.backend else ""
             lines.append(
-                f"| {r.label}{used} | {r.policy} | {r.R or '–'} | {_fmt(r.tpot_ms, 3)} | {_fmt(seed / r.tpot_ms, 1)} "
+                f"| {r.label}{used} | {r.policy} | {r.R or '–'} | {r.n_prunes if r.n_prunes >= 0 else '–'} "
+                f"| {_fmt(r.tpot_ms, 3)} | {_fmt(seed / r.tpot_ms, 1)} "
                 f"| {_fmt(hfs / r.tpot_ms, 2)} | {_fmt(r.ttft_ms, 1)} | {_fmt(r.peak_mem_mb, 0)} "
                 f"({_fmt(r.peak_mem_all_mb, 0)}) | {_fmt(r.weights_mb, 0)} "
                 f"| {_fmt(r.kv_capacity_mb, 1)} ({r.kv_capacity_slots or '–'}) | {_fmt(r.schedule_mb, 1)} "
