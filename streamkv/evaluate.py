@@ -35,6 +35,16 @@ class EvalResult:
     decode_peak_mem_mb: float = float("nan")  # CUDA: peak over the decode phase alone (prefill logits excluded)
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    # host wall time from the start of each decode step to the start of the next (the last: to the closing
+    # sync), ms; NaN for the prefill's tokens. Asynchronous paths run ahead of the GPU, so read single values
+    # as a distribution, not as one step's GPU time.
+    step_ms: np.ndarray | None = None
+
+
+def step_durations_ms(stamps: np.ndarray) -> np.ndarray:
+    """Per predicted token (n - 1 of them): stamps[t + 1] - stamps[t] in ms, from the start times of the
+    decode steps (NaN before the first) and the end of the decode in stamps[n - 1]."""
+    return np.diff(stamps) * 1e3
 
 
 def _sync(device: torch.device) -> None:
@@ -126,8 +136,10 @@ class Evaluator:
 
         decode_start = time.perf_counter()
         steps = range(prefill, n - 1)
+        stamps = np.full(n, np.nan)  # stamps[t]: when step t started
         bar = tqdm(steps, desc="decode", unit="tok", disable=not self.progress, mininterval=0.5, leave=False)
         for t in bar:
+            stamps[t] = time.perf_counter()
             visible[t] = len(self.cache)
             logits = self.decoder.forward(ids[None, t:t + 1], self.cache)[0]
             nll[t:t + 1], entropy[t:t + 1] = _score(logits, ids[t + 1:t + 2])
@@ -138,6 +150,7 @@ class Evaluator:
         bar.close()
         _sync(dev)
         end = time.perf_counter()
+        stamps[n - 1] = end
         decode_tokens = n - 1 - prefill
 
         if dev.type == "cuda":
@@ -151,4 +164,5 @@ class Evaluator:
             index=np.arange(1, n), token_id=ids_np[1:], nll=nll.cpu().numpy(), entropy=entropy.cpu().numpy(),
             visible_kv=visible, events=events, prefill_ms=prefill_ms, ttft_ms=ttft_ms,
             decode_ms=(end - decode_start) * 1e3, total_s=end - start, peak_mem_mb=peak_mb,
-            decode_peak_mem_mb=decode_peak, prefill_tokens=prefill, decode_tokens=decode_tokens)
+            decode_peak_mem_mb=decode_peak, prefill_tokens=prefill, decode_tokens=decode_tokens,
+            step_ms=step_durations_ms(stamps))

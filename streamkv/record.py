@@ -77,6 +77,8 @@ def write_tables(run_dir: Path, result) -> None:
         "index": result.index.astype(np.int64), "token_id": result.token_id.astype(np.int64),
         "nll": result.nll.astype(np.float32), "visible_kv": result.visible_kv.astype(np.int32),
         "entropy": result.entropy.astype(np.float32)})
+    if getattr(result, "step_ms", None) is not None:
+        tokens["step_ms"] = result.step_ms.astype(np.float32)
     write_parquet(run_dir / "tokens.parquet", tokens)
     events = pd.DataFrame(result.events, columns=EVENT_COLUMNS).astype("int64")
     write_parquet(run_dir / "events.parquet", events)

@@ -168,6 +168,17 @@ def test_graph_step_matches_concat_eager(policy):
         assert g.memory["kv_capacity_slots"] == max(ref.visible_kv) + 1 or policy == "lazy_prefill"
 
 
+def test_step_times_cover_the_decode():
+    """step_ms: one host wall time per decode step, NaN for the prefill's tokens, summing to the decode time."""
+    ids = text_ids(KIND, n=120)
+    cfg, ev = _evaluator(*POLICIES["refresh"], "prefill_tokens=40", n=len(ids))
+    _, g = _graph("ring", *POLICIES["refresh"], "prefill_tokens=40", n=len(ids))
+    for r in (ev.run(ids, 40), g.run(ids, 40)):
+        assert r.step_ms.shape == (len(ids) - 1,)
+        assert np.isnan(r.step_ms[:40]).all() and (r.step_ms[40:] >= 0).all()
+        assert r.step_ms[40:].sum() == pytest.approx(r.decode_ms, rel=0.02)
+
+
 @pytest.mark.parametrize("policy", ["strict", "refresh", "max_drop"])
 def test_static_compaction_without_a_permutation_table(policy, monkeypatch):
     """Static layout: when every prune keeps cache order the kept-first permutation comes from the device's

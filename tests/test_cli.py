@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conftest import run_cli
@@ -70,6 +71,9 @@ def test_multirun_writes_one_complete_record_per_combination(tmp_path):
     for run_dir in sorted(p.parent for p in tmp_path.glob("*/result.json")):
         for name in ("tokens.parquet", "events.parquet", ".hydra/config.yaml", "run.log"):
             assert (run_dir / name).is_file(), name
+        tokens = pd.read_parquet(run_dir / "tokens.parquet")  # no prefill here: every token is decoded
+        assert list(tokens.columns) == ["index", "token_id", "nll", "visible_kv", "entropy", "step_ms"]
+        assert tokens["step_ms"].notna().all() and (tokens["step_ms"] >= 0).all()
     assert "4 ok, 0 failed, 0 skipped" in proc.stderr
 
 

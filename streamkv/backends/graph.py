@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from streamkv.backends import functional as fn
 from streamkv.backends.schedule import (BookkeepingCache, EntropyDependent, Schedule, ScoredPlan, Unschedulable,
                                         build_schedule, online_schedule)
-from streamkv.evaluate import EvalResult, _reset_peak
+from streamkv.evaluate import EvalResult, _reset_peak, step_durations_ms
 from streamkv.policies.base import StepView
 from streamkv.policies.h2o import QUERY_CHUNK
 from streamkv.policies.scored import attention_weights, rotate_by
@@ -797,13 +797,16 @@ class GraphEvaluator:
             prefill_peak = _reset_peak(dev)
             ttft_ms = prefill_ms
             decode_start = time.perf_counter()
+            stamps = np.full(n, np.nan)  # stamps[t]: when step t started
             for t in range(prefill, n - 1):
+                stamps[t] = time.perf_counter()
                 self._replay(t)
                 if t == prefill and not prefill:
                     _sync(dev)
                     ttft_ms = (time.perf_counter() - decode_start) * 1e3
             _sync(dev)
             end = time.perf_counter()
+            stamps[n - 1] = end
         if dev.type == "cuda":
             decode_peak = torch.cuda.max_memory_allocated(dev) / 2**20
             peak_mb = max(prefill_peak, decode_peak)
@@ -816,4 +819,4 @@ class GraphEvaluator:
             entropy=self.entropy[:n - 1].cpu().numpy(), visible_kv=s.visible.copy(), events=list(s.events),
             prefill_ms=prefill_ms, ttft_ms=ttft_ms, decode_ms=(end - decode_start) * 1e3, total_s=end - start,
             peak_mem_mb=peak_mb, decode_peak_mem_mb=decode_peak, prefill_tokens=prefill,
-            decode_tokens=n - 1 - prefill)
+            decode_tokens=n - 1 - prefill, step_ms=step_durations_ms(stamps))
