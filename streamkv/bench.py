@@ -654,8 +654,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
         seed = next((r.tpot_ms for r in mrows if r.label.startswith("seed") and r.status == "ok"), float("nan"))
         hfs = next((r.tpot_ms for r in mrows if r.label.startswith("HF Static") and r.status == "ok"), float("nan"))
         lines += [f"### {model}", "",
-                  "| path (manager x backend) | policy | R | prunes | TPOT ms | x seed | x HF static | TTFT ms | peak MB decode "
-                  "(incl. prefill) | weights MB | KV cap MB (slots) | sched MB | other MB† | roofline ms | % roofline "
+                  "| path (manager x backend) | policy | R | prunes | TPOT ms | x seed | x HF static | TTFT ms "
+                  "| peak MB decode (incl. prefill) | weights MB | KV cap MB (slots) | sched MB | other MB† | roofline ms | % roofline "
                   "| PPL |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in mrows:
