@@ -86,9 +86,7 @@ class Evaluator:
             return
         self.cache.evict(decision.keep)
         if events is not None:
-            after = len(self.cache)
-            events.append({"step": step, "dropped": before - after, "kept": after, "visible_before": before,
-                           "visible_after": after, "refreshed": decision.refreshed})
+            events.append(decision.event(step, before))
 
     def _prepare(self, ids: torch.Tensor) -> None:
         self._ids_np = ids.cpu().numpy()

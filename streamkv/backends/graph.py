@@ -695,8 +695,7 @@ class GraphEvaluator:
             self.prune_graph.replay()
         else:
             self._online_prune()
-        s.events.append({"step": int(t), "dropped": m - len(keep), "kept": len(keep), "visible_before": m,
-                         "visible_after": len(keep), "refreshed": int(getattr(decision, "refreshed", 0))})
+        s.events.append(decision.event(t, m))
 
     def _gather(self, perm) -> None:
         C = self.s.capacity

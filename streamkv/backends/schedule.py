@@ -305,8 +305,7 @@ def _layout(feeds, layout, mode, n, prefill) -> Schedule:
             prefill_evict = np.asarray(slots, dtype=np.int64)
         else:
             evict_rows[t] = slots
-        events.append({"step": int(t), "dropped": m - len(keep), "kept": len(keep), "visible_before": m,
-                       "visible_after": len(keep), "refreshed": int(getattr(decision, "refreshed", 0))})
+        events.append(decision.event(t, m))
 
     # Side buffer (ring + shift): an un-rotated copy of every token that will ever need a fix, kept
     # from its write until its eviction; rows are reused.

@@ -16,6 +16,12 @@ class Decision:
     refreshed: int = 0  # tokens moved into the refresh region by this prune (refresh policies)
     info: dict = field(default_factory=dict)
 
+    def event(self, step: int, before: int) -> dict:
+        """This prune's row of events.parquet: made after `step`, on a cache of `before` tokens."""
+        after = len(self.keep)
+        return {"step": int(step), "dropped": before - after, "kept": after, "visible_before": before,
+                "visible_after": after, "refreshed": int(self.refreshed)}
+
 
 @dataclass
 class StepView:
