@@ -64,7 +64,8 @@ for name in "$@"; do
   echo "== $(date -u +%T) $name (limit ${left}s): $args" | tee -a "$log"
   path=$fast; [ -n "${OWN_PATH[$name]:-}" ] && path="device=cuda progress=false"
   timeout "$left" python3 run.py -m $args $path hydra.sweep.dir="$work/$name" >>"$log" 2>&1
-  echo "== $(date -u +%T) $name rc=$?" | tee -a "$log"
+  rc=$?  # (taken first: a $(...) in the echo below would reset $?); 124 = stopped by the time limit
+  echo "== $(date -u +%T) $name rc=$rc" | tee -a "$log"
   (cd "$work" && tar czf "$out/rec-$name.tar.gz" --exclude='.submitit' --exclude='_from_*' "$name")
 done
 (cd "$work" && grep -h -o '"status": *"[a-z]*"' */*/result.json 2>/dev/null | sort | uniq -c) | tee -a "$log"

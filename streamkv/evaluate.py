@@ -4,16 +4,20 @@ policy deciding after every step and the cache manager carrying it out.
 Timing: CUDA is synchronized around the timed regions (no per-token sync); a warm-up of a few
 decode steps on a fresh cache runs first and is discarded. TPOT = decode time / decode tokens.
 TTFT = prefill time, or the first decode step's time when prefill_tokens = 0.
+
+Attention kernels on CUDA: the host-driven decode attends without cuDNN's SDPA (see `host_attention`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from streamkv.policies import StepView
@@ -45,6 +49,18 @@ def step_durations_ms(stamps: np.ndarray) -> np.ndarray:
     """Per predicted token (n - 1 of them): stamps[t + 1] - stamps[t] in ms, from the start times of the
     decode steps (NaN before the first) and the end of the decode in stamps[n - 1]."""
     return np.diff(stamps) * 1e3
+
+
+# cuDNN's SDPA (torch's first choice on an H100) builds and caches an execution plan for every new key
+# length, ~40 ms each: a host-driven decode whose cache grows pays that on every step until the window
+# fills, once per process, so the same eager config measured 25 or 48 ms/token depending on what ran
+# before it in the process (docs/results/README.md, finding 7). The other kernels need no plans.
+HOST_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def host_attention(device: torch.device):
+    """The attention kernels of the host-driven decode (a context manager; CPU: unchanged)."""
+    return sdpa_kernel(HOST_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _sync(device: torch.device) -> None:
@@ -93,6 +109,14 @@ class Evaluator:
         self._entropy = torch.zeros(len(ids), device=self.device)
 
     def warm_up(self, ids: torch.Tensor, prefill: int, steps: int) -> None:
+        with host_attention(self.device):
+            self._warm_up(ids, prefill, steps)
+
+    def run(self, ids: torch.Tensor, prefill: int) -> EvalResult:
+        with host_attention(self.device):
+            return self._run(ids, prefill)
+
+    def _warm_up(self, ids: torch.Tensor, prefill: int, steps: int) -> None:
         if steps <= 0:
             return
         self._reset()
@@ -107,7 +131,7 @@ class Evaluator:
             self._maybe_prune(t, None)
         _sync(self.device)
 
-    def run(self, ids: torch.Tensor, prefill: int) -> EvalResult:
+    def _run(self, ids: torch.Tensor, prefill: int) -> EvalResult:
         n = len(ids)
         dev = self.device
         self._reset()

@@ -7,6 +7,7 @@ The GPU side (capture, bf16 tolerance, liger) is scripts/gpu_check.py; speed is 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -177,6 +178,29 @@ def test_step_times_cover_the_decode():
         assert r.step_ms.shape == (len(ids) - 1,)
         assert np.isnan(r.step_ms[:40]).all() and (r.step_ms[40:] >= 0).all()
         assert r.step_ms[40:].sum() == pytest.approx(r.decode_ms, rel=0.02)
+
+
+def test_host_decode_attends_without_cudnn_sdpa(monkeypatch):
+    """On CUDA the host-driven decode (warm-up and run) excludes cuDNN's SDPA, which builds a plan per new key
+    length (~40 ms each on an H100, docs/results/README.md finding 7), and restores the flag afterwards."""
+    from streamkv import evaluate
+
+    as_on_cuda = evaluate.host_attention
+    monkeypatch.setattr(evaluate, "host_attention", lambda device: as_on_cuda(torch.device("cuda")))
+    ids = text_ids(KIND, n=40)
+    _, ev = _evaluator(*POLICIES["refresh"], n=len(ids))
+    forward, cudnn_on = ev.decoder.forward, []
+
+    def spy(*args):
+        cudnn_on.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return forward(*args)
+
+    monkeypatch.setattr(ev.decoder, "forward", spy)
+    ev.warm_up(ids, 0, 4)
+    ev.run(ids, 0)
+    assert len(cudnn_on) == 4 + len(ids) - 1 and not any(cudnn_on)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert isinstance(as_on_cuda(torch.device("cpu")), contextlib.nullcontext)  # CPU: untouched
 
 
 @pytest.mark.parametrize("policy", ["strict", "refresh", "max_drop"])
