@@ -592,6 +592,20 @@ def test_bench_pieces_run_on_cpu():
     assert res["decode_tokens"] == 59 and res["n_prunes"] == 59
 
 
+def test_bench_seed_style_case_runs_its_warm_cycle(tmp_path, monkeypatch):
+    """The seed-style case first runs one discarded pass over a whole prune cycle (R steps; cuDNN plans per key
+    length), so the text must be long enough for it even when the timed decode is shorter than R."""
+    from streamkv import bench
+
+    calls = []
+    seed_style = bench.hf_seed_style
+    monkeypatch.setattr(bench, "hf_seed_style", lambda *a, **k: calls.append(a[3]) or seed_style(*a, **k))
+    bench.main(["--smoke", "--only", "seed-style", "--decode-slow", "8", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok"], rows
+    assert calls == [32, 8]  # the warm pass over R = 32 steps, then the 8 timed steps
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_fused_graph_step_in_interpreter():
     """cudagraph_fused's step (our Triton kernels for RoPE + slot write + sink re-rotation and decode
