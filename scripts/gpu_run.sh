@@ -52,7 +52,9 @@ case "$stage" in
                python3 scripts/step_modes.py "$runs"/* --block 128 --out "$out/eager-modes.json" ;;
   eager-plans) # is the slow eager phase the attention building a plan per new key length? two repeats of one
                # concat x eager config in one process (the 2nd finds the plans of the 1st), with cuDNN SDPA
-               # on (torch's default on H100) and off; step times of the growth phase (< n_sink + window) decide
+               # on (torch's default on H100) and off; step times of the growth phase (< n_sink + window) decide.
+               # Ran in session 6 before streamkv/evaluate.py's host_attention existed; since then the host decode
+               # excludes cuDNN whatever this flag says, so both halves measure the fix (the data: docs/results/eager-modes/plans)
                args="dataset=wiki dataset.max_tokens=1536 window=1024 compress_every=32 policy=streaming cache=concat
                  backend=eager device=cuda progress=false repeat=0,1"
                runs=$HOME/eager-plans
