@@ -11,19 +11,23 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+
+from streamkv.diagnose import DiagnoseError, load_run
 
 
 def step_modes(run_dir: Path, block: int) -> dict:
-    result = json.loads((run_dir / "result.json").read_text())
-    tokens = pd.read_parquet(run_dir / "tokens.parquet")
+    try:
+        run = load_run(run_dir)  # the run record's reader (tokens.parquet + result.json)
+    except DiagnoseError as exc:
+        raise SystemExit(str(exc))
+    tokens = run["tokens"]
     if "step_ms" not in tokens:
         raise SystemExit(f"{run_dir}: tokens.parquet has no step_ms column (a record from before session 5)")
     ms = tokens["step_ms"].to_numpy(np.float64)
     ms = ms[np.isfinite(ms)]
     blocks = [float(np.median(ms[i:i + block])) for i in range(0, len(ms), block)]
     q = np.percentile(ms, [10, 50, 90, 99])
-    return {"run": str(run_dir), "tpot_ms": result["metrics"]["tpot_ms"], "steps": int(len(ms)),
+    return {"run": str(run_dir), "tpot_ms": run["result"]["metrics"]["tpot_ms"], "steps": int(len(ms)),
             "p10": q[0], "p50": q[1], "p90": q[2], "p99": q[3], "block_medians": blocks}
 
 
