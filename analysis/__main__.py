@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .collect import AnalysisError
 from .pipeline import Options, run
+from .references import DENSE_MATCH
 from .summarize import DEFAULT_BASELINE, DEFAULT_IGNORE, DEFAULT_MATCH, DEFAULT_PARETO_BY
 
 
@@ -30,8 +31,10 @@ def parser() -> argparse.ArgumentParser:
                    help=f"config columns left out of the default grouping (default: {','.join(DEFAULT_IGNORE)})")
     p.add_argument("--baseline", default=DEFAULT_BASELINE, metavar="K=V,..",
                    help=f"the baseline config (default: {DEFAULT_BASELINE})")
-    p.add_argument("--match", type=_cols, default=list(DEFAULT_MATCH), metavar="COLS",
-                   help=f"columns a config shares with its baseline (default: {','.join(DEFAULT_MATCH)})")
+    p.add_argument("--match", type=_cols, default=None, metavar="COLS",
+                   help=f"columns a config shares with its baseline; `group.*` = every column of the group "
+                        f"(default: {','.join(DEFAULT_MATCH)}; with --baseline policy=full: "
+                        f"{','.join(DENSE_MATCH)}, i.e. not window or compress_every)")
     p.add_argument("--pareto-by", type=_cols, default=list(DEFAULT_PARETO_BY), metavar="COLS",
                    help=f"scope of Pareto sets, recommendations and verdicts (default: {','.join(DEFAULT_PARETO_BY)})")
     p.add_argument("--lazy-prune", dest="lazy", default="policy=streaming", metavar="K=V,..",

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import plots
+from . import plots, references
 from .collect import AnalysisError, collect, write_runs
-from .report import Document, devices_caption, display, summary_view
+from .report import Document, context_note, devices_caption, display, summary_view
 from .select import apply_where, check_columns, norm, norm_series, parse_spec
 from .summarize import (DEFAULT_BASELINE, DEFAULT_IGNORE, DEFAULT_MATCH, DEFAULT_PARETO_BY, Summary, config_label,
                         group_columns, summarize, varying, write_summary)
@@ -27,7 +27,7 @@ class Options:
     group_by: list[str] | None = None
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
     baseline: str = DEFAULT_BASELINE
-    match: list[str] = field(default_factory=lambda: list(DEFAULT_MATCH))
+    match: list[str] | None = None  # None: DEFAULT_MATCH, or references.DENSE_MATCH for --baseline policy=full
     pareto_by: list[str] = field(default_factory=lambda: list(DEFAULT_PARETO_BY))
     lazy: str = "policy=streaming"
     short_ppl_max: float = 3.0
@@ -59,7 +59,8 @@ def _validate(opts: Options, runs: pd.DataFrame, group_cols: list[str]) -> tuple
         return baseline, lazy  # nothing to summarise: report the failed/incomplete runs only
     check_columns(runs, baseline, "--baseline")
     check_columns(runs, lazy, "--lazy-prune")
-    check_columns(runs, opts.match, "--match")
+    if opts.match is not None:
+        check_columns(runs, [c for c in opts.match if not c.endswith(".*")], "--match")
     check_columns(runs, opts.pareto_by, "--pareto-by")
     for k in baseline:
         if k not in group_cols:
@@ -182,6 +183,7 @@ def _findings_table(fs: list[Finding], scope_cols: list[str]) -> pd.DataFrame:
 
 def run(opts: Options) -> Result:
     runs, cfg_cols, _ = collect(opts.paths)
+    runs["beyond_context"] = references.beyond_context(runs)
     runs = apply_where(runs, opts.where)
     if runs.empty:
         raise AnalysisError("no runs left after --where " + " ".join(opts.where))
@@ -213,7 +215,8 @@ def _summary_blocks(s: Summary) -> list:
     blocks = []
     if common:
         blocks.append(("p", "Common to all configs: " + ", ".join(f"`{k}={v}`" for k, v in common.items())))
-    blocks.append(("table", view, devices_caption(s.table)))
+    note = context_note(s.table)
+    blocks.append(("table", view, devices_caption(s.table) + (f"\n\n{note}" if note else "")))
     return blocks
 
 
