@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
                    help="book-protocol verdict: max PPL increase in %% (default: 5)")
     p.add_argument("--wiki-ppl-max", type=float, default=3.0, metavar="PCT",
                    help="wiki-protocol verdict: max PPL increase in %% (default: 3)")
+    p.add_argument("--passkey-acc-min", type=float, default=0.5, metavar="ACC",
+                   help="pass-key: a config retrieves keys older than its window when it answers at least this "
+                        "share of them (default: 0.5)")
     p.add_argument("--traces", type=int, default=4, metavar="N",
                    help="NLL/visible-KV traces of N runs picked automatically (baseline, Pareto, best lazy "
                         "prune per scope; default 4; 0 = none)")
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(paths=a.paths, out=a.out, where=a.where, group_by=a.group_by, ignore=a.ignore,
                    baseline=a.baseline, match=a.match, pareto_by=a.pareto_by, lazy=a.lazy,
                    short_ppl_max=a.short_ppl_max, long_ppl_max=a.long_ppl_max, wiki_ppl_max=a.wiki_ppl_max,
-                   traces=a.traces, trace_runs=a.trace_runs, rolling=a.rolling)
+                   passkey_acc_min=a.passkey_acc_min, traces=a.traces, trace_runs=a.trace_runs, rolling=a.rolling)
     try:
         res = run(opts)
     except AnalysisError as e:

@@ -45,8 +45,12 @@ def fmt_value(col: str, v) -> str:
             return "n/a"
         if col.startswith("ppl_increase"):
             return f"{v:+.2f}"
-        if col == "answer_acc_mean":
+        if col in ("answer_acc_mean", "acc_beyond", "acc_within"):
             return f"{v:.2f}"
+        if col == "answer_nll_mean":
+            return f"{v:.3f}"
+        if col == "tpot_vs_streaming":
+            return f"{v:.3f}"
         if col == "tpot_speedup":
             return f"{v:.3f}"
         if col.startswith("ppl"):
