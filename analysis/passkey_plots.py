@@ -36,8 +36,7 @@ def heatmap_plot(pk: pd.DataFrame, length_col: str, configs: list[str]) -> plt.F
     ncols = min(PANEL_COLS, n)
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 1.0, 3.1 * nrows), squeeze=False)
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("0.85")
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="0.85")  # grey: no run at that length and depth
     im = None
     for k, ax in enumerate(axes.flat):
         if k >= len(configs):

@@ -277,9 +277,9 @@ def tpot_vs_compress_plot(t: pd.DataFrame, facet_cols: list[str], series_cols: l
         for c in series_cols:
             skey = skey + " " + g.apply(lambda r, c=c: compact_label(r, [c]), axis=1)
         seen: dict[str, int] = {}
-        for k in sorted(set(skey)):
-            s = g[skey == k].sort_values("compress_every")
-            pol = norm(s["policy"].iloc[0]) if "policy" in s else "-"
+        pols = norm_series(g["policy"]) if "policy" in g else pd.Series("-", index=g.index)
+        for pol, k in sorted(set(zip(pols, skey))):  # a line per policy and knob setting
+            s = g[(pols == pol) & (skey == k)].sort_values("compress_every")
             n = seen[pol] = seen.get(pol, -1) + 1  # same policy, other knobs: same colour, other marker/dash
             ax.plot(s["compress_every"].astype(float), s["tpot_ms_median"], marker=MARKERS[n % len(MARKERS)],
                     ls=DASHES[n % len(DASHES)], ms=5, lw=1, color=pal.get(pol, "C0"), label=f"{pol}{k}",
@@ -327,14 +327,17 @@ def regime_plot(t: pd.DataFrame, facet_cols: list[str], series_cols: list[str]) 
         for wi, w in enumerate(wins):
             ax = axes[ri, wi]
             g = d[(fkey == f) & (d["window"].astype(float) == w)]
+            # a line per policy; knobs that vary within one policy's configs here split it further
             skey = pd.Series("", index=g.index, dtype=object)
-            for c in series_cols:
-                if c in g and g[c].map(norm).nunique() > 1:
-                    skey = skey + " " + g.apply(lambda r, c=c: compact_label(r, [c]), axis=1)
+            for pol_rows in g.groupby(norm_series(g["policy"]), sort=True).groups.values():
+                gp = g.loc[pol_rows]
+                cols = [c for c in series_cols if c in gp and gp[c].map(norm).nunique() > 1]
+                if cols:
+                    skey[pol_rows] = [" " + compact_label(r, cols) for _, r in gp.iterrows()]
             seen: dict[str, int] = {}
-            for k in sorted(set(skey)):
-                sr = g[skey == k].sort_values("r_over_w")
-                pol = norm(sr["policy"].iloc[0])
+            pols = norm_series(g["policy"])
+            for pol, k in sorted(set(zip(pols, skey))):
+                sr = g[(pols == pol) & (skey == k)].sort_values("r_over_w")
                 n = seen[pol] = seen.get(pol, -1) + 1
                 ax.plot(sr["r_over_w"], sr["ppl_median"], marker=MARKERS[n % len(MARKERS)], ls=DASHES[n % len(DASHES)],
                         ms=5, lw=1.2, color=pal.get(pol, "C0"), label=f"{pol}{k}", gid=f"regime:{pol}{k}")
