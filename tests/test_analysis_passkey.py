@@ -407,6 +407,7 @@ def test_cli_passkey_and_regime_with_dense_baseline(pk_dir, tmp_path):
     assert set(by_dist.columns) >= {"config", "bin_lo", "bin_hi", "count", "answer_acc_mean"}
     report = (out / "report.md").read_text()
     assert "plots/passkey_heatmap.png" in report and "plots/regime_map.png" in report
+    assert "| passkey |" not in report.split("## Summary")[0]  # no PPL verdict or recommendation on filler text
     # regime configs: PPL increase vs the window-2048 dense run of their dataset
     st = s[(s["dataset"] == "book") & (s["policy"] == "streaming") & (s["window"] == 32) & (s["compress_every"] == 1)]
     assert st["ppl_increase_pct"].iloc[0] == pytest.approx(100 * (regime_ppl("book", "streaming", 32, 1) / 15.0 - 1))
