@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .collect import AnalysisError
 from .pipeline import Options, run
+from .references import DENSE_MATCH
 from .summarize import DEFAULT_BASELINE, DEFAULT_IGNORE, DEFAULT_MATCH, DEFAULT_PARETO_BY
 
 
@@ -30,8 +31,10 @@ def parser() -> argparse.ArgumentParser:
                    help=f"config columns left out of the default grouping (default: {','.join(DEFAULT_IGNORE)})")
     p.add_argument("--baseline", default=DEFAULT_BASELINE, metavar="K=V,..",
                    help=f"the baseline config (default: {DEFAULT_BASELINE})")
-    p.add_argument("--match", type=_cols, default=list(DEFAULT_MATCH), metavar="COLS",
-                   help=f"columns a config shares with its baseline (default: {','.join(DEFAULT_MATCH)})")
+    p.add_argument("--match", type=_cols, default=None, metavar="COLS",
+                   help=f"columns a config shares with its baseline; `group.*` = every column of the group "
+                        f"(default: {','.join(DEFAULT_MATCH)}; with --baseline policy=full: "
+                        f"{','.join(DENSE_MATCH)}, i.e. not window or compress_every)")
     p.add_argument("--pareto-by", type=_cols, default=list(DEFAULT_PARETO_BY), metavar="COLS",
                    help=f"scope of Pareto sets, recommendations and verdicts (default: {','.join(DEFAULT_PARETO_BY)})")
     p.add_argument("--lazy-prune", dest="lazy", default="policy=streaming", metavar="K=V,..",
@@ -42,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
                    help="book-protocol verdict: max PPL increase in %% (default: 5)")
     p.add_argument("--wiki-ppl-max", type=float, default=3.0, metavar="PCT",
                    help="wiki-protocol verdict: max PPL increase in %% (default: 3)")
+    p.add_argument("--passkey-acc-min", type=float, default=0.5, metavar="ACC",
+                   help="pass-key: a config retrieves keys older than its window when it answers at least this "
+                        "share of them (default: 0.5)")
     p.add_argument("--traces", type=int, default=4, metavar="N",
                    help="NLL/visible-KV traces of N runs picked automatically (baseline, Pareto, best lazy "
                         "prune per scope; default 4; 0 = none)")
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(paths=a.paths, out=a.out, where=a.where, group_by=a.group_by, ignore=a.ignore,
                    baseline=a.baseline, match=a.match, pareto_by=a.pareto_by, lazy=a.lazy,
                    short_ppl_max=a.short_ppl_max, long_ppl_max=a.long_ppl_max, wiki_ppl_max=a.wiki_ppl_max,
-                   traces=a.traces, trace_runs=a.trace_runs, rolling=a.rolling)
+                   passkey_acc_min=a.passkey_acc_min, traces=a.traces, trace_runs=a.trace_runs, rolling=a.rolling)
     try:
         res = run(opts)
     except AnalysisError as e:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import plots
+from . import plots, references
+from . import passkey_report
 from .collect import AnalysisError, collect, write_runs
-from .report import Document, devices_caption, display, summary_view
+from .passkey import DEFAULT_ACC_MIN, PASSKEY
+from .report import Document, context_note, devices_caption, display, summary_view
 from .select import apply_where, check_columns, norm, norm_series, parse_spec
 from .summarize import (DEFAULT_BASELINE, DEFAULT_IGNORE, DEFAULT_MATCH, DEFAULT_PARETO_BY, Summary, config_label,
                         group_columns, summarize, varying, write_summary)
@@ -27,12 +29,13 @@ class Options:
     group_by: list[str] | None = None
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
     baseline: str = DEFAULT_BASELINE
-    match: list[str] = field(default_factory=lambda: list(DEFAULT_MATCH))
+    match: list[str] | None = None  # None: DEFAULT_MATCH, or references.DENSE_MATCH for --baseline policy=full
     pareto_by: list[str] = field(default_factory=lambda: list(DEFAULT_PARETO_BY))
     lazy: str = "policy=streaming"
     short_ppl_max: float = 3.0
     long_ppl_max: float = 5.0   # the book (long text) protocol's verdict limit
     wiki_ppl_max: float = 3.0
+    passkey_acc_min: float = DEFAULT_ACC_MIN  # a pass-key config "retrieves" old keys at this accuracy
     traces: int = 4
     trace_runs: list[str] = field(default_factory=list)
     rolling: int = 64
@@ -59,7 +62,8 @@ def _validate(opts: Options, runs: pd.DataFrame, group_cols: list[str]) -> tuple
         return baseline, lazy  # nothing to summarise: report the failed/incomplete runs only
     check_columns(runs, baseline, "--baseline")
     check_columns(runs, lazy, "--lazy-prune")
-    check_columns(runs, opts.match, "--match")
+    if opts.match is not None:
+        check_columns(runs, [c for c in opts.match if not c.endswith(".*")], "--match")
     check_columns(runs, opts.pareto_by, "--pareto-by")
     for k in baseline:
         if k not in group_cols:
@@ -128,9 +132,9 @@ def _load_trace(r: pd.Series, label: str):
 
 
 def make_plots(opts: Options, runs: pd.DataFrame, s: Summary,
-               group_cols: list[str]) -> tuple[list[Path], list[str], list[str], list[str]]:
+               group_cols: list[str]) -> tuple[list[Path], list[str], list[str], list[str], dict]:
     """Write all figures under out/plots (stale PNG/SVG there removed first); return PNGs, their
-    captions, the traced run dirs, and warnings."""
+    captions, the traced run dirs, warnings, and report blocks to show under a PNG (zoom keys)."""
     pdir = opts.out / "plots"
     if pdir.is_dir():
         for f in sorted(pdir.iterdir()):
@@ -143,11 +147,22 @@ def make_plots(opts: Options, runs: pd.DataFrame, s: Summary,
     vary = varying(t, group_cols)
     label_cols = [c for c in vary if c not in ("model", "dataset", "device_name", "policy", "cache", "backend")]
     datasets = sorted(set(norm_series(t["dataset"]))) if "dataset" in t and len(t) else []
-    for d in datasets:
+    extras: dict[Path, list] = {}
+    # Pass-key configs are one per text length and depth: their PPL Pareto is the pass-key section's job.
+    for d in [d for d in datasets if d != PASSKEY]:
         g = t[norm_series(t["dataset"]) == d]
         fig = plots.pareto_plot(g, f"dataset {d}", label_cols, facets)
         pngs.append(plots.save(fig, pdir, f"pareto_{_slug(d)}"))
-        captions.append(f"Pareto: dataset {d} (ringed: baseline; dashed: Pareto frontier)")
+        captions.append(f"Pareto: dataset {d} (ringed: baseline; dashed: Pareto frontier; dotted box: the "
+                        "zoomed area, if any)")
+        key = plots.zoom_key(g, label_cols, facets)
+        if len(key):
+            extras[pngs[-1]] = [("table", display(key), "The numbered points of the zoomed panel.")]
+    if plots.has_regimes(t):
+        series = [c for c in vary if c not in ("model", "dataset", "device_name", "policy", "compress_every", "window")]
+        fig = plots.regime_plot(t, ["model", "dataset"] + (["device_name"] if multi_dev else []), series)
+        pngs.append(plots.save(fig, pdir, "regime_map"))
+        captions.append("Regime map: median PPL vs R/W per window (one line per policy; dashed grey: the dense run)")
     if "compress_every" in t and t["compress_every"].notna().any():
         series = [c for c in vary if c not in ("model", "dataset", "device_name", "policy", "compress_every")]
         fig = plots.tpot_vs_compress_plot(t, ["model", "dataset"] + (["device_name"] if multi_dev else []), series)
@@ -171,7 +186,7 @@ def make_plots(opts: Options, runs: pd.DataFrame, s: Summary,
         captions.append("Visible KV per token (traced runs: " + ", ".join(f"`{r['path']}`" for r in chosen) + ")")
     elif (opts.traces or opts.trace_runs) and len(t):
         warn.append("no NLL traces: no chosen ok run has a tokens.parquet")
-    return pngs, captions, [str(r["path"]) for r in chosen], warn
+    return pngs, captions, [str(r["path"]) for r in chosen], warn, extras
 
 
 def _findings_table(fs: list[Finding], scope_cols: list[str]) -> pd.DataFrame:
@@ -182,6 +197,7 @@ def _findings_table(fs: list[Finding], scope_cols: list[str]) -> pd.DataFrame:
 
 def run(opts: Options) -> Result:
     runs, cfg_cols, _ = collect(opts.paths)
+    runs["beyond_context"] = references.beyond_context(runs)
     runs = apply_where(runs, opts.where)
     if runs.empty:
         raise AnalysisError("no runs left after --where " + " ".join(opts.where))
@@ -192,11 +208,12 @@ def run(opts: Options) -> Result:
     write_runs(runs, opts.out)
     write_summary(s, opts.out)
     findings = verdicts(s, opts.long_ppl_max, opts.wiki_ppl_max) + recommend(s, opts.short_ppl_max)
-    pngs, captions, traced, plot_warn = make_plots(opts, runs, s, group_cols)
-    warnings = list(s.warnings) + plot_warn
+    pngs, captions, traced, plot_warn, extras = make_plots(opts, runs, s, group_cols)
+    pk_pngs, _, pk_blocks, pk_warn = passkey_report.section(runs, group_cols, opts.out, opts.passkey_acc_min)
+    warnings = list(s.warnings) + plot_warn + pk_warn
     _write_summary_md(opts, s, warnings)
-    _write_report(opts, runs, s, findings, pngs, captions, warnings)
-    return Result(runs, s, findings, pngs, traced, warnings)
+    _write_report(opts, runs, s, findings, pngs, captions, warnings, extras, pk_blocks)
+    return Result(runs, s, findings, pngs + pk_pngs, traced, warnings)
 
 
 def _settings_blocks(opts: Options, s: Summary) -> list:
@@ -213,7 +230,8 @@ def _summary_blocks(s: Summary) -> list:
     blocks = []
     if common:
         blocks.append(("p", "Common to all configs: " + ", ".join(f"`{k}={v}`" for k, v in common.items())))
-    blocks.append(("table", view, devices_caption(s.table)))
+    note = context_note(s.table)
+    blocks.append(("table", view, devices_caption(s.table) + (f"\n\n{note}" if note else "")))
     return blocks
 
 
@@ -225,7 +243,7 @@ def _write_summary_md(opts: Options, s: Summary, warnings: list[str]) -> None:
 
 
 def _write_report(opts: Options, runs: pd.DataFrame, s: Summary, findings: list[Finding], pngs: list[Path],
-                  captions: list[str], warnings: list[str]) -> None:
+                  captions: list[str], warnings: list[str], extras: dict, passkey_blocks: list) -> None:
     counts = {st: int((runs["status"] == st).sum()) for st in STATUS_ORDER}
     other = sorted(set(runs["status"]) - set(STATUS_ORDER))
     counts.update({st: int((runs["status"] == st).sum()) for st in other})
@@ -250,9 +268,10 @@ def _write_report(opts: Options, runs: pd.DataFrame, s: Summary, findings: list[
     if warnings:
         blocks += [("h", 2, "Warnings"), ("ul", warnings)]
     blocks += [("h", 2, "Summary (medians over repeats)")] + _summary_blocks(s)
+    blocks += passkey_blocks
     blocks += [("h", 2, "Plots")]
     for png, cap in zip(pngs, captions):
-        blocks += [("p", f"**{cap}**"), ("img", str(png.relative_to(opts.out)), cap)]
+        blocks += [("p", f"**{cap}**"), ("img", str(png.relative_to(opts.out)), cap)] + extras.get(png, [])
     bad = runs[runs["status"] != "ok"]
     lab_cols = [c for c in varying(runs, s.group_cols) if c != "device_name"] or [c for c in ("policy",) if c in runs]
     bad_view = pd.DataFrame({"status": bad["status"], "config": [config_label(r, lab_cols) for _, r in bad.iterrows()],

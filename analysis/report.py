@@ -22,9 +22,18 @@ from .select import NA, norm
 Block = tuple
 
 CORE = ("model", "dataset", "policy", "cache", "backend", "n_sink", "window", "compress_every")
-SUMMARY_SHOW = ("count", "tpot_ms_median", "tpot_ms_min", "tpot_ms_max", "ttft_ms_median", "prefill_ms_median",
+SUMMARY_SHOW = ("count", "tpot_ms_median", "tpot_ms_min", "tpot_ms_max", "tpot_p50_ms_median", "tpot_p90_ms_median",
+                "tpot_steady_ms_median", "ttft_ms_median", "prefill_ms_median",
                 "total_s_median", "ppl_median", "ppl_min", "ppl_max", "peak_mem_mb_median", "ppl_increase_pct",
-                "tpot_speedup", "is_baseline", "pareto")
+                "ppl_increase_vs_dense_pct", "ppl_increase_vs_strict_pct", "tpot_speedup", "answer_acc_mean",
+                "answer_nll_mean", "key_distance_median", "is_baseline", "pareto")
+# Shown only where some config has a value and (the reference columns) where they differ from ppl_increase_pct.
+OPTIONAL_SHOW = ("ppl_increase_vs_dense_pct", "ppl_increase_vs_strict_pct", "answer_acc_mean", "answer_nll_mean",
+                 "key_distance_median")
+DAGGER = "†"
+CONTEXT_NOTE = (f"{DAGGER} beyond the model's context: the run used RoPE positions >= the model's "
+                "max_position_embeddings (`max_position >= model_context`); next to a PPL increase: its reference "
+                "(dense) run is.")
 
 
 def fmt_value(col: str, v) -> str:
@@ -34,8 +43,14 @@ def fmt_value(col: str, v) -> str:
     if isinstance(v, float) and col != "count":
         if math.isnan(v):
             return "n/a"
-        if col == "ppl_increase_pct":
+        if col.startswith("ppl_increase"):
             return f"{v:+.2f}"
+        if col in ("answer_acc_mean", "acc_beyond", "acc_within"):
+            return f"{v:.2f}"
+        if col == "answer_nll_mean":
+            return f"{v:.3f}"
+        if col == "tpot_vs_streaming":
+            return f"{v:.3f}"
         if col == "tpot_speedup":
             return f"{v:.3f}"
         if col.startswith("ppl"):
@@ -62,7 +77,52 @@ def summary_view(t: pd.DataFrame, group_cols: list[str]) -> tuple[pd.DataFrame, 
         elif c != "device_name" and vals and (v := vals.pop()) != NA:  # one device: named in the caption
             common[c] = v
     keys = [c for c in keys if c in t]
-    return display(t[keys + [c for c in SUMMARY_SHOW if c in t]]), common
+    stats = [c for c in SUMMARY_SHOW if c in t and (c not in OPTIONAL_SHOW or _informative(t, c))]
+    view = display(t[keys + stats])
+    _mark_beyond_context(t, view, stats)
+    return view, common
+
+
+def _informative(t: pd.DataFrame, c: str) -> bool:
+    v = t[c].astype(float)
+    if v.isna().all():
+        return False
+    if c.startswith("ppl_increase_vs_") and "ppl_increase_pct" in t:
+        same = (v == t["ppl_increase_pct"]) | (v.isna() & t["ppl_increase_pct"].isna())
+        return not same.all()
+    return True
+
+
+def _true(s: pd.Series) -> pd.Series:
+    return s.astype("boolean").fillna(False).astype(bool)
+
+
+def _mark_beyond_context(t: pd.DataFrame, view: pd.DataFrame, stats: list[str]) -> None:
+    """Dagger on the policy of configs beyond the model's context, and on PPL increases whose dense
+    reference is (on ppl_increase_pct when the dense column is not shown: it is the baseline)."""
+    if view.empty:
+        return
+    if "beyond_context" in t and "policy" in view:
+        m = _true(t["beyond_context"]).to_numpy()
+        view.loc[m, "policy"] = view.loc[m, "policy"] + " " + DAGGER
+    if "dense_beyond_context" in t:
+        col = "ppl_increase_vs_dense_pct" if "ppl_increase_vs_dense_pct" in stats else "ppl_increase_pct"
+        if col in view and (col != "ppl_increase_pct" or _same_as_dense(t)):
+            m = _true(t["dense_beyond_context"]).to_numpy() & (view[col] != "n/a").to_numpy()
+            view.loc[m, col] = view.loc[m, col] + " " + DAGGER
+
+
+def _same_as_dense(t: pd.DataFrame) -> bool:
+    if "ppl_increase_vs_dense_pct" not in t or "ppl_increase_pct" not in t:
+        return False
+    a, b = t["ppl_increase_vs_dense_pct"].astype(float), t["ppl_increase_pct"].astype(float)
+    return bool(((a == b) | (a.isna() & b.isna())).all()) and a.notna().any()
+
+
+def context_note(t: pd.DataFrame) -> str:
+    """The dagger's footnote, when some row carries one."""
+    flags = [c for c in ("beyond_context", "dense_beyond_context") if c in t]
+    return CONTEXT_NOTE if any(_true(t[c]).any() for c in flags) else ""
 
 
 def devices_caption(df: pd.DataFrame) -> str:

@@ -7,10 +7,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from . import references as ref
 from .select import NA, check_columns, matches, norm, norm_series
 
 # Metrics summarised per config (median, min, max); the names already carry their unit.
 METRICS = ("tpot_ms", "ttft_ms", "prefill_ms", "total_s", "ppl", "peak_mem_mb")
+# Newer metrics, summarised only where some run has them (older records lack them): per-step TPOT
+# percentiles and the steady-state TPOT as medians; pass-key outcomes as means over seeds (answer_acc is
+# 0/1, so its mean is the retrieval rate); the positions used and the model's context as the max.
+OPTIONAL_MEDIAN = ("tpot_p50_ms", "tpot_p90_ms", "tpot_steady_ms", "key_distance")
+OPTIONAL_MEAN = ("answer_acc", "answer_nll")
+OPTIONAL_MAX = ("max_position", "model_context")
 # Not part of a config's identity: repeat/seed only label repetitions, progress is cosmetic, and the
 # model files' location differs between machines while `model` (the preset name) identifies the model.
 DEFAULT_IGNORE = ("repeat", "seed", "progress", "model.name_or_path", "model.gguf_file")
@@ -20,8 +27,7 @@ DEFAULT_PARETO_BY = ("model", "dataset", "device_name")
 # A config whose repeats' TPOT max/min exceeds this is flagged: its median is not a stable speed (host-driven
 # eager decode on the lent H100s measured 24 and 47 ms/token for the same config in consecutive runs).
 TPOT_SPREAD_WARN = 1.2
-# Columns that describe the method being compared (they may differ from the baseline's).
-METHOD_PREFIXES = ("policy", "cache", "backend", "compress_every")
+METHOD_PREFIXES = ref.METHOD_PREFIXES
 
 
 @dataclass
@@ -51,8 +57,7 @@ def group_columns(runs: pd.DataFrame, cfg_cols: list[str], group_by: list[str] |
     return cols + ["device_name"] + (["backend_used"] if "backend_used" in ok and ok["backend_used"].notna().any() else [])
 
 
-def _is_method(col: str) -> bool:
-    return any(col == p or col.startswith(p + ".") for p in METHOD_PREFIXES)
+_is_method = ref.is_method
 
 
 def sort_table(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
@@ -68,6 +73,9 @@ def aggregate(runs: pd.DataFrame, group_cols: list[str]) -> pd.DataFrame:
     for m in METRICS:
         if m not in ok.columns:
             ok[m] = np.nan
+    optional = [(m, stat) for names, stat in ((OPTIONAL_MEDIAN, "median"), (OPTIONAL_MEAN, "mean"),
+                                              (OPTIONAL_MAX, "max"))
+                for m in names if m in ok.columns and ok[m].notna().any()]
     # Group on normalised text keys so missing knobs (NaN/None/<NA>) form one group, not a dropped row.
     keys = pd.DataFrame({c: norm_series(ok[c]) for c in group_cols})
     gid = keys.apply(tuple, axis=1) if group_cols else pd.Series([()] * len(ok))
@@ -81,29 +89,24 @@ def aggregate(runs: pd.DataFrame, group_cols: list[str]) -> pd.DataFrame:
             row[f"{m}_median"] = float(v.median()) if len(v) else np.nan
             row[f"{m}_min"] = float(v.min()) if len(v) else np.nan
             row[f"{m}_max"] = float(v.max()) if len(v) else np.nan
+        for m, stat in optional:
+            v = g[m].dropna()
+            row[f"{m}_{stat}"] = float(getattr(v, stat)()) if len(v) else np.nan
+        row["beyond_context"] = ref.config_beyond_context(g)
         rows.append(row)
-    stat_cols = ["count"] + [f"{m}_{s}" for m in METRICS for s in ("median", "min", "max")]
+    stat_cols = (["count"] + [f"{m}_{s}" for m in METRICS for s in ("median", "min", "max")]
+                 + [f"{m}_{stat}" for m, stat in optional] + ["beyond_context"])
     out = pd.DataFrame(rows, columns=group_cols + stat_cols)
     for c in group_cols:  # keep the runs' dtypes (Int64 stays Int64, not float)
         out[c] = out[c].astype(ok[c].dtype) if len(out) else out[c]
     out["count"] = out["count"].astype("int64")
+    out["beyond_context"] = out["beyond_context"].astype("boolean")
     return sort_table(out, group_cols)
 
 
-def _find_baseline(t: pd.DataFrame, keys: pd.DataFrame, i: int, base_idx: list[int], match: list[str],
-                   context: list[str]) -> tuple[int | None, str | None]:
-    """Index of row i's baseline, or (None, reason). Never guesses between several candidates."""
-    cand = [j for j in base_idx if all(keys.at[j, k] == keys.at[i, k] for k in match)]
-    if len(cand) > 1:
-        # Several baselines share the match keys (e.g. a dtype sweep): take the one equal on the
-        # remaining non-method config columns too, if exactly one is.
-        narrowed = [j for j in cand if all(keys.at[j, k] == keys.at[i, k] for k in context)]
-        if len(narrowed) == 1:
-            return narrowed[0], None
-        return None, f"{len(cand)} baseline configs match (ambiguous; add keys with --match)"
-    if not cand:
-        return None, "no baseline config"
-    return cand[0], None
+def default_match(baseline: dict[str, str]) -> tuple[str, ...]:
+    """--match when not given: the dense run is matched on model, text and device only (not window or R)."""
+    return ref.DENSE_MATCH if ref.is_dense(baseline) else DEFAULT_MATCH
 
 
 def pareto_mask(x: pd.Series, y: pd.Series) -> pd.Series:
@@ -121,7 +124,7 @@ def pareto_mask(x: pd.Series, y: pd.Series) -> pd.Series:
 
 
 def summarize(runs: pd.DataFrame, group_cols: list[str], baseline: dict[str, str],
-              match: list[str] | tuple[str, ...] = DEFAULT_MATCH,
+              match: list[str] | tuple[str, ...] | None = None,
               pareto_by: list[str] | tuple[str, ...] = DEFAULT_PARETO_BY,
               lazy: dict[str, str] | None = None) -> Summary:
     """The summary table: one row per config with stats, baseline comparison and Pareto flag.
@@ -131,25 +134,13 @@ def summarize(runs: pd.DataFrame, group_cols: list[str], baseline: dict[str, str
     marks the plain lazy-prune configs used by the recommendations and the verdict.
     """
     t = aggregate(runs, group_cols)
-    match = [k for k in match if k in group_cols]
+    match = ref.expand(default_match(baseline) if match is None else match, group_cols)
     pareto_by = [k for k in pareto_by if k in group_cols]
     warnings: list[str] = []
     keys = pd.DataFrame({c: norm_series(t[c]) for c in group_cols}, index=t.index)
     t["is_baseline"] = matches(t, baseline)
-    context = [c for c in group_cols if c not in match and c not in baseline and not _is_method(c)]
-    base_idx = list(t.index[t["is_baseline"]])
-    b_ppl, b_tpot = [], []
-    missing: dict[str, list[int]] = {}
-    for i in t.index:
-        j, why = _find_baseline(t, keys, i, base_idx, match, context)
-        if j is None:
-            b_ppl.append(np.nan)
-            b_tpot.append(np.nan)
-            where = ", ".join(f"{k}={keys.at[i, k]}" for k in match)
-            missing.setdefault(f"{why} for {where}", []).append(i)
-        else:
-            b_ppl.append(t.at[j, "ppl_median"])
-            b_tpot.append(t.at[j, "tpot_ms_median"])
+    refs, missing = ref.match_all(t, keys, group_cols, baseline, match)
+    b_ppl, b_tpot = ref.pick(t, refs, "ppl_median"), ref.pick(t, refs, "tpot_ms_median")
     spec = ",".join(f"{k}={v}" for k, v in baseline.items())
     for msg, idx in missing.items():
         warnings.append(f"baseline `{spec}`: {msg} ({len(idx)} config{'s' if len(idx) != 1 else ''}"
@@ -158,6 +149,15 @@ def summarize(runs: pd.DataFrame, group_cols: list[str], baseline: dict[str, str
     t["baseline_tpot_ms_median"] = np.array(b_tpot, dtype=float)
     t["ppl_increase_pct"] = 100.0 * (t["ppl_median"] / t["baseline_ppl_median"] - 1.0)
     t["tpot_speedup"] = t["baseline_tpot_ms_median"] / t["tpot_ms_median"]
+    # The plan's reference is the dense run, the seed's strict streaming: both shown wherever they exist.
+    for name, rspec, rmatch in (("dense", ref.DENSE, ref.DENSE_MATCH), ("strict", ref.STRICT, DEFAULT_MATCH)):
+        if baseline == rspec:  # the --baseline itself (with its --match): the same numbers
+            t[f"{name}_ppl_median"] = t["baseline_ppl_median"]
+            t[f"ppl_increase_vs_{name}_pct"] = t["ppl_increase_pct"]
+            t[f"{name}_beyond_context"] = pd.array([t.at[j, "beyond_context"] if j is not None else pd.NA
+                                                    for j in refs], dtype="boolean")
+        else:
+            ref.add_reference(t, keys, group_cols, name, rspec, ref.expand(rmatch, group_cols))
     lazy = lazy if lazy is not None else {"policy": "streaming"}
     ce = pd.to_numeric(t["compress_every"], errors="coerce") if "compress_every" in t else pd.Series(np.nan, index=t.index)
     t["lazy_prune"] = matches(t, lazy) & (ce > 1).fillna(False).astype(bool)

@@ -122,3 +122,34 @@ def write_sweep(root: Path, spec=BOOK, failed: bool = True, incomplete: bool = T
     if incomplete:
         write_run(root / str(n), config(dataset=ds, policy="streaming", compress_every=64), status=None)
     return root
+
+
+# ------------------------------------------------------------------ pass-key and newer metrics
+
+def passkey_config(length: int, depth: float, policy: str = "streaming", seed: int = 0, window: int = 32,
+                   compress_every: int = 1, n_sink: int = 4, digits: int = 5, filler: str = "grass", **knobs) -> dict:
+    """A dataset=passkey run config: the key at `depth` of a `length`-token filler text."""
+    cfg = config(dataset="passkey", policy=policy, seed=seed, window=window, compress_every=compress_every,
+                 n_sink=n_sink, **knobs)
+    cfg["dataset"] = {"name": "passkey", "length": length, "depth": depth, "digits": digits, "filler": filler}
+    return cfg
+
+
+def timing(tpot_ms: float, p50: float | None = None, p90: float | None = None, steady: float | None = None) -> dict:
+    """The newer TPOT statistics (per-step percentiles, steady state)."""
+    return {"tpot_p50_ms": tpot_ms if p50 is None else p50, "tpot_p90_ms": 1.5 * tpot_ms if p90 is None else p90,
+            "tpot_steady_ms": tpot_ms if steady is None else steady}
+
+
+def passkey_metrics(tpot_ms: float, acc: int, key_distance: int, answer_nll: float, max_position: int,
+                    model_context: int = 128, ppl: float = 10.0) -> dict:
+    return {**metrics(tpot_ms, ppl), **timing(tpot_ms), "answer_acc": acc, "answer_nll": answer_nll,
+            "key_distance": key_distance, "max_position": max_position, "model_context": model_context}
+
+
+def add_answer_column(run_dir: Path, n_answer: int = 5) -> None:
+    """tokens.parquet of a pass-key run: the last `n_answer` predicted tokens are the answer."""
+    p = Path(run_dir) / "tokens.parquet"
+    tok = pd.read_parquet(p)
+    tok["answer"] = np.arange(len(tok)) >= len(tok) - n_answer
+    tok.to_parquet(p, index=False)
