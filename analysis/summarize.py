@@ -18,7 +18,7 @@ DEFAULT_BASELINE = "policy=streaming,compress_every=1"
 DEFAULT_MATCH = ("model", "dataset", "n_sink", "window", "device_name")
 DEFAULT_PARETO_BY = ("model", "dataset", "device_name")
 # A config whose repeats' TPOT max/min exceeds this is flagged: its median is not a stable speed (host-driven
-# eager decode on the lent H100s measured 24 and 47 ms/token for the same config in consecutive runs).
+# eager decode on an H100 measured 24 and 47 ms/token for the same config in consecutive runs).
 TPOT_SPREAD_WARN = 1.2
 # Columns that describe the method being compared (they may differ from the baseline's).
 METHOD_PREFIXES = ("policy", "cache", "backend", "compress_every")
