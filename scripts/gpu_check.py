@@ -1,4 +1,4 @@
-"""GPU-side correctness of the fast backends (run on the lent GPU machine, not in CI):
+"""GPU-side correctness of the fast backends (run on a GPU machine, not in CI):
 
 1. our Triton kernels in bf16 against PyTorch references (decode attention: GQA, masked, split-KV,
    on-the-fly RoPE; kv_update: RoPE + slot write + side copy + sink re-rotation);
