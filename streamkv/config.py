@@ -20,10 +20,13 @@ from streamkv.errors import ConfigError  # noqa: F401  (re-exported: most caller
 class ModelConfig:
     name: str = MISSING  # the preset's name, recorded in the run record
     # kind: gguf (a GGUF file converted once to a local HF dir), hf (hub id or local dir),
-    # tiny_llama / tiny_neox (random weights from a transformers config, byte-level tokenizer)
+    # tiny_llama / tiny_mistral / tiny_qwen2 / tiny_qwen3 / tiny_neox (random weights from a transformers
+    # config, byte-level tokenizer)
     kind: str = "hf"
     name_or_path: Optional[str] = None
     gguf_file: Optional[str] = None
+    # the dtype `dtype=auto` resolves to on CUDA (null: bfloat16); pythia: float16, as it was trained
+    dtype: Optional[str] = None
     # tiny random models only
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -32,6 +35,9 @@ class ModelConfig:
     num_kv_heads: int = 2
     max_position_embeddings: int = 256
     init_seed: int = 1234
+    # tiny_neox only (null: its defaults, rotary_pct 0.25 and a parallel residual)
+    rotary_pct: Optional[float] = None
+    parallel_residual: Optional[bool] = None
 
 
 @dataclass
@@ -79,6 +85,9 @@ class PolicyConfig:
 @dataclass
 class BackendConfig:
     name: str = "eager"
+    # graph backends: capture the step as a CUDA graph; false = the same step run un-captured (any
+    # device: `backend=cudagraph backend.capture=false device=cpu`)
+    capture: bool = True
 
 
 @dataclass
@@ -109,7 +118,7 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
-MODEL_KINDS = ("gguf", "hf", "tiny_llama", "tiny_neox")
+MODEL_KINDS = ("gguf", "hf", "tiny_llama", "tiny_mistral", "tiny_qwen2", "tiny_qwen3", "tiny_neox")
 DATASETS = ("wiki", "book", "text_file", "wikitext", "pg19")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -127,6 +136,16 @@ def validate(cfg: Any) -> None:
     _need(cfg.model.kind in MODEL_KINDS, f"model.kind: '{cfg.model.kind}' is not one of {', '.join(MODEL_KINDS)}")
     if cfg.model.kind == "hf":
         _need(bool(cfg.model.name_or_path), "model.name_or_path: required for model=hf (a hub id or a local directory)")
+    _need(cfg.model.get("dtype") in (None,) + DTYPES[1:],
+          f"model.dtype: '{cfg.model.get('dtype')}' is not one of {', '.join(DTYPES[1:])} (or null)")
+    for knob in ("rotary_pct", "parallel_residual"):
+        _need(cfg.model.get(knob) is None or cfg.model.kind == "tiny_neox",
+              f"model.{knob}: only model=tiny_neox takes it (model.kind={cfg.model.kind})")
+    if cfg.model.get("rotary_pct") is not None:
+        _need(0 < cfg.model.rotary_pct <= 1, f"model.rotary_pct: must be in (0, 1] (got {cfg.model.rotary_pct})")
+    from streamkv.models import check_model_family
+
+    check_model_family(cfg.model, cfg.backend.name)
     _need(cfg.dataset.name in DATASETS, f"dataset.name: '{cfg.dataset.name}' is not one of {', '.join(DATASETS)}")
     if cfg.dataset.name == "text_file":
         _need(bool(cfg.dataset.path), "dataset.path: required for dataset=text_file (a UTF-8 text file)")

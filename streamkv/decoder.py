@@ -3,7 +3,8 @@ projections) with attention written here, so that a cache manager decides which 
 attended and at which RoPE positions. This module (with models.py) is the only place that knows
 the HF model layouts; it uses no HF cache class, so transformers' cache API churn cannot break it.
 
-Supported: the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM2; GQA) and GPT-NeoX.
+Supported: the families of streamkv/backends/families.py: the Llama family (Llama, Mistral, Qwen2,
+Qwen3, SmolLM2; GQA) and GPT-NeoX (Pythia; partial rotary, parallel residual).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
+
+from streamkv.backends.families import FAMILIES, family_error
+from streamkv.backends.functional import attend
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ARCHS = LLAMA_LIKE + ("gpt_neox",)
+SUPPORTED_ARCHS = tuple(FAMILIES)
 
 
 class RotaryTable:
@@ -67,9 +70,7 @@ class Decoder:
     def __init__(self, hf_model, max_positions: int):
         arch = hf_model.config.model_type
         if arch not in SUPPORTED_ARCHS:
-            raise NotImplementedError(
-                f"model: architecture '{arch}' is not supported by streamkv's decoder "
-                f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+            raise NotImplementedError(family_error(arch, None, "this model"))
         self.model = hf_model
         cfg = hf_model.config
         self.arch = "neox" if arch == "gpt_neox" else "llama"
@@ -87,7 +88,7 @@ class Decoder:
                                 max_positions, dtype)
         # optional hook for score-based policies: f(layer, q_rot, k_rot, mask) after each attention
         self.attention_observer: Optional[Callable] = None
-        # optional hook for backends (Llama family): an object with qkv(i, x) -> (q, k, v) [B, H, T, D]
+        # optional hook for backends (every family): an object with qkv(i, x) -> (q, k, v) [B, H, T, D]
         # (input norm + projections) and out(i, x, attn) -> x (o_proj, residuals, norm, MLP); see
         # streamkv/backends. None = the HF modules, as above.
         self.dense = None
@@ -124,8 +125,7 @@ class Decoder:
             # keys (and mask) in cache order whatever the manager's slot layout (identity for concat)
             self.attention_observer(i, q, cache.to_cache_order(k_all, 2),
                                     None if mask is None else cache.to_cache_order(mask, -1))
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale,
-                                             enable_gqa=self.shape.n_kv_heads != self.shape.n_heads)
+        out = attend(q, k_all, v_all, self.scale, mask=mask, gqa=self.shape.n_kv_heads != self.shape.n_heads)
         return out.transpose(1, 2).reshape(B, T, -1)
 
     @torch.inference_mode()
@@ -133,27 +133,23 @@ class Decoder:
         """ids: [1, T] -> logits [1, T, vocab]."""
         q_pos = cache.begin(ids.shape[1])
         self.q_pos = q_pos  # the step's RoPE positions (score-based policies read them in their observer)
-        if self.arch == "neox":
-            x = self.base.embed_in(ids)
-            for i, layer in enumerate(self.layers):
+        neox = self.arch == "neox"
+        x = (self.base.embed_in if neox else self.base.embed_tokens)(ids)
+        for i, layer in enumerate(self.layers):
+            if self.dense is not None:  # a backend's dense blocks (compiled / fused kernels, any family);
+                q, k, v = self.dense.qkv(i, x)  # attention stays with the cache manager
+                x = self.dense.out(i, x, self._attend(i, q, k, v, cache, q_pos))
+            elif neox:
                 attn = self._attention(i, layer, layer.input_layernorm(x), cache, q_pos)
                 if layer.use_parallel_residual:
                     x = x + attn + layer.mlp(layer.post_attention_layernorm(x))
                 else:
                     x = x + attn
                     x = x + layer.mlp(layer.post_attention_layernorm(x))
-            x = self.base.final_layer_norm(x)
-            logits = self.model.get_output_embeddings()(x)
-        else:
-            x = self.base.embed_tokens(ids)
-            for i, layer in enumerate(self.layers):
-                if self.dense is None:
-                    x = x + self._attention(i, layer, layer.input_layernorm(x), cache, q_pos)
-                    x = x + layer.mlp(layer.post_attention_layernorm(x))
-                else:  # a backend's dense blocks (compiled / fused kernels); attention stays with the cache
-                    q, k, v = self.dense.qkv(i, x)
-                    x = self.dense.out(i, x, self._attend(i, q, k, v, cache, q_pos))
-            x = self.base.norm(x)
-            logits = self.model.get_output_embeddings()(x)
+            else:
+                x = x + self._attention(i, layer, layer.input_layernorm(x), cache, q_pos)
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = (self.base.final_layer_norm if neox else self.base.norm)(x)
+        logits = self.model.get_output_embeddings()(x)
         cache.end()
         return logits

@@ -1,5 +1,6 @@
 """Load a model and its tokenizer through transformers: GGUF (converted once), hub id / local dir,
-or a tiny random Llama / GPT-NeoX for unit tests. Nothing here knows about eviction."""
+or a tiny random model of each supported family (Llama, Mistral, Qwen2, Qwen3, GPT-NeoX) for unit
+tests. Nothing here knows about eviction."""
 
 from __future__ import annotations
 
@@ -50,10 +51,17 @@ class LoadedModel:
     info: dict  # recorded in result.json
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device, model_dtype: str | None = None) -> torch.dtype:
+    """`dtype=auto`: float32 on the CPU; on CUDA the model preset's dtype (model.dtype), else bfloat16.
+    An explicit dtype always wins."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        if device.type != "cuda":
+            return torch.float32
+        return DTYPES[model_dtype] if model_dtype else torch.bfloat16
+    return DTYPES[name]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,27 +128,83 @@ def converted_smollm2_dir() -> Path:
     return out
 
 
-# ---------------------------------------------------------------- tiny random models
+# ---------------------------------------------------------------- families and tiny random models
+
+TINY_FAMILY = {"tiny_llama": "llama", "tiny_mistral": "mistral", "tiny_qwen2": "qwen2", "tiny_qwen3": "qwen3",
+               "tiny_neox": "gpt_neox"}
+
+
+def model_type_of(mcfg) -> str | None:
+    """The HF model_type a model config will load, read without loading it (None: a hub id, known only
+    at load time)."""
+    from streamkv.backends.families import local_model_type
+
+    if mcfg.kind in TINY_FAMILY:
+        return TINY_FAMILY[mcfg.kind]
+    if mcfg.kind == "gguf" and not mcfg.name_or_path:
+        return "llama"  # SmolLM2
+    return local_model_type(mcfg.name_or_path)
+
+
+def check_model_family(mcfg, backend: str) -> None:
+    """ConfigError (one line) before anything loads: a family streamkv does not run, or one this backend
+    does not run. Hub ids are checked at load time (their config is read before the weights)."""
+    from streamkv.backends.families import family_error
+    from streamkv.errors import ConfigError
+
+    mt = model_type_of(mcfg)
+    if mt is None:
+        return
+    err = family_error(mt, backend, f"model={mcfg.name}" if mcfg.kind != "hf" else str(mcfg.name_or_path))
+    if err:
+        raise ConfigError(err)
 
 
 def _tiny_model(mcfg, dtype: torch.dtype):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+    import transformers as tf
 
     common = dict(vocab_size=ByteTokenizer.vocab_size, hidden_size=mcfg.hidden_size,
                   intermediate_size=mcfg.intermediate_size, num_hidden_layers=mcfg.num_layers,
-                  num_attention_heads=mcfg.num_heads, max_position_embeddings=mcfg.max_position_embeddings)
-    if mcfg.kind == "tiny_llama":
-        config = LlamaConfig(**common, num_key_value_heads=mcfg.num_kv_heads, rms_norm_eps=1e-5,
-                             tie_word_embeddings=False)
-        cls = LlamaForCausalLM
+                  num_attention_heads=mcfg.num_heads, max_position_embeddings=mcfg.max_position_embeddings,
+                  tie_word_embeddings=False)
+    if mcfg.kind == "tiny_neox":
+        rotary_pct = 0.25 if mcfg.get("rotary_pct") is None else float(mcfg.rotary_pct)
+        parallel = True if mcfg.get("parallel_residual") is None else bool(mcfg.parallel_residual)
+        config = tf.GPTNeoXConfig(**common, rotary_pct=rotary_pct, use_parallel_residual=parallel)
+        cls = tf.GPTNeoXForCausalLM
     else:
-        config = GPTNeoXConfig(**common, rotary_pct=0.5, use_parallel_residual=True, tie_word_embeddings=False)
-        cls = GPTNeoXForCausalLM
+        llama_like = {"tiny_llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+                      # no sliding window: policy=full must mean every token (HF's forward is the oracle)
+                      "tiny_mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": None}),
+                      "tiny_qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),  # q/k/v biases
+                      "tiny_qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM,  # q/k norms
+                                     {"head_dim": mcfg.hidden_size // mcfg.num_heads})}
+        config_cls, cls, extra = llama_like[mcfg.kind]
+        config = config_cls(**common, num_key_value_heads=mcfg.num_kv_heads, rms_norm_eps=1e-5, **extra)
     torch.manual_seed(mcfg.init_seed)
     # larger init than HF's 0.02 so attention is not uniform and the eviction policy matters
     config.initializer_range = 0.1
-    model = cls(config).to(dtype)
-    return model
+    model = cls(config)
+    if mcfg.kind != "tiny_llama":  # (tiny_llama's weights predate this: kept as they were)
+        # HF initializes biases to 0 and norm weights to 1: random ones, so that a path that drops a bias
+        # or a norm weight shows in the NLL
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 1:
+                    p.copy_(torch.randn_like(p) * 0.1 + (0.0 if name.endswith("bias") else 1.0))
+    return model.to(dtype)
+
+
+def _check_loaded_family(path: str) -> None:
+    """A hub id's family, from its config before its weights load."""
+    from transformers import AutoConfig
+
+    from streamkv.backends.families import family_error
+    from streamkv.errors import ConfigError
+
+    err = family_error(AutoConfig.from_pretrained(path).model_type, None, path)
+    if err:
+        raise ConfigError(err)
 
 
 def load_tokenizer(mcfg):
@@ -157,7 +221,7 @@ def load_tokenizer(mcfg):
 def load_model(mcfg, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if mcfg.kind in ("tiny_llama", "tiny_neox"):
+    if mcfg.kind in TINY_FAMILY:
         model = _tiny_model(mcfg, dtype)
         tokenizer = ByteTokenizer()
         source = f"random {mcfg.kind} (seed {mcfg.init_seed})"
@@ -167,6 +231,7 @@ def load_model(mcfg, device: torch.device, dtype: torch.dtype) -> LoadedModel:
             source = f"{SMOLLM2_PACKAGE}:{SMOLLM2_GGUF_NAME}" if not mcfg.name_or_path else path
         else:
             path = source = mcfg.name_or_path
+            _check_loaded_family(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(device).eval()

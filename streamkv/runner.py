@@ -81,7 +81,7 @@ def run_job(cfg, run_dir: Path) -> dict:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise C.ConfigError("device: cuda requested but no CUDA device is available (use device=cpu)")
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, cfg.model.get("dtype"))
     torch.manual_seed(cfg.seed)
 
     mkey = (str(OmegaConf.to_container(cfg.model)), str(device), str(dtype))

@@ -46,7 +46,7 @@ def one_thread():
     (["backend=fused"], "backend: 'fused' needs a CUDA device"),
     (["backend=cudagraph", "device=cuda"], "needs a preallocated cache manager (cache=ring or cache=static), "
                                            "not cache=concat"),
-    (["backend=compile", "model=tiny_neox"], "supports the Llama family only"),
+    (["backend=fused", "model=tiny_neox"], "supports the Llama family only"),
 ])
 def test_config_errors(overrides, expected):
     from streamkv.errors import ConfigError

@@ -11,7 +11,8 @@ docs/benchmarks.md). One name per backend (conf/backend/<name>.yaml):
   cudagraph        the whole decode step (cache write, sink re-rotation, attention, scoring, the
                    policy's eviction) on preallocated slot buffers, captured once as a CUDA graph and
                    replayed per token; the policy's decisions are precomputed on the host as a slot
-                   schedule (streamkv/backends/schedule.py). Needs cache=ring or cache=static and CUDA.
+                   schedule (streamkv/backends/schedule.py). Needs cache=ring or cache=static and CUDA;
+                   `backend.capture=false` runs the same step un-captured, on any device (CPU included).
   cudagraph_fused  cudagraph + liger-kernel (RMSNorm, residual-add + RMSNorm, SwiGLU) + our Triton kernels
                    (RoPE fused with the slot write; split-KV masked decode attention).
   cudagraph_fused_gemv  cudagraph_fused with each residual-add + RMSNorm fused into the GEMV after it and
@@ -28,8 +29,9 @@ The other two combinations (original + static, shift + ring) fall back to eager 
 policies (adaptive mode=entropy, refresh_select=entropy) run *online* in cache=static: the captured step takes
 its write slot from the device's valid mask, and the host reads the step's entropy (one sync per token), asks the
 policy and, after a prune, replays a small compaction graph (`backend_used` = "<backend> (online)"); in
-cache=ring they run on the eager path with a warning (`evaluator.backend_used` says which path ran). All but eager support the Llama family only (Llama,
-Mistral, Qwen2, Qwen3, SmolLM2).
+cache=ring they run on the eager path with a warning (`evaluator.backend_used` says which path ran).
+Families (streamkv/backends/families.py): eager, compile and cudagraph run Llama, Mistral, Qwen2, Qwen3
+(SmolLM2) and GPT-NeoX (Pythia); the fused kernels cover what families.BACKEND_FAMILIES lists.
 """
 
 from __future__ import annotations
@@ -54,22 +56,24 @@ def check_backend(cfg) -> None:
     name = cfg.backend.name
     if name not in BACKENDS:
         raise ConfigError(f"backend: '{name}' is not one of {', '.join(BACKENDS)}")
+    capture = cfg.backend.get("capture", True)
+    if not capture and name not in GRAPH:
+        raise ConfigError(f"backend.capture: only the graph backends ({', '.join(GRAPH)}) capture; "
+                          f"backend={name} takes no capture=false")
     if name == "eager":
         return
-    if cfg.model.kind == "tiny_neox":
-        raise ConfigError(f"backend: '{name}' supports the Llama family only (model={cfg.model.name} is GPT-NeoX); "
-                          f"use backend=eager")
-    if name in CUDA_ONLY:
+    # the PyTorch graph step runs un-captured on any device (same step, no CUDA graph)
+    if name in CUDA_ONLY and not (name == "cudagraph" and not capture):
         dev = str(cfg.device)
+        on_cpu = "backend=eager, backend=compile or backend=cudagraph backend.capture=false"
         if dev == "cpu":
-            raise ConfigError(f"backend: '{name}' needs a CUDA device (device=cpu); on CPU use backend=eager or "
-                              f"backend=compile")
+            raise ConfigError(f"backend: '{name}' needs a CUDA device (device=cpu); on CPU use {on_cpu}")
         if dev == "auto":
             import torch
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"backend: '{name}' needs a CUDA device (device=auto finds none here); on CPU "
-                                  f"use backend=eager or backend=compile")
+                                  f"use {on_cpu}")
     if name in GRAPH and cfg.cache.name not in PREALLOCATED:
         raise ConfigError(f"backend: '{name}' needs a preallocated cache manager (cache=ring or cache=static), "
                           f"not cache={cfg.cache.name}")
@@ -97,7 +101,8 @@ def attach_backend(cfg, evaluator, tokenizer=None):
         return evaluator
     from streamkv.backends.graph import GraphEvaluator
 
-    return GraphEvaluator(evaluator, layout=cfg.cache.name, tokenizer=tokenizer, **graph_kernels(name))
+    return GraphEvaluator(evaluator, layout=cfg.cache.name, tokenizer=tokenizer,
+                          capture=bool(cfg.backend.get("capture", True)), **graph_kernels(name))
 
 
 def graph_kernels(name: str) -> dict:

@@ -1,104 +1,26 @@
-"""The fast backends' building blocks for the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM2):
-the weights gathered once from the HF model, and one layer's dense work as plain functions.
+"""The fast backends' building blocks: the weights gathered once from the HF model (family-neutral,
+streamkv/backends/families.py) and one layer's dense work as plain functions of tensors.
 
 `gather_weights` concatenates q/k/v and gate/up weights into one tensor each (one matmul instead of
 three or two) and points the HF modules' parameters at views of it, so that nothing is stored twice
 and the HF model (eager path, HF baselines) keeps working unchanged. The functions below reproduce
-the HF modules' arithmetic (RMSNorm in float32 then cast, SiLU-gated MLP), so the eager and fast
-paths differ only by matmul rounding.
+the HF modules' arithmetic for every family (RMSNorm in float32 then cast, or LayerNorm with bias;
+SiLU-gated or plain MLP with the HF activation module; sequential or parallel residual in HF's order of
+additions; partial rotary), so the eager and fast paths differ only by matmul rounding. What differs
+per family is data (`Family`, passed as `fam`), not a code path of its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from streamkv.backends.families import (FAMILIES, Family, LayerWeights, ModelWeights,  # noqa: F401 (re-exported)
+                                        _fuse_rows, gather_weights)
+
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-
-
-@dataclass
-class LayerWeights:
-    ln1: torch.Tensor  # input RMSNorm
-    wqkv: torch.Tensor  # [(Hq + 2 Hkv) D, hidden]
-    bqkv: Optional[torch.Tensor]  # Qwen2 has q/k/v biases
-    q_norm: Optional[torch.Tensor]  # Qwen3: per-head RMSNorm of q and k before RoPE
-    k_norm: Optional[torch.Tensor]
-    wo: torch.Tensor
-    ln2: torch.Tensor  # post-attention RMSNorm
-    wgu: torch.Tensor  # [2 I, hidden]: gate rows, then up rows
-    wd: torch.Tensor  # [hidden, I]
-
-
-@dataclass
-class ModelWeights:
-    embed: torch.Tensor
-    layers: list
-    norm: torch.Tensor
-    lm_head: torch.Tensor
-    eps: float
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-
-    @property
-    def q_size(self) -> int:
-        return self.n_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.n_kv_heads * self.head_dim
-
-
-def check_llama_like(hf_model, backend: str) -> None:
-    arch = hf_model.config.model_type
-    act = getattr(hf_model.config, "hidden_act", "silu")
-    if arch not in LLAMA_LIKE or act != "silu":
-        raise NotImplementedError(f"backend: '{backend}' supports the Llama family ({', '.join(LLAMA_LIKE)}, "
-                                  f"SiLU MLP); this model is '{arch}' ({act}): use backend=eager")
-
-
-def _fuse_rows(modules, attr: str) -> Optional[torch.Tensor]:
-    """One tensor holding the modules' `attr` stacked along dim 0; the modules keep views of it."""
-    parts = [getattr(m, attr) for m in modules]
-    if parts[0] is None:
-        return None
-    fused = getattr(modules[0], f"_streamkv_fused_{attr}", None)
-    if fused is not None and fused.data_ptr() == parts[0].data_ptr():  # done before, still shared
-        return fused
-    fused = torch.cat([p.detach() for p in parts])
-    offset = 0
-    for m, p in zip(modules, parts):
-        n = p.shape[0]
-        setattr(m, attr, torch.nn.Parameter(fused[offset:offset + n], requires_grad=False))
-        offset += n
-    object.__setattr__(modules[0], f"_streamkv_fused_{attr}", fused)  # plain attribute, not a buffer
-    return fused
-
-
-@torch.no_grad()
-def gather_weights(hf_model, backend: str = "fast") -> ModelWeights:
-    check_llama_like(hf_model, backend)
-    cfg = hf_model.config
-    base = hf_model.model
-    n_heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    layers = []
-    for layer in base.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        proj = [attn.q_proj, attn.k_proj, attn.v_proj]
-        layers.append(LayerWeights(
-            ln1=layer.input_layernorm.weight, wqkv=_fuse_rows(proj, "weight"), bqkv=_fuse_rows(proj, "bias"),
-            q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
-            k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None,
-            wo=attn.o_proj.weight, ln2=layer.post_attention_layernorm.weight,
-            wgu=_fuse_rows([mlp.gate_proj, mlp.up_proj], "weight"), wd=mlp.down_proj.weight))
-    return ModelWeights(embed=base.embed_tokens.weight, layers=layers, norm=base.norm.weight,
-                        lm_head=hf_model.get_output_embeddings().weight, eps=float(cfg.rms_norm_eps),
-                        n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim)
 
 
 # ---------------------------------------------------------------- plain functions (HF arithmetic)
@@ -109,29 +31,77 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def norm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], eps: float, kind: str) -> torch.Tensor:
+    """The family's norm: RMSNorm (HF's float32 arithmetic) or LayerNorm with bias (nn.LayerNorm's)."""
+    if kind == "rms":
+        return rms_norm(x, w, eps)
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., T, D] rotated by cos/sin [T, D] (the RotaryTable layout: halves duplicated)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+    """x [..., T, D] rotated by cos/sin [T, r] (the RotaryTable layout: halves duplicated): the first r
+    dims of each head rotate (partial rotary, GPT-NeoX: r = rotary_ndims < D), the rest pass through."""
+    r = cos.shape[-1]
+    rot = x if r == x.shape[-1] else x[..., :r]
+    half = r // 2
+    out = rot * cos + torch.cat([-rot[..., half:], rot[..., :half]], dim=-1) * sin
+    if r == x.shape[-1]:
+        return out
+    return torch.cat([out, x[..., r:].to(out.dtype)], dim=-1)
 
 
-def qkv_proj(x, ln1, wqkv, bqkv, q_norm, k_norm, eps: float, n_heads: int, n_kv: int, head_dim: int):
-    """Input RMSNorm + fused q/k/v projection: x [B, T, hidden] -> q [B, Hq, T, D], k, v [B, Hkv, T, D]
-    (un-rotated)."""
+def qkv_proj(x, ln1, ln1_b, wqkv, bqkv, q_norm, k_norm, fam: Family, n_heads: int, n_kv: int, head_dim: int):
+    """Input norm + fused q/k/v projection: x [B, T, hidden] -> q [B, Hq, T, D], k, v [B, Hkv, T, D]
+    (un-rotated). Rows in the family's layout: grouped [all q | all k | all v] or per head [H, (q, k, v), D]
+    (GPT-NeoX: split with a view, families.py says why)."""
     B, T, _ = x.shape
-    qkv = F.linear(rms_norm(x, ln1, eps), wqkv, bqkv)
-    q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
-    q, k, v = q.view(B, T, n_heads, head_dim), k.view(B, T, n_kv, head_dim), v.view(B, T, n_kv, head_dim)
+    qkv = F.linear(norm(x, ln1, ln1_b, fam.eps, fam.norm), wqkv, bqkv)
+    if fam.qkv_layout == "per_head":
+        q, k, v = qkv.view(B, T, n_heads, 3, head_dim).unbind(3)
+    else:
+        q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+        q, k, v = q.view(B, T, n_heads, head_dim), k.view(B, T, n_kv, head_dim), v.view(B, T, n_kv, head_dim)
     if q_norm is not None:
-        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+        q, k = rms_norm(q, q_norm, fam.eps), rms_norm(k, k_norm, fam.eps)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-def attn_out_mlp(x, attn, wo, ln2, wgu, wd, eps: float):
-    """Output projection + residual, then post-attention RMSNorm + SiLU-gated MLP + residual."""
-    x = x + F.linear(attn, wo)
-    gate, up = F.linear(rms_norm(x, ln2, eps), wgu).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, wd)
+def mlp(h, wgu, bgu, wd, bd, fam: Family, act):
+    u = F.linear(h, wgu, bgu)
+    if fam.gated:
+        gate, up = u.chunk(2, dim=-1)
+        u = act(gate) * up
+    else:
+        u = act(u)
+    return F.linear(u, wd, bd)
+
+
+def attn_out_mlp(x, attn, wo, bo, ln2, ln2_b, wgu, bgu, wd, bd, fam: Family, act):
+    """Output projection, norm + MLP and the residuals: sequential x' = x + o; x' + mlp(norm(x')), or
+    parallel (GPT-NeoX) mlp(norm(x)) + o + x, each in HF's order of additions."""
+    o = F.linear(attn, wo, bo)
+    if fam.parallel_residual:
+        return mlp(norm(x, ln2, ln2_b, fam.eps, fam.norm), wgu, bgu, wd, bd, fam, act) + o + x
+    x = x + o
+    return x + mlp(norm(x, ln2, ln2_b, fam.eps, fam.norm), wgu, bgu, wd, bd, fam, act)
+
+
+def final_norm(x, w: ModelWeights):
+    return norm(x, w.norm, w.norm_b, w.eps, w.family.norm)
+
+
+def lm_head(h, w: ModelWeights):
+    return F.linear(h, w.lm_head, w.lm_head_b)
+
+
+def attend(q, k, v, scale: float, mask=None, causal: bool = False, gqa: bool = False):
+    """Scaled dot-product attention. In float16 the query is scaled before the product (as HF's old
+    GPT-NeoX baddbmm with alpha did): the scores a PyTorch path materializes (SDPA's math path) are then
+    the softmax inputs themselves, not sqrt(D) times larger, which overflow float16 on GPT-NeoX models.
+    SDPA's fused kernels accumulate in float32 anyway; float32 and bfloat16 are unchanged."""
+    if q.dtype == torch.float16:
+        q, scale = (q.float() * scale).to(q.dtype), 1.0
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
 class DenseBlocks:
@@ -143,12 +113,13 @@ class DenseBlocks:
 
     def qkv(self, i: int, x):
         lw, w = self.w.layers[i], self.w
-        return self._qkv(x, lw.ln1, lw.wqkv, lw.bqkv, lw.q_norm, lw.k_norm, w.eps, w.n_heads, w.n_kv_heads,
-                         w.head_dim)
+        return self._qkv(x, lw.ln1, lw.ln1_b, lw.wqkv, lw.bqkv, lw.q_norm, lw.k_norm, w.family, w.n_heads,
+                         w.n_kv_heads, w.head_dim)
 
     def out(self, i: int, x, attn):
         lw = self.w.layers[i]
-        return self._out(x, attn, lw.wo, lw.ln2, lw.wgu, lw.wd, self.w.eps)
+        return self._out(x, attn, lw.wo, lw.bo, lw.ln2, lw.ln2_b, lw.wgu, lw.bgu, lw.wd, lw.bd, self.w.family,
+                         self.w.act)
 
 
 def score(logits: torch.Tensor, targets: torch.Tensor):

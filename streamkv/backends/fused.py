@@ -33,8 +33,11 @@ def _liger():
 def fused_dense(weights: ModelWeights) -> DenseBlocks:
     RMSNorm, AddRMSNorm, SwiGLU = _liger()
 
-    def qkv(x, ln1, wqkv, bqkv, q_norm, k_norm, eps, n_heads, n_kv, head_dim):
+    # the Llama family's arithmetic (RMSNorm, SiLU-gated MLP, sequential residual, no output/MLP biases):
+    # gather_weights(..., "fused") refuses other models (families.BACKEND_FAMILIES, check_backend_model)
+    def qkv(x, ln1, ln1_b, wqkv, bqkv, q_norm, k_norm, fam, n_heads, n_kv, head_dim):
         B, T, _ = x.shape
+        eps = fam.eps
         h = RMSNorm.apply(x, ln1, eps, 0.0, "llama", False)
         q, k, v = F.linear(h, wqkv, bqkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
         q, k, v = q.view(B, T, n_heads, head_dim), k.view(B, T, n_kv, head_dim), v.view(B, T, n_kv, head_dim)
@@ -43,7 +46,8 @@ def fused_dense(weights: ModelWeights) -> DenseBlocks:
             k = RMSNorm.apply(k.contiguous(), k_norm, eps, 0.0, "llama", False)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def out(x, attn, wo, ln2, wgu, wd, eps):
+    def out(x, attn, wo, bo, ln2, ln2_b, wgu, bgu, wd, bd, fam, act):
+        eps = fam.eps
         h, x = AddRMSNorm.apply(F.linear(attn, wo), x, ln2, eps, 0.0, "llama", False)
         return x + F.linear(SwiGLU.apply(F.linear(h, wgu)), wd)
 

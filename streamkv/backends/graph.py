@@ -302,10 +302,9 @@ class GraphEvaluator:
         self.backend_name = ("cudagraph_fused_gemv" if self.fused_gemv else "cudagraph_fused") if fused else "cudagraph"
         self.backend_used = self.backend_name
         self.fallback_reason = None
+        # family-neutral weights; self.w.family (streamkv/backends/families.py) is the data a step branches on.
+        # The fused kernels refuse the families they do not cover (families.BACKEND_FAMILIES).
         self.w = fn.gather_weights(self.decoder.model, self.backend_name)
-        if fused and any(lw.q_norm is not None for lw in self.w.layers):
-            raise NotImplementedError("backend: 'cudagraph_fused' does not fuse Qwen3's q/k norms; use "
-                                      "backend=cudagraph")
         self._key = None
         self.memory: dict = {}
 
@@ -402,6 +401,8 @@ class GraphEvaluator:
         # float32 cos/sin (from the same float64 angles as the eager table): the ring rotates keys at
         # large true positions, where bf16 cos/sin round differently from the small positions concat
         # uses; in float32 the rotation itself is exact to ~1e-7 and only the stored key is rounded.
+        # Partial rotary (GPT-NeoX): the table has rotary_ndims columns and fn.rope rotates only those dims
+        # (the step, the prefill, the sink/refresh re-rotation and the static layout's rotate-at-read).
         from streamkv.decoder import RotaryTable
 
         rot = self.decoder.base.rotary_emb
@@ -497,7 +498,7 @@ class GraphEvaluator:
             logits = self._layers_fused_gemv(x, t)
         else:
             x = self._layers_fused(x, t) if self.fused else self._layers_torch(x, t, ws)
-            logits = F.linear(x.view(1, -1), w.lm_head)
+            logits = fn.lm_head(x.view(1, -1), w)
         nll, ent = fn.score(logits, self.ids.index_select(0, t + 1))
         self.nll.index_copy_(0, t, nll)
         self.entropy.index_copy_(0, t, ent)
@@ -512,7 +513,7 @@ class GraphEvaluator:
         w = self.w
         C = self.s.capacity
         pos = self.qpos.index_select(0, t)
-        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, D]
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, rotary_ndims]
         if self.has_side:
             sw = self.side_write.index_select(0, t)
         if self.n_fix:
@@ -522,9 +523,9 @@ class GraphEvaluator:
             fcos, fsin = self.cos.index_select(0, fpos), self.sin.index_select(0, fpos)
         mask = self.valid[:C].view(1, 1, 1, C)
         G = w.n_heads // w.n_kv_heads
-        for i, lw in enumerate(w.layers):
-            q, k, v = fn.qkv_proj(x, lw.ln1, lw.wqkv, lw.bqkv, lw.q_norm, lw.k_norm, w.eps, w.n_heads,
-                                  w.n_kv_heads, w.head_dim)  # [1, H, 1, D]
+        dense = fn.DenseBlocks(w)  # one code path for every family: what differs is data (w.family)
+        for i in range(len(w.layers)):
+            q, k, v = dense.qkv(i, x)  # [1, H, 1, D], un-rotated
             if self.has_side:
                 self.side[i].index_copy_(1, sw, k[0])
             q = fn.rope(q, cos, sin).to(q.dtype)
@@ -541,10 +542,9 @@ class GraphEvaluator:
             if self.scored is not None:
                 self._observe(i, q, lambda: keys)
             qg = q.reshape(1, w.n_kv_heads, G, w.head_dim)  # GQA: a KV head's query heads as rows
-            a = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), self.v[i, :, :C].unsqueeze(0),
-                                               attn_mask=mask, scale=self.scale)
-            x = fn.attn_out_mlp(x, a.reshape(1, 1, -1), lw.wo, lw.ln2, lw.wgu, lw.wd, w.eps)
-        return fn.rms_norm(x, w.norm, w.eps)
+            a = fn.attend(qg, keys.unsqueeze(0), self.v[i, :, :C].unsqueeze(0), self.scale, mask=mask)
+            x = dense.out(i, x, a.reshape(1, 1, -1))
+        return fn.final_norm(x, w)
 
     def _layers_fused(self, x, t):
         from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
@@ -712,9 +712,9 @@ class GraphEvaluator:
             self.scored.begin_prefill(P)
         x = w.embed.index_select(0, self.ids[:P]).unsqueeze(0)
         cos, sin = self.cos[:P], self.sin[:P]
-        for i, lw in enumerate(w.layers):
-            q, k, v = fn.qkv_proj(x, lw.ln1, lw.wqkv, lw.bqkv, lw.q_norm, lw.k_norm, w.eps, w.n_heads,
-                                  w.n_kv_heads, w.head_dim)  # [1, H, P, D]
+        dense = fn.DenseBlocks(w)
+        for i in range(len(w.layers)):
+            q, k, v = dense.qkv(i, x)  # [1, H, P, D]
             if self.has_side:
                 self.side[i].index_copy_(1, self.side_write[:P], k[0])
             q, k_rot = fn.rope(q, cos, sin).to(q.dtype), fn.rope(k, cos, sin).to(k.dtype)
@@ -722,13 +722,12 @@ class GraphEvaluator:
             self.v[i].index_copy_(1, slots, v[0])
             if self.scored is not None:
                 self.scored.observe_prefill(i, q, k_rot, self._observed_keys(i))
-            a = F.scaled_dot_product_attention(q, k_rot, v, is_causal=True, scale=self.scale,
-                                               enable_gqa=w.n_kv_heads != w.n_heads)
-            x = fn.attn_out_mlp(x, a.transpose(1, 2).reshape(1, P, -1), lw.wo, lw.ln2, lw.wgu, lw.wd, w.eps)
-        h = fn.rms_norm(x, w.norm, w.eps)[0]
+            a = fn.attend(q, k_rot, v, self.scale, causal=True, gqa=w.n_kv_heads != w.n_heads)
+            x = dense.out(i, x, a.transpose(1, 2).reshape(1, P, -1))
+        h = fn.final_norm(x, w)[0]
         for a in range(0, P, 512):  # the head in chunks: [P, vocab] float32 logits would dominate peak memory
             b = min(a + 512, P)
-            self.nll[a:b], self.entropy[a:b] = fn.score(F.linear(h[a:b], w.lm_head), self.ids[a + 1:b + 1])
+            self.nll[a:b], self.entropy[a:b] = fn.score(fn.lm_head(h[a:b], w), self.ids[a + 1:b + 1])
         self.valid[slots] = True
         if self.scored is not None:
             self.scored.end_prefill(P, self.valid)
