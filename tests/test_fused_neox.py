@@ -127,6 +127,10 @@ def test_fused_neox_stack_in_interpreter():
                                 rotary_pct=rotary_pct, use_parallel_residual=parallel, tie_word_embeddings=False,
                                 initializer_range=0.1)
             model = GPTNeoXForCausalLM(cfg).eval()
+            with torch.no_grad():  # HF initialises biases to 0 and LayerNorms to identity: make them count
+                for prm in model.parameters():
+                    if prm.dim() == 1:
+                        prm.add_(torch.randn_like(prm) * 0.2)
             assert model.gpt_neox.layers[0].attention.rotary_ndims == int(80 * rotary_pct)
             with torch.inference_mode():
                 logp = model(ids[None]).logits[0].float().log_softmax(-1)
@@ -151,3 +155,41 @@ def test_fused_neox_stack_in_interpreter():
                 assert r.events == ref.events and (r.visible_kv == ref.visible_kv).all()
         print("ok")
     """)
+
+
+# ---------------------------------------------------------------- the benchmark's GPT-NeoX case (not timed)
+
+
+def test_bench_neox_case_builds_and_runs_on_cpu(tmp_path):
+    """`python -m streamkv.bench --models pythia-2.8b` on the GPU; here its construction at the tiny shape
+    (head dim 80, 20 rotary dims, biases, parallel residual) and its CPU-runnable rows."""
+    import json
+
+    import torch
+
+    from streamkv import bench
+    from streamkv.bench_neox import NEOX_SHAPES, bench_dtype
+
+    model, tok, info = bench.load_bench_model("tiny-neox", torch.device("cpu"), torch.float32)
+    att = model.gpt_neox.layers[0].attention
+    assert model.config.model_type == "gpt_neox" and tok is None
+    assert (att.head_size, att.rotary_ndims, model.config.use_parallel_residual) == (80, 20, True)
+    total, read = bench.weight_bytes(model)
+    assert total - read == model.gpt_neox.embed_in.weight.numel() * 4  # embed_in is not read per token
+    p = NEOX_SHAPES["pythia-2.8b"]
+    assert p["hidden_size"] // p["num_attention_heads"] == 80 and p["hidden_size"] * p["rotary_pct"] / 32 == 20
+    labels = {(c.label, c.R) for c in bench.default_cases("pythia-2.8b", False, set())}
+    assert {("seed-style (HF eager + DynamicCache)", 32), ("HF StaticCache + torch.compile (dense)", 32),
+            ("ring x cudagraph", 32), ("ring x cudagraph_fused", 32)} <= labels
+    assert str(bench_dtype("pythia-2.8b", torch.device("cuda"), torch.bfloat16)) == "torch.float16"
+    assert bench_dtype("pythia-2.8b", torch.device("cpu"), torch.float32) == torch.float32
+    assert bench.main(["--smoke", "--models", "tiny-neox", "--only", "seed-style", "concat", "--decode-slow", "8",
+                       "--profile-steps", "0", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "bench.json").read_text())
+    rows = out["rows"]
+    assert [(r["label"], r["status"]) for r in rows] == [("seed-style (HF eager + DynamicCache)", "ok"),
+                                                          ("concat x eager", "ok")], rows
+    assert out["meta"]["model_dtypes"] == {"tiny-neox": "float32"}
+    for r in rows:
+        assert r["model"] == "tiny-neox" and r["tpot_ms"] > 0 and 0 < r["roofline_ms"] and r["ppl"] > 1
+    assert "### tiny-neox" in (tmp_path / "bench.md").read_text()
