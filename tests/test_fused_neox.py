@@ -20,9 +20,10 @@ from conftest import ROOT
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-def _interpret(script: str, timeout: int = 600) -> None:
+def _interpret(script: str, timeout: int = 600, interpret: bool = True) -> None:
     path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update({"PYTHONPATH": path, **({"TRITON_INTERPRET": "1"} if interpret else {})})
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=env,
                        timeout=timeout, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-3000:]
@@ -193,3 +194,45 @@ def test_bench_neox_case_builds_and_runs_on_cpu(tmp_path):
     for r in rows:
         assert r["model"] == "tiny-neox" and r["tpot_ms"] > 0 and 0 < r["roofline_ms"] and r["ppl"] > 1
     assert "### tiny-neox" in (tmp_path / "bench.md").read_text()
+
+
+@needs_triton
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter does not check what the GPU compiler does (tl.dot's minimum shapes, types): compile
+    every kernel ahead of time for sm_90 (H100 / H200) with Triton's own ptxas, at pythia-2.8b's shape
+    (head dim 80, 20 rotary dims, per-head qkv, float16) and at Llama's."""
+    _interpret("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from streamkv.backends import triton_kernels as tk
+
+        def build(kernel, types, const, num_warps):
+            sig = {n: ("constexpr" if n in const else types[n]) for n in kernel.arg_names}
+            src = ASTSource(fn=kernel, signature=sig,
+                            constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+        ty = {n: "*fp16" for n in ("qkv_ptr", "bias_ptr", "q_out_ptr", "k_ptr", "v_ptr", "side_ptr", "q_ptr", "o_ptr",
+                                   "x_ptr", "r1_ptr", "c1_ptr", "r2_ptr", "c2_ptr", "xo_ptr", "wa_ptr", "ba_ptr",
+                                   "ha_ptr", "wb_ptr", "bb_ptr", "hb_ptr", "u_ptr", "b_ptr")}
+        ty.update({n: "*fp32" for n in ("cos_ptr", "sin_ptr", "m_ptr", "l_ptr", "acc_ptr")})
+        ty.update({n: "*i64" for n in ("step_ptr", "qpos_ptr", "ws_ptr", "sw_ptr", "fslot_ptr", "fsrc_ptr", "fpos_ptr")})
+        ty.update({"valid_ptr": "*i1", "stride_kh": "i32", "stride_sh": "i32", "scale": "fp32", "N": "i32", "eps": "fp32"})
+        for H, Hkv, D, R, layout, rotate_k, side, bias in [(32, 32, 80, 20, "per_head", True, True, True),
+                                                           (32, 32, 80, 20, "per_head", False, False, True),
+                                                           (32, 8, 128, 128, "grouped", True, True, False)]:
+            build(tk._kv_update_kernel, ty, dict(
+                HQ=H, HKV=Hkv, HQP=32, HKVP=triton.next_power_of_2(Hkv), D=D, DP=triton.next_power_of_2(D), ROT=R,
+                RHP=triton.next_power_of_2(R // 2), **tk.qkv_offsets(layout, H, Hkv, D), F=4, ROTATE_K=rotate_k,
+                HAS_SIDE=side, HAS_BIAS=bias), 2)
+        for G, D, R, rotate_k in [(1, 80, 20, False), (1, 80, 20, True), (4, 80, 80, True), (3, 64, 64, False)]:
+            build(tk._attn_split_kernel, ty, dict(C=2084, SPLIT_LEN=256, G=G, GP=16, D=D, ROT=R, RHP=tk._dot_width(R // 2),
+                                                  PP=tk._dot_width(D - R), BLOCK_N=32, NS=9, ROTATE_K=rotate_k), 8)
+        build(tk._attn_reduce_kernel, ty, dict(NS=9, NSP=16, D=80, DP=128), 1)
+        for n_add, two in [(0, True), (2, True), (1, False)]:
+            build(tk._add_layer_norm_kernel, ty, dict(BLOCK=4096, N_ADD=n_add, HAS_C1=True, HAS_C2=n_add > 1, TWO=two,
+                                                      WRITE_X=n_add > 0), 8)
+        build(tk._bias_gelu_kernel, ty, dict(BLOCK=1024, HAS_BIAS=True), 4)
+        print("ok")
+    """, interpret=False)
