@@ -29,7 +29,7 @@ policies (adaptive mode=entropy, refresh_select=entropy) run *online* in cache=s
 its write slot from the device's valid mask, and the host reads the step's entropy (one sync per token), asks the
 policy and, after a prune, replays a small compaction graph (`backend_used` = "<backend> (online)"); in
 cache=ring they run on the eager path with a warning (`evaluator.backend_used` says which path ran). All but eager support the Llama family only (Llama,
-Mistral, Qwen2, Qwen3, SmolLM2).
+Mistral, Qwen2, Qwen3, SmolLM2), and the graph evaluator with cudagraph_fused also GPT-NeoX (streamkv/backends/fused_neox.py).
 """
 
 from __future__ import annotations
