@@ -35,6 +35,12 @@ QKV_LAYOUTS = ("grouped", "per_head")
 
 
 @triton.jit
+def _add_bias(x, b_ptr, offs, mask):
+    """x + the bias at b_ptr + offs in float32, rounded back to x's dtype (as a biased GEMV's output)."""
+    return (x.to(tl.float32) + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
 def _kv_update_kernel(qkv_ptr, bias_ptr, q_out_ptr, k_ptr, v_ptr, side_ptr, cos_ptr, sin_ptr,
                       step_ptr, qpos_ptr, ws_ptr, sw_ptr, fslot_ptr, fsrc_ptr, fpos_ptr,
                       stride_kh, stride_sh,
@@ -62,9 +68,9 @@ def _kv_update_kernel(qkv_ptr, bias_ptr, q_out_ptr, k_ptr, v_ptr, side_ptr, cos_
         mq = hq < HQ
         q1 = tl.load(qkv_ptr + hq * Q_HS + d, mask=mq & dm, other=0.0)
         q2 = tl.load(qkv_ptr + hq * Q_HS + RH + d, mask=mq & dm, other=0.0)
-        if HAS_BIAS:  # the projection's bias, rounded as the biased GEMV output would be
-            q1 = (q1.to(tl.float32) + tl.load(bias_ptr + hq * Q_HS + d, mask=mq & dm, other=0.0).to(tl.float32)).to(q1.dtype)
-            q2 = (q2.to(tl.float32) + tl.load(bias_ptr + hq * Q_HS + RH + d, mask=mq & dm, other=0.0).to(tl.float32)).to(q2.dtype)
+        if HAS_BIAS:  # the projection's bias
+            q1 = _add_bias(q1, bias_ptr, hq * Q_HS + d, mq & dm)
+            q2 = _add_bias(q2, bias_ptr, hq * Q_HS + RH + d, mq & dm)
         q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
         qdt = q_out_ptr.dtype.element_ty
         tl.store(q_out_ptr + hq * D + d, (q1 * c - q2 * s).to(qdt), mask=mq & dm)
@@ -73,17 +79,16 @@ def _kv_update_kernel(qkv_ptr, bias_ptr, q_out_ptr, k_ptr, v_ptr, side_ptr, cos_
         k1 = tl.load(kb + d, mask=mk & dm, other=0.0)
         k2 = tl.load(kb + RH + d, mask=mk & dm, other=0.0)
         if HAS_BIAS:
-            bk = bias_ptr + K_OFF + hk * KV_HS
-            k1 = (k1.to(tl.float32) + tl.load(bk + d, mask=mk & dm, other=0.0).to(tl.float32)).to(k1.dtype)
-            k2 = (k2.to(tl.float32) + tl.load(bk + RH + d, mask=mk & dm, other=0.0).to(tl.float32)).to(k2.dtype)
+            k1 = _add_bias(k1, bias_ptr, K_OFF + hk * KV_HS + d, mk & dm)
+            k2 = _add_bias(k2, bias_ptr, K_OFF + hk * KV_HS + RH + d, mk & dm)
         ws = tl.load(ws_ptr + t)
         kslot = k_ptr + hk * stride_kh + ws * D
         if HAS_PASS:  # q's and k's pass-through dims: copied (+ bias)
             qp = tl.load(qkv_ptr + hq * Q_HS + e, mask=mq & pm, other=0.0)
             kp = tl.load(kb + e, mask=mk & pm, other=0.0)
             if HAS_BIAS:
-                qp = (qp.to(tl.float32) + tl.load(bias_ptr + hq * Q_HS + e, mask=mq & pm, other=0.0).to(tl.float32)).to(qp.dtype)
-                kp = (kp.to(tl.float32) + tl.load(bk + e, mask=mk & pm, other=0.0).to(tl.float32)).to(kp.dtype)
+                qp = _add_bias(qp, bias_ptr, hq * Q_HS + e, mq & pm)
+                kp = _add_bias(kp, bias_ptr, K_OFF + hk * KV_HS + e, mk & pm)
             tl.store(q_out_ptr + hq * D + e, qp.to(qdt), mask=mq & pm)
             tl.store(kslot + e, kp.to(kdt), mask=mk & pm)
             if HAS_SIDE:
@@ -102,8 +107,7 @@ def _kv_update_kernel(qkv_ptr, bias_ptr, q_out_ptr, k_ptr, v_ptr, side_ptr, cos_
             tl.store(kslot + RH + d, k2, mask=mk & dm)
         v = tl.load(qkv_ptr + V_OFF + hk * KV_HS + e, mask=mk & (e < D), other=0.0)
         if HAS_BIAS:
-            v = (v.to(tl.float32) + tl.load(bias_ptr + V_OFF + hk * KV_HS + e, mask=mk & (e < D),
-                                            other=0.0).to(tl.float32)).to(v.dtype)
+            v = _add_bias(v, bias_ptr, V_OFF + hk * KV_HS + e, mk & (e < D))
         tl.store(v_ptr + hk * stride_kh + ws * D + e, v, mask=mk & (e < D))
     else:  # re-rotate one scheduled fix slot from its un-rotated side copy
         f = pid - 1
@@ -357,8 +361,8 @@ def _bias_gelu_kernel(u_ptr, b_ptr, o_ptr, N, BLOCK: tl.constexpr, HAS_BIAS: tl.
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < N
     u = tl.load(u_ptr + i, mask=m, other=0.0)
-    if HAS_BIAS:  # the biased GEMV output, rounded as F.linear's would be
-        u = (u.to(tl.float32) + tl.load(b_ptr + i, mask=m, other=0.0).to(tl.float32)).to(u.dtype)
+    if HAS_BIAS:
+        u = _add_bias(u, b_ptr, i, m)
     x = u.to(tl.float32)
     tl.store(o_ptr + i, (0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))).to(o_ptr.dtype.element_ty), mask=m)
 
