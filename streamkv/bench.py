@@ -3,6 +3,8 @@
     python -m streamkv.bench                      # GPU: SmolLM2-135M (real) + random 1.1B / 7B shapes
     python -m streamkv.bench --models smollm2     # one model
     python -m streamkv.bench --smoke              # CPU, a tiny random Llama, seconds (checks the plumbing)
+    python -m streamkv.bench --models pythia-2.8b # GPU: random GPT-NeoX with Pythia-2.8B's shape, float16
+                                                  # (streamkv/bench_neox.py)
 
 Protocol (per model): the text (the offline Wikipedia articles; random-weight models read the same token
 ids modulo their vocabulary) is prefilled with P = n_sink + window tokens (4 + 2048), so the cache is
@@ -138,6 +140,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) 
 
 def load_bench_model(name: str, device: torch.device, dtype: torch.dtype):
     """(hf_model, tokenizer or None, info)."""
+    from streamkv.bench_neox import is_neox_bench, load_neox_model
+
+    if is_neox_bench(name):
+        return load_neox_model(name, device, dtype)
     if name == "smollm2":
         from omegaconf import OmegaConf
 
@@ -246,7 +252,7 @@ def kernel_profile(step, n_steps: int, device: torch.device, trace_path: Path | 
 def _forward_kwargs(model) -> set:
     import inspect
 
-    return set(inspect.signature(model.model.forward).parameters)
+    return set(inspect.signature(model.base_model.forward).parameters)
 
 
 def hf_seed_style(model, ids: torch.Tensor, prefill: int, decode: int, n_sink: int, window: int, R: int,
@@ -455,6 +461,10 @@ SCHEDULED_POLICIES = ((("policy=max_drop", "policy.max_drop=8"), "max_drop (8)")
 
 
 def default_cases(model: str, smoke: bool, managers: set) -> list[Case]:
+    from streamkv.bench_neox import is_neox_bench, neox_cases
+
+    if is_neox_bench(model):
+        return neox_cases(smoke)
     if smoke:
         cases = [Case("seed-style (HF eager + DynamicCache)", "seed", profile=True),
                  Case("HF StaticCache + torch.compile (dense)", "hf_static"),
@@ -537,8 +547,11 @@ def left_resident(before: dict, after: dict, top: int = 8) -> list[dict]:
 
 
 def run_model(name: str, args, device, dtype, bw: float, out_dir: Path) -> list[Row]:
+    from streamkv.bench_neox import bench_dtype
     from streamkv.cache import CACHES
 
+    dtype = bench_dtype(name, device, dtype)  # GPT-NeoX (Pythia): float16 on CUDA
+    _META.setdefault("model_dtypes", {})[name] = str(dtype).replace("torch.", "")
     t_load = time.perf_counter()
     model, tokenizer, info = load_bench_model(name, device, dtype)
     print(f"[{name}] loaded in {time.perf_counter() - t_load:.1f}s ({info['weights']})", flush=True)
@@ -656,7 +669,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
         mrows = [r for r in rows if r.model == model]
         seed = next((r.tpot_ms for r in mrows if r.label.startswith("seed") and r.status == "ok"), float("nan"))
         hfs = next((r.tpot_ms for r in mrows if r.label.startswith("HF Static") and r.status == "ok"), float("nan"))
-        lines += [f"### {model}", "",
+        mdt = meta.get("model_dtypes", {}).get(model)
+        lines += [f"### {model}" + (f" ({mdt})" if mdt and mdt != meta.get("dtype") else ""), "",
                   "| path (manager x backend) | policy | R | prunes | TPOT ms | x seed | x HF static | TTFT ms "
                   "| peak MB decode (incl. prefill) | weights MB | KV cap MB (slots) | sched MB | other MB† | roofline ms | % roofline "
                   "| PPL |",
@@ -709,10 +723,17 @@ def write_results(out_dir: Path, rows_all: list[Row], meta: dict) -> None:
     (out_dir / "bench.md").write_text(markdown(rows_all, meta))
 
 
+def _dtypes(models, device, dtype) -> str:
+    from streamkv.bench_neox import bench_dtype
+
+    return ", ".join(sorted({str(bench_dtype(m, device, dtype)).replace("torch.", "") for m in models}))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m streamkv.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny random Llama, small window: checks the plumbing")
-    ap.add_argument("--models", default=None, help="comma list of smollm2, smollm2-shape (random weights), llama-1.1b, llama-7b (default: smollm2, llama-1.1b, llama-7b)")
+    ap.add_argument("--models", default=None, help="comma list of smollm2, smollm2-shape (random weights), llama-1.1b, llama-7b, pythia-2.8b (random "
+                    "GPT-NeoX, float16) (default: smollm2, llama-1.1b, llama-7b)")
     ap.add_argument("--n-sink", type=int, default=4)
     ap.add_argument("--window", type=int, default=2048)
     ap.add_argument("--decode", type=int, default=1024, help="decode steps timed for the fast paths")
@@ -733,7 +754,7 @@ def main(argv=None) -> int:
     if args.smoke:
         device = torch.device(args.device or "cpu")
         dtype = torch.float32
-        models = ["tiny"]
+        models = args.models.split(",") if args.models else ["tiny"]  # tiny, tiny-neox
         args.window, args.decode, args.decode_slow = min(args.window, 64), min(args.decode, 24), min(args.decode_slow, 12)
         args.profile_steps = min(args.profile_steps, 4)
         args.hf_compile_mode = "default"
@@ -761,7 +782,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 26))
     _META.update({"device": device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
                   "python": sys.version.split()[0], "copy_bw_gbs": bw / 1e9, "n_sink": args.n_sink,
-                  "window": args.window, "dtype": str(dtype).replace("torch.", ""), "decode": args.decode,
+                  "window": args.window, "dtype": _dtypes(models, device, dtype), "decode": args.decode,
                   "decode_slow": args.decode_slow, "hf_compile_mode": args.hf_compile_mode,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **gemv_meta})
     print(f"device: {_META['device']}  copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)

@@ -31,7 +31,8 @@ its write slot from the device's valid mask, and the host reads the step's entro
 policy and, after a prune, replays a small compaction graph (`backend_used` = "<backend> (online)"); in
 cache=ring they run on the eager path with a warning (`evaluator.backend_used` says which path ran).
 Families (streamkv/backends/families.py): eager, compile and cudagraph run Llama, Mistral, Qwen2, Qwen3
-(SmolLM2) and GPT-NeoX (Pythia); the fused kernels cover what families.BACKEND_FAMILIES lists.
+(SmolLM2) and GPT-NeoX (Pythia); the fused kernels cover what families.BACKEND_FAMILIES lists (GPT-NeoX on
+cudagraph_fused through streamkv/backends/fused_neox.py).
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ BACKEND_FAMILIES = {
     "compile": tuple(FAMILIES),
     "cudagraph": tuple(FAMILIES),
     "fused": ("llama", "mistral", "qwen2", "qwen3"),
-    "cudagraph_fused": ("llama", "mistral", "qwen2"),
+    "cudagraph_fused": ("llama", "mistral", "qwen2", "gpt_neox"),  # gpt_neox: fused_neox.py
     "cudagraph_fused_gemv": ("llama", "mistral", "qwen2"),
 }
 
@@ -97,7 +97,7 @@ def family_error(model_type: str, backend: Optional[str], what: str) -> Optional
     """One line if `backend` (None: any) cannot run a `model_type` model, else None."""
     if model_type not in FAMILIES:
         return (f"model: {what} is a '{model_type}' model; streamkv runs the families {', '.join(FAMILIES)} "
-                f"(backends eager, compile, cudagraph; fused kernels: llama, mistral, qwen2)")
+                f"(backends eager, compile, cudagraph; fused kernels: llama, mistral, qwen2; cudagraph_fused also gpt_neox)")
     if backend is not None and model_type not in BACKEND_FAMILIES.get(backend, tuple(FAMILIES)):
         fams = BACKEND_FAMILIES[backend]
         label = "the Llama family only" if set(fams) <= {"llama", "mistral", "qwen2", "qwen3"} else "the families"

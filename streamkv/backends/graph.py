@@ -303,8 +303,15 @@ class GraphEvaluator:
         self.backend_used = self.backend_name
         self.fallback_reason = None
         # family-neutral weights; self.w.family (streamkv/backends/families.py) is the data a step branches on.
-        # The fused kernels refuse the families they do not cover (families.BACKEND_FAMILIES).
-        self.w = fn.gather_weights(self.decoder.model, self.backend_name)
+        # The fused kernels refuse the families they do not cover (families.BACKEND_FAMILIES); GPT-NeoX on
+        # cudagraph_fused reads the HF parameters through its own adapter (streamkv/backends/fused_neox.py).
+        from streamkv.backends.fused_neox import check_neox_fused, is_neox, neox_weights
+
+        if fused and not self.fused_gemv and is_neox(self.decoder.model):
+            self.w = neox_weights(self.decoder.model)
+            check_neox_fused(self.w, self.backend_name)
+        else:
+            self.w = fn.gather_weights(self.decoder.model, self.backend_name)
         self._key = None
         self.memory: dict = {}
 
@@ -413,7 +420,8 @@ class GraphEvaluator:
         if self.fused:
             from streamkv.backends.triton_kernels import DecodeAttention
 
-            self.attn = DecodeAttention(w.n_heads, Hkv, D, C, dev, dt, rotate_k=self.layout == "static")
+            self.attn = DecodeAttention(w.n_heads, Hkv, D, C, dev, dt, rotate_k=self.layout == "static",
+                                        rotary_dim=self.cos.shape[-1])
             self.q_rot = torch.empty(w.n_heads, D, device=dev, dtype=dt)
         if dev.type == "cuda":
             total = torch.cuda.memory_allocated(dev) - before
@@ -547,6 +555,10 @@ class GraphEvaluator:
         return fn.final_norm(x, w)
 
     def _layers_fused(self, x, t):
+        if getattr(self.w, "family", None) == "neox":
+            from streamkv.backends.fused_neox import neox_layers_fused
+
+            return neox_layers_fused(self, x, t)
         from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
         from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
@@ -705,6 +717,10 @@ class GraphEvaluator:
 
     def _prefill(self, P: int) -> None:
         """The first P tokens in one forward pass (PyTorch ops, not captured), then the prune after it."""
+        if getattr(self.w, "family", None) == "neox":
+            from streamkv.backends.fused_neox import neox_prefill
+
+            return neox_prefill(self, P)
         w, s = self.w, self.s
         dev = self.device
         slots = self.write_slot[:P]

@@ -1,0 +1,238 @@
+"""GPT-NeoX on the fused graph path, through Triton's interpreter on the CPU (float32; skipped where triton
+is not installed): the kernels for head dim 80 with partial rotary (20 dims) and the per-head [q k v]
+layout against their PyTorch reference, and the whole fused layer stack (streamkv/backends/fused_neox.py)
+against the HF model's own forward and against concat x eager with prunes, for rotary_pct 0.25 / 1.0 and
+the parallel / sequential residual. Each runs in a subprocess with TRITON_INTERPRET=1 (set before triton
+loads)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def _interpret(script: str, timeout: int = 600, interpret: bool = True) -> None:
+    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update({"PYTHONPATH": path, **({"TRITON_INTERPRET": "1"} if interpret else {})})
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=env,
+                       timeout=timeout, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-3000:]
+
+
+@needs_triton
+def test_neox_kernels_in_interpreter():
+    _interpret("""
+        import torch, torch.nn.functional as F
+        from streamkv.backends.triton_kernels import DecodeAttention, add_layer_norm, bias_gelu, kv_update
+        from streamkv.backends.fused_neox import rope_partial
+        torch.manual_seed(0)
+        torch.set_num_threads(1)
+        def tables(n, R):
+            pos = torch.arange(n, dtype=torch.float64)
+            inv = 1.0 / (10000 ** (torch.arange(0, R, 2, dtype=torch.float64) / R))
+            emb = torch.cat([torch.outer(pos, inv)] * 2, -1)
+            return emb.cos().float(), emb.sin().float()
+        # decode attention: head dim 80 (not a power of two), partial rotary at read (static) or none (ring),
+        # GQA with full rotary, and a tiny head whose rotary halves are narrower than a tensor-core dot
+        for Hq, Hkv, D, R, C, rot in [(3, 3, 80, 20, 70, True), (3, 3, 80, 20, 45, False), (4, 2, 80, 80, 40, True),
+                                      (2, 2, 16, 4, 30, True)]:
+            q = torch.randn(Hq, D); k = torch.randn(Hkv, C + 1, D); v = torch.randn(Hkv, C + 1, D)
+            valid = torch.rand(C + 1) > 0.3; valid[C] = False; valid[0] = True
+            cos, sin = tables(C + 1, R)
+            att = DecodeAttention(Hq, Hkv, D, C, torch.device("cpu"), torch.float32, rotate_k=rot, block_n=16, n_sm=4,
+                                  rotary_dim=R)
+            assert att.ns > 1
+            out = att(q, k, v, valid, D ** -0.5, cos if rot else None, sin if rot else None)
+            kk = rope_partial(k[:, :C], cos[:C], sin[:C]) if rot else k[:, :C]
+            s = (q.view(Hkv, Hq // Hkv, D) @ kk.transpose(1, 2)) * D ** -0.5
+            ref = (s.masked_fill(~valid[:C], float("-inf")).softmax(-1) @ v[:, :C]).reshape(Hq, D)
+            assert ((out - ref).norm() / ref.norm()) < 1e-5, (Hq, Hkv, D, R, C, rot)
+        # kv_update: GPT-NeoX's per-head [q k v] layout with a bias, rotary_dim 20 of 80; the grouped layout
+        # (Llama's) with full rotary at head dim 80
+        n, F_, S, C = 20, 2, 3, 10
+        for H, Hkv, D, R, layout, bias, rotate_k in [(3, 3, 80, 20, "per_head", True, True),
+                                                      (3, 3, 80, 20, "per_head", True, False),
+                                                      (3, 3, 80, 80, "per_head", False, True),
+                                                      (4, 2, 80, 80, "grouped", True, True)]:
+            qkv = torch.randn((H + 2 * Hkv) * D); b = torch.randn_like(qkv) if bias else None
+            K = torch.zeros(Hkv, C + 1, D); V = torch.zeros(Hkv, C + 1, D); side = torch.randn(Hkv, S + 1, D)
+            cos, sin = tables(100, R)
+            step = torch.tensor([5]); qpos = torch.arange(n) * 3; ws = torch.arange(n) % C; sw = torch.arange(n) % (S + 1)
+            fslot = torch.randint(0, C, (n, F_)); fsrc = torch.randint(0, S, (n, F_)); fpos = torch.randint(0, 90, (n, F_))
+            fslot[5] = torch.tensor([7, 9]); fsrc[5] = torch.tensor([0, 2]); sw[5] = 1
+            side0 = side.clone(); qo = torch.empty(H, D)
+            kv_update(qkv, qo, K, V, side, cos, sin, step, qpos, ws, sw, fslot, fsrc, fpos, n_heads=H, n_kv=Hkv,
+                      rotate_k=rotate_k, has_side=True, rotary_dim=R, qkv_layout=layout, bias=b)
+            full = qkv + b if bias else qkv
+            if layout == "per_head":
+                q, k, v = full.view(H, 3 * D).chunk(3, -1)
+            else:
+                q, k, v = full.split([H * D, Hkv * D, Hkv * D]); q, k, v = q.view(H, D), k.view(Hkv, D), v.view(Hkv, D)
+            p = int(qpos[5])
+            c, s = cos[p:p + 1], sin[p:p + 1]
+            assert torch.allclose(qo, rope_partial(q, c, s), atol=1e-5), layout
+            assert torch.allclose(K[:, ws[5]], rope_partial(k, c, s) if rotate_k else k, atol=1e-5), layout
+            assert torch.equal(V[:, ws[5]], v) and torch.equal(side[:, 1], k)
+            for f in range(F_):
+                src, fp = side0[:, fsrc[5, f]], int(fpos[5, f])
+                assert torch.allclose(K[:, fslot[5, f]], rope_partial(src, cos[fp:fp + 1], sin[fp:fp + 1]), atol=1e-5)
+            if R < D:  # the pass-through dims are the raw key's
+                assert torch.equal(K[:, ws[5], R:], k[:, R:]) and torch.equal(qo[:, R:], q[:, R:])
+        # the residual adds + one or two LayerNorms; bias + exact GELU
+        N = 160
+        x, o, m, bo, bm = (torch.randn(1, N) for _ in range(5))
+        lns = [(torch.randn(N), torch.randn(N)) for _ in range(2)]
+        for adds, ref in [(None, x), ([(o, bo)], x + o + bo), ([(o, None), (m, bm)], x + o + m + bm),
+                          ([(o, bo), (m, bm)], x + o + bo + m + bm)]:
+            for two in (False, True):
+                xs, ha, hb = add_layer_norm(x, adds, lns[0], lns[1] if two else None, 1e-5)
+                assert torch.allclose(xs, ref, atol=1e-5)
+                assert torch.allclose(ha, F.layer_norm(ref, (N,), *lns[0], 1e-5), atol=1e-4)
+                assert (hb is None) != two and (not two or torch.allclose(hb, F.layer_norm(ref, (N,), *lns[1], 1e-5), atol=1e-4))
+        u = torch.randn(1, 2500) * 3; b = torch.randn(2500)
+        assert torch.allclose(bias_gelu(u, b, block=1024), F.gelu(u + b), atol=1e-6)
+        assert torch.allclose(bias_gelu(u), F.gelu(u), atol=1e-6)
+        print("ok")
+    """)
+
+
+@needs_triton
+def test_fused_neox_stack_in_interpreter():
+    """The fused GPT-NeoX decode step (cudagraph_fused, un-captured) on tiny GPT-NeoX models with head dim 80:
+    with everything kept (policy=full) it reproduces the HF model's own forward per token; under streaming
+    with prunes (sink re-rotation over the rotary dims only) it reproduces concat x eager, ring and static."""
+    _interpret("""
+        import numpy as np, torch
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+        from conftest import compose
+        from streamkv.backends.graph import GraphEvaluator
+        from streamkv.models import ByteTokenizer
+        from streamkv.runner import make_evaluator
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        ids = torch.randint(0, ByteTokenizer.vocab_size, (44,))
+        P = 20
+        for rotary_pct, parallel in [(0.25, True), (0.25, False), (1.0, True)]:
+            cfg = GPTNeoXConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=160, intermediate_size=256,
+                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256,
+                                rotary_pct=rotary_pct, use_parallel_residual=parallel, tie_word_embeddings=False,
+                                initializer_range=0.1)
+            model = GPTNeoXForCausalLM(cfg).eval()
+            with torch.no_grad():  # HF initialises biases to 0 and LayerNorms to identity: make them count
+                for prm in model.parameters():
+                    if prm.dim() == 1:
+                        prm.add_(torch.randn_like(prm) * 0.2)
+            assert model.gpt_neox.layers[0].attention.rotary_ndims == int(80 * rotary_pct)
+            with torch.inference_mode():
+                logp = model(ids[None]).logits[0].float().log_softmax(-1)
+            hf = (-logp[:-1].gather(-1, ids[1:, None])[:, 0]).numpy()
+            def ev(*ov):
+                c = compose("model=tiny_neox", "progress=false", f"prefill_tokens={P}", *ov)
+                return make_evaluator(c, model, len(ids), torch.device("cpu"))
+            full = ("policy=full", "n_sink=4", "window=64")
+            for layout in ("ring", "static"):
+                g = GraphEvaluator(ev(*full), layout, fused=True, capture=False)
+                assert g.w.family == "neox" and g.backend_used == "cudagraph_fused"
+                r = g.run(ids, P)
+                err = np.abs(r.nll - hf).max()
+                assert err < 2e-5, (rotary_pct, parallel, layout, "full", err)
+            stream = ("policy=streaming", "n_sink=4", "window=8", "compress_every=4")
+            ref = ev(*stream).run(ids, P)
+            assert len(ref.events) > 3
+            for layout in ("ring", "static"):
+                r = GraphEvaluator(ev(*stream), layout, fused=True, capture=False).run(ids, P)
+                err = np.abs(r.nll - ref.nll).max()
+                assert err < 2e-5, (rotary_pct, parallel, layout, "streaming", err)
+                assert r.events == ref.events and (r.visible_kv == ref.visible_kv).all()
+        print("ok")
+    """)
+
+
+# ---------------------------------------------------------------- the benchmark's GPT-NeoX case (not timed)
+
+
+def test_bench_neox_case_builds_and_runs_on_cpu(tmp_path):
+    """`python -m streamkv.bench --models pythia-2.8b` on the GPU; here its construction at the tiny shape
+    (head dim 80, 20 rotary dims, biases, parallel residual) and its CPU-runnable rows."""
+    import json
+
+    import torch
+
+    from streamkv import bench
+    from streamkv.bench_neox import NEOX_SHAPES, bench_dtype
+
+    model, tok, info = bench.load_bench_model("tiny-neox", torch.device("cpu"), torch.float32)
+    att = model.gpt_neox.layers[0].attention
+    assert model.config.model_type == "gpt_neox" and tok is None
+    assert (att.head_size, att.rotary_ndims, model.config.use_parallel_residual) == (80, 20, True)
+    total, read = bench.weight_bytes(model)
+    assert total - read == model.gpt_neox.embed_in.weight.numel() * 4  # embed_in is not read per token
+    p = NEOX_SHAPES["pythia-2.8b"]
+    assert p["hidden_size"] // p["num_attention_heads"] == 80 and p["hidden_size"] * p["rotary_pct"] / 32 == 20
+    labels = {(c.label, c.R) for c in bench.default_cases("pythia-2.8b", False, set())}
+    assert {("seed-style (HF eager + DynamicCache)", 32), ("HF StaticCache + torch.compile (dense)", 32),
+            ("ring x cudagraph", 32), ("ring x cudagraph_fused", 32)} <= labels
+    assert str(bench_dtype("pythia-2.8b", torch.device("cuda"), torch.bfloat16)) == "torch.float16"
+    assert bench_dtype("pythia-2.8b", torch.device("cpu"), torch.float32) == torch.float32
+    assert bench.main(["--smoke", "--models", "tiny-neox", "--only", "seed-style", "concat", "--decode-slow", "8",
+                       "--profile-steps", "0", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "bench.json").read_text())
+    rows = out["rows"]
+    assert [(r["label"], r["status"]) for r in rows] == [("seed-style (HF eager + DynamicCache)", "ok"),
+                                                          ("concat x eager", "ok")], rows
+    assert out["meta"]["model_dtypes"] == {"tiny-neox": "float32"}
+    for r in rows:
+        assert r["model"] == "tiny-neox" and r["tpot_ms"] > 0 and 0 < r["roofline_ms"] and r["ppl"] > 1
+    assert "### tiny-neox" in (tmp_path / "bench.md").read_text()
+
+
+@needs_triton
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter does not check what the GPU compiler does (tl.dot's minimum shapes, types): compile
+    every kernel ahead of time for sm_90 (H100 / H200) with Triton's own ptxas, at pythia-2.8b's shape
+    (head dim 80, 20 rotary dims, per-head qkv, float16) and at Llama's."""
+    _interpret("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from streamkv.backends import triton_kernels as tk
+
+        def build(kernel, types, const, num_warps):
+            sig = {n: ("constexpr" if n in const else types[n]) for n in kernel.arg_names}
+            src = ASTSource(fn=kernel, signature=sig,
+                            constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+        ty = {n: "*fp16" for n in ("qkv_ptr", "bias_ptr", "q_out_ptr", "k_ptr", "v_ptr", "side_ptr", "q_ptr", "o_ptr",
+                                   "x_ptr", "r1_ptr", "c1_ptr", "r2_ptr", "c2_ptr", "xo_ptr", "wa_ptr", "ba_ptr",
+                                   "ha_ptr", "wb_ptr", "bb_ptr", "hb_ptr", "u_ptr", "b_ptr")}
+        ty.update({n: "*fp32" for n in ("cos_ptr", "sin_ptr", "m_ptr", "l_ptr", "acc_ptr")})
+        ty.update({n: "*i64" for n in ("step_ptr", "qpos_ptr", "ws_ptr", "sw_ptr", "fslot_ptr", "fsrc_ptr", "fpos_ptr")})
+        ty.update({"valid_ptr": "*i1", "stride_kh": "i32", "stride_sh": "i32", "scale": "fp32", "N": "i32", "eps": "fp32"})
+        for H, Hkv, D, R, layout, rotate_k, side, bias in [(32, 32, 80, 20, "per_head", True, True, True),
+                                                           (32, 32, 80, 20, "per_head", False, False, True),
+                                                           (32, 8, 128, 128, "grouped", True, True, False)]:
+            build(tk._kv_update_kernel, ty, dict(
+                HQ=H, HKV=Hkv, HQP=32, HKVP=triton.next_power_of_2(Hkv), D=D, DP=triton.next_power_of_2(D), ROT=R,
+                RHP=triton.next_power_of_2(R // 2), **tk.qkv_offsets(layout, H, Hkv, D), F=4, ROTATE_K=rotate_k,
+                HAS_SIDE=side, HAS_BIAS=bias), 2)
+        for G, D, R, rotate_k in [(1, 80, 20, False), (1, 80, 20, True), (4, 80, 80, True), (3, 64, 64, False)]:
+            build(tk._attn_split_kernel, ty, dict(C=2084, SPLIT_LEN=256, G=G, GP=16, D=D, ROT=R, RHP=tk._dot_width(R // 2),
+                                                  PP=tk._dot_width(D - R), BLOCK_N=32, NS=9, ROTATE_K=rotate_k), 8)
+        build(tk._attn_reduce_kernel, ty, dict(NS=9, NSP=16, D=80, DP=128), 1)
+        for n_add, two in [(0, True), (2, True), (1, False)]:
+            build(tk._add_layer_norm_kernel, ty, dict(BLOCK=4096, N_ADD=n_add, HAS_C1=True, HAS_C2=n_add > 1, TWO=two,
+                                                      WRITE_X=n_add > 0), 8)
+        build(tk._bias_gelu_kernel, ty, dict(BLOCK=1024, HAS_BIAS=True), 4)
+        print("ok")
+    """, interpret=False)
