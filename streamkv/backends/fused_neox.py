@@ -69,6 +69,7 @@ class NeoXWeights:
     exact_gelu: bool  # hidden_act == "gelu" (erf): the fused path's GELU kernel
     family: str = "neox"
     qkv_layout: str = "per_head"
+    lm_head_b: Optional[torch.Tensor] = None  # read by the shared LM head (functional.lm_head): Pythia has none
 
 
 def is_neox(hf_model) -> bool:
