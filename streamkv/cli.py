@@ -107,10 +107,22 @@ def precheck(argv: list[str]) -> list[str | None]:
     from streamkv.record import run_identity
 
     identities: list[str | None] = []
-    for cfg in compose_jobs(argv):
+    cfgs = compose_jobs(argv)
+    for cfg in cfgs:
         validate(cfg)
         identities.append(None if cfg.rerun else run_identity(OmegaConf.to_container(cfg, resolve=True)))
+    warn_context(cfgs)
     return identities
+
+
+def warn_context(cfgs: list) -> None:
+    """One stderr line if any job can exceed its model's trained context (streamkv.config.context_warning)."""
+    from streamkv.config import context_warning
+
+    warnings = [w for w in map(context_warning, cfgs) if w]
+    if warnings:
+        more = f" ({len(warnings)} of {len(cfgs)} jobs, e.g. the first)" if len(cfgs) > 1 else ""
+        print(f"warning: beyond the trained context{more}: {warnings[0]}", file=sys.stderr)
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -129,10 +141,12 @@ def print_summary(payload: dict, run_dir, compact: bool = False) -> None:
 
     defaults = knob_defaults()
     knobs = ", ".join(f"{k}={v}" for k, v in pol.items() if k != "name" and v != defaults.get(k))
+    answer = (f", answer acc {m['answer_acc']} (NLL {m['answer_nll']:.3f})"
+              if m.get("answer_acc") is not None else "")
     if compact:
         print(f"ok  {pol['name']}{'(' + knobs + ')' if knobs else ''} n_sink={cfg['n_sink']} window={cfg['window']} "
               f"R={cfg['compress_every']} {cfg['cache']['name']}/{cfg['backend']['name']}: PPL {m['ppl']:.3f}, "
-              f"TPOT {m['tpot_ms']:.3f} ms, {m['n_prunes']} prunes  -> {run_dir}", file=sys.stderr)
+              f"TPOT {m['tpot_ms']:.3f} ms, {m['n_prunes']} prunes{answer}  -> {run_dir}", file=sys.stderr)
         return
     table = Table(title=f"streamkv run — {payload['status']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -146,6 +160,15 @@ def print_summary(payload: dict, run_dir, compact: bool = False) -> None:
     table.add_row("PPL", f"{m['ppl']:.4f}  (mean NLL {m['nll_mean']:.5f} over "
                          f"{m['prefill_tokens'] + m['decode_tokens']} predicted tokens)")
     table.add_row("TPOT / TTFT", f"{m['tpot_ms']:.3f} ms / {m['ttft_ms']:.2f} ms  (prefill {m['prefill_ms']:.1f} ms)")
+    table.add_row("step times", "  ".join(f"{label} {_ms(m.get(key))}" for label, key in (
+        ("p50", "tpot_p50_ms"), ("p90", "tpot_p90_ms"), ("steady", "tpot_steady_ms"))) + "  (host, per decode step)")
+    if m.get("answer_acc") is not None:
+        table.add_row("pass key", f"answer acc {m['answer_acc']}, answer NLL {m['answer_nll']:.4f}, key "
+                                  f"{payload['dataset'].get('passkey', {}).get('key', '?')} at distance "
+                                  f"{m['key_distance']} tokens")
+    context = m.get("model_context")
+    beyond = "  BEYOND the model's context" if context is not None and (m.get("max_position") or 0) >= context else ""
+    table.add_row("positions", f"max RoPE position {m.get('max_position')}, model context {context}{beyond}")
     table.add_row("visible KV", f"min {m['visible_kv_min']}, mean {m['visible_kv_mean']:.1f}, max {m['visible_kv_max']}")
     table.add_row("prunes", f"{m['n_prunes']} (dropped per prune: min {m['drop_min']}, median "
                             f"{m['drop_median']:g}, max {m['drop_max']})")
@@ -153,6 +176,10 @@ def print_summary(payload: dict, run_dir, compact: bool = False) -> None:
     table.add_row("total", f"{m['total_s']:.1f} s")
     table.add_row("record", str(run_dir))
     Console(stderr=False).print(table)
+
+
+def _ms(value) -> str:
+    return "n/a" if value is None else f"{value:.3f} ms"
 
 
 def default_sweep_dir(args: list[str]) -> str:

@@ -42,9 +42,14 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    name: str = MISSING  # wiki | book | text_file | wikitext | pg19
+    name: str = MISSING  # wiki | book | text_file | wikitext | pg19 | passkey
     max_tokens: Optional[int] = None
-    path: Optional[str] = None  # text_file only
+    path: Optional[str] = None  # text_file (and passkey with filler=text_file) only
+    # passkey only (streamkv/passkey.py; null elsewhere, where they are ignored)
+    length: Optional[int] = None  # tokens of the whole text (filler + key sentence + question + answer)
+    depth: Optional[float] = None  # where the key sentence sits in the filler, 0..1
+    digits: Optional[int] = None  # digits of the key
+    filler: Optional[str] = None  # repeat | book | wiki | text_file
 
 
 @dataclass
@@ -119,7 +124,8 @@ def register_configs() -> None:
 
 
 MODEL_KINDS = ("gguf", "hf", "tiny_llama", "tiny_mistral", "tiny_qwen2", "tiny_qwen3", "tiny_neox")
-DATASETS = ("wiki", "book", "text_file", "wikitext", "pg19")
+DATASETS = ("wiki", "book", "text_file", "wikitext", "pg19", "passkey")
+PASSKEY_FILLERS = ("repeat", "book", "wiki", "text_file")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -151,6 +157,7 @@ def validate(cfg: Any) -> None:
         _need(bool(cfg.dataset.path), "dataset.path: required for dataset=text_file (a UTF-8 text file)")
     if cfg.dataset.max_tokens is not None:
         _need(cfg.dataset.max_tokens >= 2, f"dataset.max_tokens: must be >= 2 (got {cfg.dataset.max_tokens})")
+    _check_passkey(cfg.dataset)
     _need(cfg.window >= 1, f"window: must be >= 1 (got {cfg.window})")
     _need(cfg.n_sink >= 0, f"n_sink: must be >= 0 (got {cfg.n_sink})")
     _need(cfg.compress_every >= 1, f"compress_every: must be >= 1 (got {cfg.compress_every})")
@@ -172,4 +179,58 @@ def validate(cfg: Any) -> None:
     if cfg.dataset.max_tokens is not None:
         _need(cfg.prefill_tokens < cfg.dataset.max_tokens,
               f"prefill_tokens: must be < dataset.max_tokens ({cfg.prefill_tokens} >= {cfg.dataset.max_tokens})")
+    if cfg.dataset.name == "passkey":
+        _need(cfg.prefill_tokens < cfg.dataset.length,
+              f"prefill_tokens: must be < dataset.length ({cfg.prefill_tokens} >= {cfg.dataset.length})")
+
     check_inputs(cfg)  # the file system last: the text file, a local model directory
+
+
+def _check_passkey(d) -> None:
+    """The passkey knobs (their ranges whenever set; required for dataset=passkey)."""
+    if d.name == "passkey":
+        for knob in ("length", "depth", "digits", "filler"):
+            _need(d.get(knob) is not None, f"dataset.{knob}: required for dataset=passkey")
+        _need(d.max_tokens is None, f"dataset.max_tokens: dataset=passkey takes dataset.length instead "
+                                    f"(got max_tokens={d.max_tokens})")
+    if d.get("length") is not None:
+        _need(d.length >= 64, f"dataset.length: must be >= 64 tokens (got {d.length})")
+    if d.get("depth") is not None:
+        _need(0 <= d.depth <= 1, f"dataset.depth: must be between 0 and 1 (got {d.depth})")
+    if d.get("digits") is not None:
+        _need(1 <= d.digits <= 12, f"dataset.digits: must be between 1 and 12 (got {d.digits})")
+    if d.get("filler") is not None:
+        _need(d.filler in PASSKEY_FILLERS,
+              f"dataset.filler: '{d.filler}' is not one of {', '.join(PASSKEY_FILLERS)}")
+        if d.name == "passkey" and d.filler == "text_file":
+            _need(bool(d.path), "dataset.path: required for dataset.filler=text_file (a UTF-8 text file)")
+
+
+def context_warning(cfg) -> Optional[str]:
+    """One line if this run can put a query beyond the model's trained context (positions 0 ..
+    max_position_embeddings - 1), else None (also when the context or the text length is unknown before
+    loading). A warning, not an error: running past the context is what some experiments measure."""
+    from streamkv.cache import policy_bound
+    from streamkv.models import known_context
+    from streamkv.policies import build_policy
+
+    context = known_context(cfg.model)
+    if context is None:
+        return None
+    d = cfg.dataset
+    n = d.length if d.name == "passkey" else d.max_tokens  # tokens of the text, at most (None: unknown)
+    policy = build_policy(cfg)
+    bound = policy_bound(cfg, policy)  # tokens held during a step; None: the whole text
+    if policy.position_mode == "shift" and bound is not None:
+        top = max(bound, cfg.prefill_tokens) - 1  # the query's cache-order index
+        if n is not None:
+            top = min(top, n - 2)
+        what = f"StreamingLLM positions up to {top} (a cache of up to {max(bound, cfg.prefill_tokens)} tokens)"
+    elif n is not None:
+        top = n - 2  # the last token is only predicted, never fed
+        what = f"text positions up to {top} ({n}-token text, policy={cfg.policy.name} keeps original positions)"
+    else:
+        return None
+    if top < context:
+        return None
+    return f"model {cfg.model.name} has a context of {context} positions; this run uses {what}"

@@ -43,6 +43,12 @@ class EvalResult:
     # sync), ms; NaN for the prefill's tokens. Asynchronous paths run ahead of the GPU, so read single values
     # as a distribution, not as one step's GPU time.
     step_ms: np.ndarray | None = None
+    top1: np.ndarray | None = None  # bool: the token was the step's top-1 prediction (ties count as top-1)
+    # the largest RoPE position of a query in the run's position scheme: StreamingLLM's (cache order from
+    # 0; managers that rotate everything by a common offset report the equivalent) or the original text
+    # positions (policy=full, score policies with positions=original)
+    max_position: int | None = None
+    answer: np.ndarray | None = None  # bool per predicted token: its target is an answer token (passkey)
 
 
 def step_durations_ms(stamps: np.ndarray) -> np.ndarray:
@@ -78,11 +84,10 @@ def _reset_peak(device: torch.device) -> float:
 
 
 def _score(logits: torch.Tensor, targets: torch.Tensor):
-    """Per-position NLL and entropy (float32) of `targets` under `logits` [T, V]."""
-    logp = logits.float().log_softmax(-1)
-    nll = -logp.gather(-1, targets[:, None])[:, 0]
-    entropy = -(logp.exp() * logp).sum(-1)
-    return nll, entropy
+    """Per-position NLL, entropy (float32) and top-1 (bool) of `targets` under `logits` [T, V]."""
+    from streamkv.backends.functional import score
+
+    return score(logits, targets, top1=True)
 
 
 class Evaluator:
@@ -123,11 +128,11 @@ class Evaluator:
         self._prepare(ids)
         if prefill:
             logits = self.decoder.forward(ids[None, :prefill], self.cache)[0]
-            _, self._entropy[:prefill] = _score(logits, ids[1:prefill + 1])
+            _, self._entropy[:prefill], _ = _score(logits, ids[1:prefill + 1])
             self._maybe_prune(prefill - 1, None)
         for t in range(prefill, min(prefill + steps, len(ids) - 1)):
             logits = self.decoder.forward(ids[None, t:t + 1], self.cache)[0]
-            _, self._entropy[t:t + 1] = _score(logits, ids[t + 1:t + 2])
+            _, self._entropy[t:t + 1], _ = _score(logits, ids[t + 1:t + 2])
             self._maybe_prune(t, None)
         _sync(self.device)
 
@@ -139,6 +144,8 @@ class Evaluator:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         nll = torch.zeros(n - 1, device=dev)
+        top1 = torch.zeros(n - 1, device=dev, dtype=torch.bool)
+        max_pos = 0  # host bookkeeping: no sync
         entropy = self._entropy[: n - 1]  # a view: policies read it through StepView
         visible = np.zeros(n - 1, dtype=np.int32)
         events: list = []
@@ -148,7 +155,8 @@ class Evaluator:
         prefill_ms = 0.0
         if prefill:
             logits = self.decoder.forward(ids[None, :prefill], self.cache)[0]
-            nll[:prefill], entropy[:prefill] = _score(logits, ids[1:prefill + 1])
+            nll[:prefill], entropy[:prefill], top1[:prefill] = _score(logits, ids[1:prefill + 1])
+            max_pos = self.cache.query_position()
             visible[:prefill] = np.arange(prefill)
             self._maybe_prune(prefill - 1, events)
             _sync(dev)
@@ -164,7 +172,8 @@ class Evaluator:
             stamps[t] = time.perf_counter()
             visible[t] = len(self.cache)
             logits = self.decoder.forward(ids[None, t:t + 1], self.cache)[0]
-            nll[t:t + 1], entropy[t:t + 1] = _score(logits, ids[t + 1:t + 2])
+            nll[t:t + 1], entropy[t:t + 1], top1[t:t + 1] = _score(logits, ids[t + 1:t + 2])
+            max_pos = max(max_pos, self.cache.query_position())
             self._maybe_prune(t, events)
             if t == prefill and not prefill:
                 _sync(dev)
@@ -187,4 +196,4 @@ class Evaluator:
             visible_kv=visible, events=events, prefill_ms=prefill_ms, ttft_ms=ttft_ms,
             decode_ms=(end - decode_start) * 1e3, total_s=end - start, peak_mem_mb=peak_mb,
             decode_peak_mem_mb=decode_peak, prefill_tokens=prefill, decode_tokens=decode_tokens,
-            step_ms=step_durations_ms(stamps))
+            step_ms=step_durations_ms(stamps), top1=top1.cpu().numpy(), max_position=int(max_pos))

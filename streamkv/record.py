@@ -27,7 +27,8 @@ def utc_now() -> str:
 # Knobs added after records existed, left out of the identity at the values that mean what runs did
 # before the knob (so finished runs of earlier commits are still found): (group, knob) -> values.
 LEGACY_VALUES = {("policy", "positions"): (None, "original"), ("backend", "capture"): (True,),
-                 ("model", "dtype"): (None,), ("model", "rotary_pct"): (None,), ("model", "parallel_residual"): (None,)}
+                 ("model", "dtype"): (None,), ("model", "rotary_pct"): (None,), ("model", "parallel_residual"): (None,),
+                 **{("dataset", knob): (None,) for knob in ("length", "depth", "digits", "filler")}}
 
 
 def run_identity(config: dict) -> str:
@@ -80,6 +81,8 @@ def write_tables(run_dir: Path, result) -> None:
         "entropy": result.entropy.astype(np.float32)})
     if getattr(result, "step_ms", None) is not None:
         tokens["step_ms"] = result.step_ms.astype(np.float32)
+    if getattr(result, "answer", None) is not None:  # dataset=passkey: the rows whose target is a key token
+        tokens["answer"] = np.asarray(result.answer, dtype=bool)
     write_parquet(run_dir / "tokens.parquet", tokens)
     events = pd.DataFrame(result.events, columns=EVENT_COLUMNS).astype("int64")
     write_parquet(run_dir / "events.parquet", events)

@@ -48,6 +48,16 @@ def load_token_ids(dcfg, tokenizer, tokenizer_key: str) -> list[int]:
     return _memo(_TEXT_MEMO, key, make)
 
 
+def load_passkey(cfg, tokenizer, tokenizer_key: str):
+    """dataset=passkey: the text of this run (its key depends on cfg.seed); memoized like the texts."""
+    from streamkv import passkey
+
+    d = cfg.dataset
+    key = ("passkey", d.length, d.depth, d.digits, d.filler, d.path, int(cfg.seed), tokenizer_key)
+    return _memo(_TEXT_MEMO, key, lambda: passkey.build(tokenizer, int(d.length), float(d.depth), int(d.digits),
+                                                        str(d.filler), int(cfg.seed), d.path))
+
+
 def make_evaluator(cfg, hf_model, n_tokens: int, device: torch.device, tokenizer=None) -> Evaluator:
     """Wire decoder, cache manager and policy for one run (also used by tests and benchmarks)."""
     policy = build_policy(cfg)
@@ -87,7 +97,9 @@ def run_job(cfg, run_dir: Path) -> dict:
     mkey = (str(OmegaConf.to_container(cfg.model)), str(device), str(dtype))
     # The text first, through the tokenizer alone: a missing or too-short text fails before the weights load.
     tokenizer = _MODEL_MEMO[mkey].tokenizer if mkey in _MODEL_MEMO else load_tokenizer(cfg.model)
-    ids_list = load_token_ids(cfg.dataset, tokenizer, getattr(tokenizer, "name_or_path", ""))
+    tokenizer_key = getattr(tokenizer, "name_or_path", "")
+    pk = load_passkey(cfg, tokenizer, tokenizer_key) if cfg.dataset.name == "passkey" else None
+    ids_list = pk.ids if pk is not None else load_token_ids(cfg.dataset, tokenizer, tokenizer_key)
     if (short := text_too_short(len(ids_list), cfg.prefill_tokens, cfg.dataset.path)) is not None:
         raise short
     loaded = _memo(_MODEL_MEMO, mkey, lambda: load_model(cfg.model, device, dtype))
@@ -98,14 +110,20 @@ def run_job(cfg, run_dir: Path) -> dict:
     evaluator = make_evaluator(cfg, loaded.model, len(ids), device, loaded.tokenizer)
     evaluator.warm_up(ids, cfg.prefill_tokens, cfg.warmup_steps)
     result = evaluator.run(ids, cfg.prefill_tokens)
+    if pk is not None:
+        result.answer = pk.answer[1:]  # row i of the trace predicts text position i + 1
     metrics = summarize(result)
+    metrics["key_distance"] = pk.key_distance if pk is not None else None
+    metrics["model_context"] = getattr(loaded.model.config, "max_position_embeddings", None)
 
     write_tables(run_dir, result)
     payload = {
         "status": "ok", "error": None, "identity": run_identity(plain_config(cfg)), "config": plain_config(cfg),
         "metrics": metrics, "model": loaded.info,
         "backend_used": getattr(evaluator, "backend_used", cfg.backend.name),
-        "dataset": {"name": cfg.dataset.name, "n_tokens": len(ids), "path": cfg.dataset.path},
+        "dataset": {"name": cfg.dataset.name, "n_tokens": len(ids), "path": cfg.dataset.path,
+                    **({"passkey": {"key": pk.key, "sentence_start": pk.sentence_start, "key_start": pk.key_start,
+                                    "answer_start": pk.answer_start}} if pk is not None else {})},
         "device": device_info(device), "versions": versions(), "git_commit": git_commit(),
         "started_at": started, "finished_at": utc_now(),
     }

@@ -122,10 +122,12 @@ class DenseBlocks:
                          self.w.act)
 
 
-def score(logits: torch.Tensor, targets: torch.Tensor):
-    """Per-position NLL and predictive entropy (float32) of `targets` under `logits` [T, V] (as the
-    evaluator's _score)."""
+def score(logits: torch.Tensor, targets: torch.Tensor, top1: bool = False):
+    """Per-position NLL and predictive entropy (float32) of `targets` under `logits` [T, V]; with
+    top1=True also whether each target is the top-1 prediction (bool; a tie with the maximum counts)."""
     logp = logits.float().log_softmax(-1)
-    nll = -logp.gather(-1, targets[:, None])[:, 0]
+    target_logp = logp.gather(-1, targets[:, None])[:, 0]
     entropy = -(logp.exp() * logp).sum(-1)
-    return nll, entropy
+    if not top1:
+        return -target_logp, entropy
+    return -target_logp, entropy, target_logp >= logp.amax(-1)

@@ -405,6 +405,7 @@ class GraphEvaluator:
         n = s.n
         self.nll = torch.zeros(max(n - 1, 1), device=dev, dtype=torch.float32)
         self.entropy = torch.zeros_like(self.nll)
+        self.top1 = torch.zeros_like(self.nll, dtype=torch.bool)
         # float32 cos/sin (from the same float64 angles as the eager table): the ring rotates keys at
         # large true positions, where bf16 cos/sin round differently from the small positions concat
         # uses; in float32 the rotation itself is exact to ~1e-7 and only the stored key is rounded.
@@ -440,6 +441,7 @@ class GraphEvaluator:
         self.prune_ctr.zero_()
         self.nll.zero_()
         self.entropy.zero_()
+        self.top1.zero_()
         if self.scored is not None:
             self.scored.reset()
         if self.online:
@@ -507,9 +509,10 @@ class GraphEvaluator:
         else:
             x = self._layers_fused(x, t) if self.fused else self._layers_torch(x, t, ws)
             logits = fn.lm_head(x.view(1, -1), w)
-        nll, ent = fn.score(logits, self.ids.index_select(0, t + 1))
+        nll, ent, top1 = fn.score(logits, self.ids.index_select(0, t + 1), top1=True)
         self.nll.index_copy_(0, t, nll)
         self.entropy.index_copy_(0, t, ent)
+        self.top1.index_copy_(0, t, top1)
         if self.scored is not None:
             self.scored.evict(t, self.valid, self.qpos)
         else:
@@ -743,7 +746,8 @@ class GraphEvaluator:
         h = fn.final_norm(x, w)[0]
         for a in range(0, P, 512):  # the head in chunks: [P, vocab] float32 logits would dominate peak memory
             b = min(a + 512, P)
-            self.nll[a:b], self.entropy[a:b] = fn.score(fn.lm_head(h[a:b], w), self.ids[a + 1:b + 1])
+            self.nll[a:b], self.entropy[a:b], self.top1[a:b] = fn.score(fn.lm_head(h[a:b], w), self.ids[a + 1:b + 1],
+                                                                        top1=True)
         self.valid[slots] = True
         if self.scored is not None:
             self.scored.end_prefill(P, self.valid)
@@ -833,4 +837,18 @@ class GraphEvaluator:
             entropy=self.entropy[:n - 1].cpu().numpy(), visible_kv=s.visible.copy(), events=list(s.events),
             prefill_ms=prefill_ms, ttft_ms=ttft_ms, decode_ms=(end - decode_start) * 1e3, total_s=end - start,
             peak_mem_mb=peak_mb, decode_peak_mem_mb=decode_peak, prefill_tokens=prefill,
-            decode_tokens=n - 1 - prefill, step_ms=step_durations_ms(stamps))
+            decode_tokens=n - 1 - prefill, step_ms=step_durations_ms(stamps), top1=self.top1[:n - 1].cpu().numpy(),
+            max_position=self._max_position(n))
+
+    def _max_position(self, n: int) -> int:
+        """The largest RoPE position of a query in the run's position scheme (as
+        CacheManager.query_position): static layout, the query positions the step used (`qpos`, read back
+        from the device: online runs write it there); ring layout with StreamingLLM positions, the query
+        sits at its true position t and the oldest cached key is rotated at t - visible[t] (schedule.py,
+        `required`), so its StreamingLLM position is visible[t]; original positions: the true ones."""
+        s = self.s
+        if self.layout == "static":
+            return int(self.qpos[:n - 1].max())
+        if s.position_mode == "shift":
+            return int(s.visible[:n - 1].max())
+        return int(s.qpos[:n - 1].max())

@@ -58,6 +58,15 @@ class CacheManager:
     def evict(self, keep: np.ndarray) -> None:
         raise NotImplementedError
 
+    def query_position(self) -> int:
+        """After a forward (before the prune): the RoPE position of the step's last query in the run's
+        position scheme. "shift": its cache-order index (StreamingLLM's position; concat and static rotate
+        at exactly these, ring and soft_ring at these plus a common offset, which RoPE does not see);
+        "original": its text position. Host bookkeeping only (no device sync)."""
+        if self.position_mode == "shift":
+            return len(self) - 1
+        return int(self.token_pos[-1])
+
     def to_cache_order(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """`x` indexed along `dim` like the keys `update` returned this step -> indexed in cache
         order (len(self) entries). Identity here: the keys are returned in cache order."""
