@@ -34,7 +34,7 @@ def test_neox_kernels_in_interpreter():
     _interpret("""
         import torch, torch.nn.functional as F
         from streamkv.backends.triton_kernels import DecodeAttention, add_layer_norm, bias_gelu, kv_update
-        from streamkv.backends.fused_neox import rope_partial
+        from streamkv.backends.functional import rope
         torch.manual_seed(0)
         torch.set_num_threads(1)
         def tables(n, R):
@@ -53,7 +53,7 @@ def test_neox_kernels_in_interpreter():
                                   rotary_dim=R)
             assert att.ns > 1
             out = att(q, k, v, valid, D ** -0.5, cos if rot else None, sin if rot else None)
-            kk = rope_partial(k[:, :C], cos[:C], sin[:C]) if rot else k[:, :C]
+            kk = rope(k[:, :C], cos[:C], sin[:C]) if rot else k[:, :C]
             s = (q.view(Hkv, Hq // Hkv, D) @ kk.transpose(1, 2)) * D ** -0.5
             ref = (s.masked_fill(~valid[:C], float("-inf")).softmax(-1) @ v[:, :C]).reshape(Hq, D)
             assert ((out - ref).norm() / ref.norm()) < 1e-5, (Hq, Hkv, D, R, C, rot)
@@ -80,12 +80,12 @@ def test_neox_kernels_in_interpreter():
                 q, k, v = full.split([H * D, Hkv * D, Hkv * D]); q, k, v = q.view(H, D), k.view(Hkv, D), v.view(Hkv, D)
             p = int(qpos[5])
             c, s = cos[p:p + 1], sin[p:p + 1]
-            assert torch.allclose(qo, rope_partial(q, c, s), atol=1e-5), layout
-            assert torch.allclose(K[:, ws[5]], rope_partial(k, c, s) if rotate_k else k, atol=1e-5), layout
+            assert torch.allclose(qo, rope(q, c, s), atol=1e-5), layout
+            assert torch.allclose(K[:, ws[5]], rope(k, c, s) if rotate_k else k, atol=1e-5), layout
             assert torch.equal(V[:, ws[5]], v) and torch.equal(side[:, 1], k)
             for f in range(F_):
                 src, fp = side0[:, fsrc[5, f]], int(fpos[5, f])
-                assert torch.allclose(K[:, fslot[5, f]], rope_partial(src, cos[fp:fp + 1], sin[fp:fp + 1]), atol=1e-5)
+                assert torch.allclose(K[:, fslot[5, f]], rope(src, cos[fp:fp + 1], sin[fp:fp + 1]), atol=1e-5)
             if R < D:  # the pass-through dims are the raw key's
                 assert torch.equal(K[:, ws[5], R:], k[:, R:]) and torch.equal(qo[:, R:], q[:, R:])
         # the residual adds + one or two LayerNorms; bias + exact GELU
@@ -142,7 +142,7 @@ def test_fused_neox_stack_in_interpreter():
             full = ("policy=full", "n_sink=4", "window=64")
             for layout in ("ring", "static"):
                 g = GraphEvaluator(ev(*full), layout, fused=True, capture=False)
-                assert g.w.family == "neox" and g.backend_used == "cudagraph_fused"
+                assert g.w.family.name == "gpt_neox" and g.backend_used == "cudagraph_fused"
                 r = g.run(ids, P)
                 err = np.abs(r.nll - hf).max()
                 assert err < 2e-5, (rotary_pct, parallel, layout, "full", err)
