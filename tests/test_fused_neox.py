@@ -158,6 +158,58 @@ def test_fused_neox_stack_in_interpreter():
     """)
 
 
+@needs_triton
+def test_fused_neox_scored_and_online_policies_in_interpreter():
+    """The fused GPT-NeoX step goes through the graph evaluator's shared attention (kv_update in the per-head
+    layout with partial rotary, the scored policies' observation): tova / h2o / snapkv (original positions in
+    the ring, shifted in the static layout) and the entropy-driven policies online (static) reproduce concat x
+    eager: same events and visible lengths, NLL to 2e-5."""
+    _interpret("""
+        import numpy as np, torch
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+        from conftest import compose
+        from streamkv.backends.graph import GraphEvaluator
+        from streamkv.models import ByteTokenizer
+        from streamkv.runner import make_evaluator
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        ids = torch.randint(0, ByteTokenizer.vocab_size, (60,))
+        P = 20
+        cfg = GPTNeoXConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=160, intermediate_size=256,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256, rotary_pct=0.25,
+                            use_parallel_residual=True, tie_word_embeddings=False, initializer_range=0.1)
+        model = GPTNeoXForCausalLM(cfg).eval()
+        with torch.no_grad():
+            for prm in model.parameters():
+                if prm.dim() == 1:
+                    prm.add_(torch.randn_like(prm) * 0.2)
+        def ev(*ov):
+            c = compose("model=tiny_neox", "progress=false", f"prefill_tokens={P}", "n_sink=4", "window=12", *ov)
+            return make_evaluator(c, model, len(ids), torch.device("cpu"))
+        streaming = ev("policy=streaming", "compress_every=8").run(ids, P)
+        cases = [("ring", ("policy=tova", "compress_every=8")), ("ring", ("policy=h2o", "compress_every=4")),
+                 ("ring", ("policy=snapkv", "compress_every=8")),
+                 ("static", ("policy=tova", "compress_every=8", "policy.positions=shift")),
+                 ("static", ("policy=snapkv", "compress_every=8", "policy.positions=shift")),
+                 ("static", ("policy=adaptive", "policy.mode=entropy", "policy.extra_slack=6")),
+                 ("static", ("policy=refresh", "policy.refresh_budget=4", "policy.refresh_select=entropy",
+                             "compress_every=8"))]
+        for layout, pol in cases:
+            ref = ev(*pol).run(ids, P)
+            assert len(ref.events) > 3, pol
+            if pol[0] == "policy=tova":  # the scores choose other tokens than streaming's window
+                assert np.abs(ref.nll - streaming.nll).max() > 1e-3
+            g = GraphEvaluator(ev(*pol), layout, fused=True, capture=False)
+            r = g.run(ids, P)
+            online = pol[0] in ("policy=adaptive", "policy=refresh")
+            assert g.backend_used == "cudagraph_fused" + (" (online)" if online else ""), (pol, g.backend_used)
+            assert r.events == ref.events and (r.visible_kv == ref.visible_kv).all(), pol
+            err = np.abs(r.nll - ref.nll).max()
+            assert err < 2e-5, (layout, pol, err)
+        print("ok")
+    """)
+
+
 # ---------------------------------------------------------------- the benchmark's GPT-NeoX case (not timed)
 
 

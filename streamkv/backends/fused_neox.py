@@ -22,18 +22,16 @@ The big GEMVs stay with cuBLAS (bandwidth-bound: cuBLAS beats our Triton GEMVs a
 weights, streamkv/backends/gemv_kernels.py), and no liger kernel is needed (it has no LayerNorm with
 a fused residual add nor an exact GELU). Which GPT-NeoX models this step takes (exact GELU) is checked
 when the weights are gathered (families.check_backend_model).
+
+The attention is the graph evaluator's own (`_attend_fused`: kv_update in the family's q/k/v layout and
+rotary dims, the score-based policies' observation, decode attention), so every policy the graph path
+runs for the Llama family runs here too: the scheduled ones, tova / h2o / snapkv, and the entropy-driven
+ones online (tests/test_fused_neox.py).
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
-
-
-def _check_policy(ev) -> None:
-    if ev.scored is not None or ev.online:
-        raise NotImplementedError("GPT-NeoX on the fused graph path runs the scheduled policies (streaming, "
-                                  "max_drop, overlap, refresh, adaptive slack); score-based and entropy-driven "
-                                  "ones: backend=cudagraph or backend=eager")
 
 
 # ---------------------------------------------------------------- the decode step's layers (capturable)
@@ -44,7 +42,6 @@ def neox_layers_fused(ev, x, t):
     returns the final LayerNorm's output [1, hidden] (the caller applies embed_out)."""
     from streamkv.backends.triton_kernels import add_layer_norm, bias_gelu
 
-    _check_policy(ev)
     w = ev.w
     x = x.reshape(1, -1)
     pending = None  # the previous layer's outputs (with their biases) not yet added to the residual x

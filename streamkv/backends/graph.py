@@ -19,9 +19,11 @@ small prune graph (`_online_decide`).
 
 `cudagraph` runs the step with PyTorch ops (SDPA for attention); `cudagraph_fused` swaps in
 liger-kernel's fused RMSNorm (+ residual add) and SwiGLU and our Triton kernels for RoPE + cache
-write and split-KV decode attention (streamkv/backends/triton_kernels.py); `cudagraph_fused_gemv`
-(`fused_gemv=True`) also folds each add + RMSNorm into the GEMV after it and SwiGLU into the down
-projection (streamkv/backends/gemv_kernels.py).
+write and split-KV decode attention (streamkv/backends/triton_kernels.py); for a LayerNorm family
+(GPT-NeoX) the layer stack between the attentions is streamkv/backends/fused_neox.py's (LayerNorm and
+GELU kernels) instead of liger's, on the same family-neutral weights, prefill and attention;
+`cudagraph_fused_gemv` (`fused_gemv=True`) also folds each add + RMSNorm into the GEMV after it and
+SwiGLU into the down projection (streamkv/backends/gemv_kernels.py).
 
 The same class runs un-captured on the CPU (`capture=False`): that is how tests check the schedule,
 the slot layouts and the positions against the concat manager in float32.
