@@ -348,6 +348,28 @@ def test_graph_backend_on_cpu_composes_uncaptured():
         == "cudagraph_fused"
 
 
+def test_gather_weights_checks_neox_on_the_fused_backends():
+    """GPT-NeoX on cudagraph_fused: the family-neutral weights (biases, LayerNorm biases, partial rotary
+    accepted: its fused step applies them); an activation other than the exact GELU, or a Llama-only fused
+    backend, fails in one line."""
+    import dataclasses
+
+    from streamkv.backends import families
+
+    model = _load("neox").model
+    w = families.gather_weights(model, "cudagraph_fused")
+    assert w.family.name == "gpt_neox" and w.layers[0].bo is not None and w.rotary_ndims < w.head_dim
+    assert w.layers[0].wqkv.data_ptr() == model.gpt_neox.layers[0].attention.query_key_value.weight.data_ptr()
+    for backend in ("fused", "cudagraph_fused_gemv"):
+        with pytest.raises(NotImplementedError, match="Llama family only"):
+            families.gather_weights(model, backend)
+    tanh = dataclasses.replace(w.family, hidden_act="gelu_new")
+    with pytest.raises(NotImplementedError, match="exact \\(erf\\) GELU only") as err:
+        families.check_backend_model(tanh, w, "cudagraph_fused")
+    assert "\n" not in str(err.value)
+    families.check_backend_model(tanh, w, "cudagraph")  # the PyTorch step runs any activation module
+
+
 def test_pythia_preset_dtype():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

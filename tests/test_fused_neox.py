@@ -34,7 +34,7 @@ def test_neox_kernels_in_interpreter():
     _interpret("""
         import torch, torch.nn.functional as F
         from streamkv.backends.triton_kernels import DecodeAttention, add_layer_norm, bias_gelu, kv_update
-        from streamkv.backends.fused_neox import rope_partial
+        from streamkv.backends.functional import rope
         torch.manual_seed(0)
         torch.set_num_threads(1)
         def tables(n, R):
@@ -53,7 +53,7 @@ def test_neox_kernels_in_interpreter():
                                   rotary_dim=R)
             assert att.ns > 1
             out = att(q, k, v, valid, D ** -0.5, cos if rot else None, sin if rot else None)
-            kk = rope_partial(k[:, :C], cos[:C], sin[:C]) if rot else k[:, :C]
+            kk = rope(k[:, :C], cos[:C], sin[:C]) if rot else k[:, :C]
             s = (q.view(Hkv, Hq // Hkv, D) @ kk.transpose(1, 2)) * D ** -0.5
             ref = (s.masked_fill(~valid[:C], float("-inf")).softmax(-1) @ v[:, :C]).reshape(Hq, D)
             assert ((out - ref).norm() / ref.norm()) < 1e-5, (Hq, Hkv, D, R, C, rot)
@@ -80,12 +80,12 @@ def test_neox_kernels_in_interpreter():
                 q, k, v = full.split([H * D, Hkv * D, Hkv * D]); q, k, v = q.view(H, D), k.view(Hkv, D), v.view(Hkv, D)
             p = int(qpos[5])
             c, s = cos[p:p + 1], sin[p:p + 1]
-            assert torch.allclose(qo, rope_partial(q, c, s), atol=1e-5), layout
-            assert torch.allclose(K[:, ws[5]], rope_partial(k, c, s) if rotate_k else k, atol=1e-5), layout
+            assert torch.allclose(qo, rope(q, c, s), atol=1e-5), layout
+            assert torch.allclose(K[:, ws[5]], rope(k, c, s) if rotate_k else k, atol=1e-5), layout
             assert torch.equal(V[:, ws[5]], v) and torch.equal(side[:, 1], k)
             for f in range(F_):
                 src, fp = side0[:, fsrc[5, f]], int(fpos[5, f])
-                assert torch.allclose(K[:, fslot[5, f]], rope_partial(src, cos[fp:fp + 1], sin[fp:fp + 1]), atol=1e-5)
+                assert torch.allclose(K[:, fslot[5, f]], rope(src, cos[fp:fp + 1], sin[fp:fp + 1]), atol=1e-5)
             if R < D:  # the pass-through dims are the raw key's
                 assert torch.equal(K[:, ws[5], R:], k[:, R:]) and torch.equal(qo[:, R:], q[:, R:])
         # the residual adds + one or two LayerNorms; bias + exact GELU
@@ -142,7 +142,7 @@ def test_fused_neox_stack_in_interpreter():
             full = ("policy=full", "n_sink=4", "window=64")
             for layout in ("ring", "static"):
                 g = GraphEvaluator(ev(*full), layout, fused=True, capture=False)
-                assert g.w.family == "neox" and g.backend_used == "cudagraph_fused"
+                assert g.w.family.name == "gpt_neox" and g.backend_used == "cudagraph_fused"
                 r = g.run(ids, P)
                 err = np.abs(r.nll - hf).max()
                 assert err < 2e-5, (rotary_pct, parallel, layout, "full", err)
@@ -154,6 +154,58 @@ def test_fused_neox_stack_in_interpreter():
                 err = np.abs(r.nll - ref.nll).max()
                 assert err < 2e-5, (rotary_pct, parallel, layout, "streaming", err)
                 assert r.events == ref.events and (r.visible_kv == ref.visible_kv).all()
+        print("ok")
+    """)
+
+
+@needs_triton
+def test_fused_neox_scored_and_online_policies_in_interpreter():
+    """The fused GPT-NeoX step goes through the graph evaluator's shared attention (kv_update in the per-head
+    layout with partial rotary, the scored policies' observation): tova / h2o / snapkv (original positions in
+    the ring, shifted in the static layout) and the entropy-driven policies online (static) reproduce concat x
+    eager: same events and visible lengths, NLL to 2e-5."""
+    _interpret("""
+        import numpy as np, torch
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+        from conftest import compose
+        from streamkv.backends.graph import GraphEvaluator
+        from streamkv.models import ByteTokenizer
+        from streamkv.runner import make_evaluator
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        ids = torch.randint(0, ByteTokenizer.vocab_size, (60,))
+        P = 20
+        cfg = GPTNeoXConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=160, intermediate_size=256,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256, rotary_pct=0.25,
+                            use_parallel_residual=True, tie_word_embeddings=False, initializer_range=0.1)
+        model = GPTNeoXForCausalLM(cfg).eval()
+        with torch.no_grad():
+            for prm in model.parameters():
+                if prm.dim() == 1:
+                    prm.add_(torch.randn_like(prm) * 0.2)
+        def ev(*ov):
+            c = compose("model=tiny_neox", "progress=false", f"prefill_tokens={P}", "n_sink=4", "window=12", *ov)
+            return make_evaluator(c, model, len(ids), torch.device("cpu"))
+        streaming = ev("policy=streaming", "compress_every=8").run(ids, P)
+        cases = [("ring", ("policy=tova", "compress_every=8")), ("ring", ("policy=h2o", "compress_every=4")),
+                 ("ring", ("policy=snapkv", "compress_every=8")),
+                 ("static", ("policy=tova", "compress_every=8", "policy.positions=shift")),
+                 ("static", ("policy=snapkv", "compress_every=8", "policy.positions=shift")),
+                 ("static", ("policy=adaptive", "policy.mode=entropy", "policy.extra_slack=6")),
+                 ("static", ("policy=refresh", "policy.refresh_budget=4", "policy.refresh_select=entropy",
+                             "compress_every=8"))]
+        for layout, pol in cases:
+            ref = ev(*pol).run(ids, P)
+            assert len(ref.events) > 3, pol
+            if pol[0] == "policy=tova":  # the scores choose other tokens than streaming's window
+                assert np.abs(ref.nll - streaming.nll).max() > 1e-3
+            g = GraphEvaluator(ev(*pol), layout, fused=True, capture=False)
+            r = g.run(ids, P)
+            online = pol[0] in ("policy=adaptive", "policy=refresh")
+            assert g.backend_used == "cudagraph_fused" + (" (online)" if online else ""), (pol, g.backend_used)
+            assert r.events == ref.events and (r.visible_kv == ref.visible_kv).all(), pol
+            err = np.abs(r.nll - ref.nll).max()
+            assert err < 2e-5, (layout, pol, err)
         print("ok")
     """)
 

@@ -32,7 +32,7 @@ policy and, after a prune, replays a small compaction graph (`backend_used` = "<
 cache=ring they run on the eager path with a warning (`evaluator.backend_used` says which path ran).
 Families (streamkv/backends/families.py): eager, compile and cudagraph run Llama, Mistral, Qwen2, Qwen3
 (SmolLM2) and GPT-NeoX (Pythia); the fused kernels cover what families.BACKEND_FAMILIES lists (GPT-NeoX on
-cudagraph_fused through streamkv/backends/fused_neox.py).
+cudagraph_fused: the same weights, prefill and attention, its layer stack in streamkv/backends/fused_neox.py).
 """
 
 from __future__ import annotations

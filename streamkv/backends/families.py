@@ -84,7 +84,7 @@ BACKEND_FAMILIES = {
     "compile": tuple(FAMILIES),
     "cudagraph": tuple(FAMILIES),
     "fused": ("llama", "mistral", "qwen2", "qwen3"),
-    "cudagraph_fused": ("llama", "mistral", "qwen2", "gpt_neox"),  # gpt_neox: fused_neox.py
+    "cudagraph_fused": ("llama", "mistral", "qwen2", "gpt_neox"),  # gpt_neox: its step in fused_neox.py
     "cudagraph_fused_gemv": ("llama", "mistral", "qwen2"),
 }
 
@@ -209,17 +209,25 @@ def _param(module, attr: str) -> Optional[torch.Tensor]:
 
 
 def check_backend_model(fam: Family, w: "ModelWeights", backend: str) -> None:
-    """What the config-time check cannot see: the fused kernels need a SiLU-gated MLP, full rotary and
-    no output/MLP biases (they are not applied there)."""
+    """What the config-time check cannot see. The Llama family's fused kernels need a SiLU-gated MLP,
+    full rotary (graph paths) and no output/MLP biases (they are not applied there); GPT-NeoX's fused step
+    (a LayerNorm family on cudagraph_fused, streamkv/backends/fused_neox.py) applies every bias and
+    partial rotary but fuses only the exact (erf) GELU."""
     if backend not in ("fused", "cudagraph_fused", "cudagraph_fused_gemv"):
         return
     err = family_error(fam.name, backend, "this model")
-    if err is None and fam.hidden_act != "silu":
-        err = f"backend: '{backend}' fuses SiLU-gated MLPs; this model's activation is '{fam.hidden_act}'"
-    if err is None and any(b is not None for lw in w.layers for b in (lw.bo, lw.bgu, lw.bd)):
-        err = f"backend: '{backend}' does not apply output/MLP biases; use backend=cudagraph"
-    if err is None and backend != "fused" and fam.rotary_ndims != w.head_dim:
-        err = f"backend: '{backend}' rotates full heads; this model rotates {fam.rotary_ndims} of {w.head_dim} dims"
+    if err is None and fam.norm == "layer":
+        if fam.gated or fam.hidden_act != "gelu":
+            err = (f"backend: '{backend}' fuses GPT-NeoX's exact (erf) GELU only; this model's activation is "
+                   f"'{fam.hidden_act}': use backend=cudagraph or backend=eager")
+    elif err is None:
+        if fam.hidden_act != "silu":
+            err = f"backend: '{backend}' fuses SiLU-gated MLPs; this model's activation is '{fam.hidden_act}'"
+        elif any(b is not None for lw in w.layers for b in (lw.bo, lw.bgu, lw.bd)):
+            err = f"backend: '{backend}' does not apply output/MLP biases; use backend=cudagraph"
+        elif backend != "fused" and fam.rotary_ndims != w.head_dim:
+            err = (f"backend: '{backend}' rotates full heads; this model rotates {fam.rotary_ndims} of "
+                   f"{w.head_dim} dims")
     if err is not None:
         raise NotImplementedError(err)
 

@@ -19,9 +19,11 @@ small prune graph (`_online_decide`).
 
 `cudagraph` runs the step with PyTorch ops (SDPA for attention); `cudagraph_fused` swaps in
 liger-kernel's fused RMSNorm (+ residual add) and SwiGLU and our Triton kernels for RoPE + cache
-write and split-KV decode attention (streamkv/backends/triton_kernels.py); `cudagraph_fused_gemv`
-(`fused_gemv=True`) also folds each add + RMSNorm into the GEMV after it and SwiGLU into the down
-projection (streamkv/backends/gemv_kernels.py).
+write and split-KV decode attention (streamkv/backends/triton_kernels.py); for a LayerNorm family
+(GPT-NeoX) the layer stack between the attentions is streamkv/backends/fused_neox.py's (LayerNorm and
+GELU kernels) instead of liger's, on the same family-neutral weights, prefill and attention;
+`cudagraph_fused_gemv` (`fused_gemv=True`) also folds each add + RMSNorm into the GEMV after it and
+SwiGLU into the down projection (streamkv/backends/gemv_kernels.py).
 
 The same class runs un-captured on the CPU (`capture=False`): that is how tests check the schedule,
 the slot layouts and the positions against the concat manager in float32.
@@ -302,16 +304,10 @@ class GraphEvaluator:
         self.backend_name = ("cudagraph_fused_gemv" if self.fused_gemv else "cudagraph_fused") if fused else "cudagraph"
         self.backend_used = self.backend_name
         self.fallback_reason = None
-        # family-neutral weights; self.w.family (streamkv/backends/families.py) is the data a step branches on.
-        # The fused kernels refuse the families they do not cover (families.BACKEND_FAMILIES); GPT-NeoX on
-        # cudagraph_fused reads the HF parameters through its own adapter (streamkv/backends/fused_neox.py).
-        from streamkv.backends.fused_neox import check_neox_fused, is_neox, neox_weights
-
-        if fused and not self.fused_gemv and is_neox(self.decoder.model):
-            self.w = neox_weights(self.decoder.model)
-            check_neox_fused(self.w, self.backend_name)
-        else:
-            self.w = fn.gather_weights(self.decoder.model, self.backend_name)
+        # family-neutral weights for every model; self.w.family (streamkv/backends/families.py) is the data a
+        # step branches on. The fused kernels refuse the families (and models) they do not cover
+        # (families.BACKEND_FAMILIES, check_backend_model).
+        self.w = fn.gather_weights(self.decoder.model, self.backend_name)
         self._key = None
         self.memory: dict = {}
 
@@ -558,7 +554,7 @@ class GraphEvaluator:
         return fn.final_norm(x, w)
 
     def _layers_fused(self, x, t):
-        if getattr(self.w, "family", None) == "neox":
+        if self.w.family.norm == "layer":  # GPT-NeoX: LayerNorm + GELU kernels (fused_neox.py)
             from streamkv.backends.fused_neox import neox_layers_fused
 
             return neox_layers_fused(self, x, t)
@@ -626,16 +622,18 @@ class GraphEvaluator:
         h, _ = LigerFusedAddRMSNormFunction.apply(m, x, w.norm, w.eps, 0.0, "llama", False)
         return F.linear(h, w.lm_head)
 
-    def _attend_fused(self, i: int, qkv, t):
-        """Layer i's attention on the fused paths, from its qkv projection: RoPE + slot write (Triton
-        kv_update), the scored policies' observation, split-KV decode attention. Returns [H, D]."""
+    def _attend_fused(self, i: int, qkv, t, bias=None):
+        """Layer i's attention on the fused paths, from its qkv projection (+ `bias`, added by kv_update):
+        RoPE of the rotary dims + slot write (Triton kv_update, in the family's q/k/v layout), the scored
+        policies' observation, split-KV decode attention. Returns [H, D]."""
         from streamkv.backends.triton_kernels import kv_update
 
         w = self.w
         kv_update(qkv, self.q_rot, self.k[i], self.v[i], self.side[i] if self.has_side else None,
                   self.cos, self.sin, t, self.qpos, self.write_slot, self.side_write,
                   self.fix_slot if self.n_fix else None, self.fix_src, self.fix_pos,
-                  n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=self.rotate_stored, has_side=self.has_side)
+                  n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=self.rotate_stored, has_side=self.has_side,
+                  rotary_dim=w.rotary_ndims, qkv_layout=w.family.qkv_layout, bias=bias)
         if self.scored is not None:  # the Triton attention exposes no probabilities: a torch softmax
             self._observe(i, self.q_rot.view(1, w.n_heads, 1, -1), lambda: self._observed_keys(i))
         return self.attn(self.q_rot, self.k[i], self.v[i], self.valid, self.scale,
@@ -720,10 +718,6 @@ class GraphEvaluator:
 
     def _prefill(self, P: int) -> None:
         """The first P tokens in one forward pass (PyTorch ops, not captured), then the prune after it."""
-        if getattr(self.w, "family", None) == "neox":
-            from streamkv.backends.fused_neox import neox_prefill
-
-            return neox_prefill(self, P)
         w, s = self.w, self.s
         dev = self.device
         slots = self.write_slot[:P]
