@@ -131,17 +131,17 @@ class SnapKVPolicy(ScoredPolicy):
         return int(self.pcfg.obs_window)
 
     def reset(self) -> None:
-        self.window = QueryWindow(self.n_recent, self.pcfg.kernel_size, self.pcfg.pooling,
+        self.qwindow = QueryWindow(self.n_recent, self.pcfg.kernel_size, self.pcfg.pooling,
                                   self.position_mode == "shift")
         if self.cache is not None:
-            self.window.bind(self.decoder, self.cache)
+            self.qwindow.bind(self.decoder, self.cache)
 
     def attach(self, decoder, cache, tokenizer=None) -> None:
         super().attach(decoder, cache, tokenizer)
-        self.window.bind(decoder, cache)
+        self.qwindow.bind(decoder, cache)
 
     def observe(self, layer, q, k, mask) -> None:
-        self.window.observe(layer, q, k, score=self.due(k.shape[2]))
+        self.qwindow.observe(layer, q, k, score=self.due(k.shape[2]))
 
     def scores(self, length: int) -> np.ndarray:
-        return self.window.scores(length)
+        return self.qwindow.scores(length)
