@@ -38,7 +38,8 @@ def main(cfg) -> str:
     if multirun and not cfg.rerun:
         done = sweep.find_finished(Path(hc.sweep.dir), run_identity(plain_config(cfg)))
         if done is not None:
-            sweep.write_job_status(run_dir, "skipped", str(done))
+            # relative to the sweep dir: records are committed, an absolute path would name this machine
+            sweep.write_job_status(run_dir, "skipped", os.path.relpath(done, hc.sweep.dir))
             return "skipped"
     try:
         sweep.inject_fault(hc.job.get("num") if multirun else None)

@@ -48,7 +48,14 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
                 dirnames[:] = []
             else:
                 dirnames[:] = sorted(n for n in dirnames if n != ".hydra")
-    return sorted(found, key=natural_key)
+    return sorted((_shown(d) for d in found), key=natural_key)
+
+
+def _shown(d: Path) -> Path:
+    """Relative to the working directory when inside it: the tables and the report are committed, and an
+    absolute path would name the machine they were made on."""
+    cwd = Path.cwd().resolve()
+    return d.relative_to(cwd) if d.is_relative_to(cwd) else d
 
 
 def natural_key(p: Path | str) -> list:

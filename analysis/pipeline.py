@@ -91,7 +91,7 @@ def _choose_traces(opts: Options, runs: pd.DataFrame, s: Summary) -> tuple[list[
         chosen = []
         for p in opts.trace_runs:
             path = str(Path(p).resolve())
-            hit = runs[runs["path"] == path]
+            hit = runs[runs["path"].map(lambda q: str(Path(q).resolve())) == path]
             if hit.empty:
                 raise AnalysisError(f"--trace-runs: {p} is not one of the analysed run directories")
             if not (Path(path) / "tokens.parquet").is_file():

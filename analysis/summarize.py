@@ -25,7 +25,7 @@ DEFAULT_BASELINE = "policy=streaming,compress_every=1"
 DEFAULT_MATCH = ("model", "dataset", "n_sink", "window", "device_name")
 DEFAULT_PARETO_BY = ("model", "dataset", "device_name")
 # A config whose repeats' TPOT max/min exceeds this is flagged: its median is not a stable speed (host-driven
-# eager decode on the lent H100s measured 24 and 47 ms/token for the same config in consecutive runs).
+# eager decode on an H100 measured 24 and 47 ms/token for the same config in consecutive runs).
 TPOT_SPREAD_WARN = 1.2
 METHOD_PREFIXES = ref.METHOD_PREFIXES
 

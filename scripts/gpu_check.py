@@ -1,4 +1,4 @@
-"""GPU-side correctness of the fast backends (run on the lent GPU machine, not in CI):
+"""GPU-side correctness of the fast backends (run on a GPU machine, not in CI):
 
 1. our Triton kernels in bf16 against PyTorch references (decode attention: GQA, masked, split-KV,
    on-the-fly RoPE; kv_update: RoPE + slot write + side copy + sink re-rotation);
@@ -245,7 +245,7 @@ def main() -> int:
                     report["no_host_sync_in_replay"] = False
             rows.append(row)
             print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-            # written after every row: a call's time limit must not lose the rows already checked
+            # written after every row: a time limit must not lose the rows already checked
             (out_dir / "check.json").write_text(json.dumps({**report, "nll": rows, "partial": True},
                                                            indent=1, default=float))
             torch.cuda.empty_cache()

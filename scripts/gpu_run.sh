@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Device-side driver for the lent GPU machine (see /work/shared/device/README.md for the carry):
-#   source .devcarry/bootstrap.sh && bash scripts/gpu_run.sh check|bench-small|bench-big|quick|gemv|gemv7b|eager-modes|eager-plans|eager-managers
+# The GPU stages (benchmarks, NLL checks, eager-path diagnostics). Runs on a GPU machine with the project's
+# dependencies installed (plus liger-kernel and triton) and the offline model and texts already in .cache/streamkv:
+#   bash scripts/gpu_run.sh check|bench-small|bench-big|quick|gemv|gemv7b|eager-modes|eager-plans|eager-managers
 # (quick: the graph paths' NLL check + the fused graph path and HF static+compile on SmolLM2 and 7B;
 #  gemv: scripts/gemv_bench.py + cudagraph_fused vs cudagraph_fused_gemv on SmolLM2 + their NLL check;
 #  gemv7b: hill-climb the GEMV launch configs for 7B shapes, then 7B end to end with them, all GEMVs fused;
@@ -8,12 +9,14 @@
 #  per-step timings and the GPU clocks, for the eager path's bimodal TPOT in docs/results/README.md;
 #  eager-plans: two repeats of one concat x eager config in one process, cuDNN SDPA on and off;
 #  eager-managers: Phase C's four eager runs in one process, per-step timings)
-# Writes everything under $OUT (or ./gpu-out): check.json/check.log, bench/bench.{json,md}, logs.
+# Writes everything under $OUT (or ./gpu-out): check.json/check.log, bench/bench.{json,md}, logs; the runs of the
+# eager-* stages go to ${RUNS:-runs}/STAGE.
 set -uo pipefail
 stage=${1:?usage: gpu_run.sh check|bench-small|bench-big|quick|gemv|gemv7b|eager-modes|eager-plans|eager-managers}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+runs_root=${RUNS:-runs}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$out/device-$stage.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/device-$stage.txt"
 case "$stage" in
@@ -42,7 +45,7 @@ case "$stage" in
                  > "$out/gpu-clocks.csv" & smi=$!
                args="dataset=wiki dataset.max_tokens=768 window=256 compress_every=32 policy=refresh
                  policy.refresh_budget=16 policy.max_drop=128 cache=ring backend=eager device=cuda progress=false"
-               runs=$HOME/eager-modes
+               runs=$runs_root/eager-modes
                for run in threads16_a threads1_a threads16_b threads1_b; do
                  threads=${run#threads}; threads=${threads%_*}
                  OMP_NUM_THREADS=$threads python3 run.py $args hydra.run.dir="$runs/$run" > "$runs-$run.log" 2>&1
@@ -53,11 +56,11 @@ case "$stage" in
   eager-plans) # is the slow eager phase the attention building a plan per new key length? two repeats of one
                # concat x eager config in one process (the 2nd finds the plans of the 1st), with cuDNN SDPA
                # on (torch's default on H100) and off; step times of the growth phase (< n_sink + window) decide.
-               # Ran in session 6 before streamkv/evaluate.py's host_attention existed; since then the host decode
-               # excludes cuDNN whatever this flag says, so both halves measure the fix (the data: docs/results/eager-modes/plans)
+               # The host decode now excludes cuDNN whatever this flag says (streamkv/evaluate.py, host_attention),
+               # so both halves measure the fix; docs/results/eager-modes/plans was measured before it existed.
                args="dataset=wiki dataset.max_tokens=1536 window=1024 compress_every=32 policy=streaming cache=concat
                  backend=eager device=cuda progress=false repeat=0,1"
-               runs=$HOME/eager-plans
+               runs=$runs_root/eager-plans
                for sdpa in cudnn_on cudnn_off; do
                  on=True; [ $sdpa = cudnn_off ] && on=False
                  python3 -c "import runpy, sys, torch; torch.backends.cuda.enable_cudnn_sdp($on)
@@ -68,7 +71,7 @@ sys.argv = ['run.py', '-m'] + sys.argv[1:]; runpy.run_path('run.py', run_name='_
                python3 scripts/step_modes.py "$runs"/cudnn_*/[01] --block 256 --out "$out/eager-plans.json" ;;
   eager-managers) # Phase C's host-driven block (4 managers x eager, refresh 16 + max_drop 256, R = 32, wiki), one
                # process, repeat 0: with the host decode off cuDNN SDPA, is every run in one steady mode?
-               runs=$HOME/eager-managers
+               runs=$runs_root/eager-managers
                python3 run.py -m dataset=wiki policy=refresh policy.refresh_budget=16 policy.max_drop=256 compress_every=32 \
                  cache=concat,soft_ring,ring,static backend=eager device=cuda progress=false hydra.sweep.dir="$runs" \
                  > "$out/eager-managers.log" 2>&1

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Device-side driver for the named sweeps on the lent GPU (see docs/results/README.md):
-#   source .devcarry/bootstrap.sh && bash scripts/gpu_sweeps.sh BUDGET_S STEP...
+# The named sweeps on a GPU machine with the project's dependencies installed and the offline model and texts
+# in .cache/streamkv (see docs/results/README.md):
+#   bash scripts/gpu_sweeps.sh LIMIT_S STEP...      (LIMIT_S: wall-clock seconds for all steps together)
 # STEP is a name below (e.g. b2_book); each runs one named sweep with the fast path
-# (ring + cudagraph_fused, SmolLM2-135M real weights) into $HOME/streamkv-sweeps/STEP.
+# (ring + cudagraph_fused, SmolLM2-135M real weights) into ${SWEEPS:-$HOME/streamkv-sweeps}/STEP.
 # Resumable across calls and machines: a step's sweep dir is first seeded from the committed
 # docs/results/records/STEP (its result.json files are enough for run.py to skip finished runs), and
-# a second identical call on a warm machine skips what is done. Each step is guarded by `timeout`, so
-# every step's records are tarred into $OUT/rec-STEP.tar.gz (+ $OUT/sweeps.log) before the limit.
+# a second identical command skips what is done. Each step is guarded by `timeout`, so every step's records
+# are tarred into $OUT/rec-STEP.tar.gz (+ $OUT/sweeps.log) before the limit, their paths made relative to the
+# sweep dir first (scripts/relativize_records.py), ready to be committed under docs/results/records/.
 set -uo pipefail
-budget=${1:?usage: gpu_sweeps.sh BUDGET_S STEP...}; shift
+limit=${1:?usage: gpu_sweeps.sh LIMIT_S STEP...}; shift
 t0=$(date +%s)
 out=${OUT:-gpu-out}; mkdir -p "$out"
-work=$HOME/streamkv-sweeps; mkdir -p "$work"
+work=${SWEEPS:-$HOME/streamkv-sweeps}; mkdir -p "$work"
 log=$work/sweeps.log
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false STREAMKV_CACHE=$PWD/.cache/streamkv
 fast="cache=ring backend=cudagraph_fused device=cuda progress=false"
@@ -59,13 +61,14 @@ for name in "$@"; do
       [ -d "$src" ] && cp -rn "$src/." "$work/$name/_from_$shared/"
     done
   fi
-  left=$(( budget - ($(date +%s) - t0) - 30 ))
+  left=$(( limit - ($(date +%s) - t0) - 30 ))
   if [ "$left" -lt 30 ]; then echo "== SKIP $name (time left ${left}s)" | tee -a "$log"; continue; fi
   echo "== $(date -u +%T) $name (limit ${left}s): $args" | tee -a "$log"
   path=$fast; [ -n "${OWN_PATH[$name]:-}" ] && path="device=cuda progress=false"
   timeout "$left" python3 run.py -m $args $path hydra.sweep.dir="$work/$name" >>"$log" 2>&1
   rc=$?  # (taken first: a $(...) in the echo below would reset $?); 124 = stopped by the time limit
   echo "== $(date -u +%T) $name rc=$rc" | tee -a "$log"
+  python3 scripts/relativize_records.py "$work/$name" 2>&1 | tail -1 | tee -a "$log"
   (cd "$work" && tar czf "$out/rec-$name.tar.gz" --exclude='.submitit' --exclude='_from_*' "$name")
 done
 (cd "$work" && grep -h -o '"status": *"[a-z]*"' */*/result.json 2>/dev/null | sort | uniq -c) | tee -a "$log"

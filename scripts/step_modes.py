@@ -22,7 +22,7 @@ def step_modes(run_dir: Path, block: int) -> dict:
         raise SystemExit(str(exc))
     tokens = run["tokens"]
     if "step_ms" not in tokens:
-        raise SystemExit(f"{run_dir}: tokens.parquet has no step_ms column (a record from before session 5)")
+        raise SystemExit(f"{run_dir}: tokens.parquet has no step_ms column (a record made before the column existed)")
     ms = tokens["step_ms"].to_numpy(np.float64)
     ms = ms[np.isfinite(ms)]
     blocks = [float(np.median(ms[i:i + block])) for i in range(0, len(ms), block)]

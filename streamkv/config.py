@@ -123,6 +123,9 @@ def _need(ok: bool, msg: str) -> None:
 
 def validate(cfg: Any) -> None:
     """Check a composed run config; raise ConfigError with a one-line message on the first problem."""
+    from streamkv.inputs import check_inputs, check_known_keys
+
+    check_known_keys(cfg)  # `+key=...` adds keys the schema lacks: a typo must not pass silently
     _need(cfg.model.kind in MODEL_KINDS, f"model.kind: '{cfg.model.kind}' is not one of {', '.join(MODEL_KINDS)}")
     if cfg.model.kind == "hf":
         _need(bool(cfg.model.name_or_path), "model.name_or_path: required for model=hf (a hub id or a local directory)")
@@ -152,3 +155,4 @@ def validate(cfg: Any) -> None:
     if cfg.dataset.max_tokens is not None:
         _need(cfg.prefill_tokens < cfg.dataset.max_tokens,
               f"prefill_tokens: must be < dataset.max_tokens ({cfg.prefill_tokens} >= {cfg.dataset.max_tokens})")
+    check_inputs(cfg)  # the file system last: the text file, a local model directory

@@ -143,6 +143,17 @@ def _tiny_model(mcfg, dtype: torch.dtype):
     return model
 
 
+def load_tokenizer(mcfg):
+    """The model's tokenizer alone (no weights): the runner tokenizes the text before the weights load."""
+    if mcfg.kind in ("tiny_llama", "tiny_neox"):
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    if mcfg.kind == "gguf" and not mcfg.name_or_path:
+        return AutoTokenizer.from_pretrained(str(converted_smollm2_dir()))
+    return AutoTokenizer.from_pretrained(mcfg.name_or_path)
+
+
 def load_model(mcfg, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

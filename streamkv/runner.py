@@ -16,7 +16,8 @@ from streamkv.cache import build_cache, cache_sizes
 from streamkv.decoder import Decoder
 from streamkv.evaluate import Evaluator
 from streamkv.metrics import summarize
-from streamkv.models import load_model, resolve_device, resolve_dtype
+from streamkv.inputs import text_too_short
+from streamkv.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from streamkv.policies import build_policy
 from streamkv.record import git_commit, run_identity, utc_now, versions, write_result, write_tables
 
@@ -84,11 +85,12 @@ def run_job(cfg, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
 
     mkey = (str(OmegaConf.to_container(cfg.model)), str(device), str(dtype))
+    # The text first, through the tokenizer alone: a missing or too-short text fails before the weights load.
+    tokenizer = _MODEL_MEMO[mkey].tokenizer if mkey in _MODEL_MEMO else load_tokenizer(cfg.model)
+    ids_list = load_token_ids(cfg.dataset, tokenizer, getattr(tokenizer, "name_or_path", ""))
+    if (short := text_too_short(len(ids_list), cfg.prefill_tokens, cfg.dataset.path)) is not None:
+        raise short
     loaded = _memo(_MODEL_MEMO, mkey, lambda: load_model(cfg.model, device, dtype))
-    ids_list = load_token_ids(cfg.dataset, loaded.tokenizer, getattr(loaded.tokenizer, "name_or_path", ""))
-    if len(ids_list) <= max(cfg.prefill_tokens, 1):
-        raise C.ConfigError(f"prefill_tokens: the text has only {len(ids_list)} tokens; "
-                            f"need more than prefill_tokens={cfg.prefill_tokens}")
     ids = torch.tensor(ids_list, dtype=torch.long, device=device)
     log.info("model %s (%s), %d tokens of %s, device %s %s", cfg.model.name, loaded.info["arch"], len(ids),
              cfg.dataset.name, device, dtype)

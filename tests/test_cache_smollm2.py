@@ -1,4 +1,4 @@
-"""Acceptance of the cache managers on the real model (issue 4): SmolLM2-135M, float32 on CPU,
+"""Acceptance of the cache managers on the real model: SmolLM2-135M, float32 on CPU,
 StreamingLLM with 4 sinks and a 124-token window, token by token from the first token, gives the
 same per-token NLL with cache=ring / soft_ring / static as with cache=concat (the run.py command
 `model=smollm2_135m ... policy=streaming n_sink=4 window=124 compress_every=1 prefill_tokens=0

@@ -1,4 +1,4 @@
-"""Correctness oracles of DESIGN.md for the foundation: full cache = one plain forward pass;
+"""Correctness oracles of the foundation (docs/design.md, "Correctness oracles"): full cache = one plain forward pass;
 a window covering the text = full; strict StreamingLLM bookkeeping; long texts past the model's
 position limit. Tolerances: float32 on CPU; tiny models 1e-5, SmolLM2 1e-4 per token (our RoPE
 tables are computed in float64, HF's in float32: that alone differs by ~5e-5 at 400 tokens)."""

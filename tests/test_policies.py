@@ -1,4 +1,4 @@
-"""Eviction policies (issue 3): equivalences token for token, event-log invariants for every policy,
+"""Eviction policies: equivalences token for token, event-log invariants for every policy,
 hand-made attention patterns for the score-based baselines, config validation, and the CLI sweep.
 Tiny random Llama on the offline wiki text (CPU, float32)."""
 

@@ -1,4 +1,4 @@
-"""float32 precision of RoPE at 20k+ positions (DESIGN.md fact 2).
+"""float32 precision of RoPE at 20k+ positions (docs/design.md, fact 2).
 
 The ring / soft_ring / static managers rotate window keys at their TRUE text positions (20k and
 beyond on long texts) while concat rotates at small StreamingLLM positions. That is only exact if

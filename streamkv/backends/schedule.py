@@ -8,7 +8,7 @@ bookkeeping-only cache, and turned into per-step tensors that a captured decode 
 
 Two slot layouts (the two preallocated managers):
 
-* ``ring`` (DESIGN fact 2): a token is written once into a free slot and never moves. Its key is
+* ``ring`` (docs/design.md, fact 2): a token is written once into a free slot and never moves. Its key is
   stored rotated at its true text position, so the query (at its true position) sees the recent
   window at exactly StreamingLLM's distances. Tokens separated from the query by a gap (sinks,
   refresh tokens) need StreamingLLM's contiguous position instead: the schedule lists them per step

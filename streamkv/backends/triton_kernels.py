@@ -7,7 +7,7 @@
   re-rotate other tokens; as separate ops this is 5-8 launches per layer, here it is one.
 * `decode_attention`: one query token against a slot cache with a validity mask, GQA, split over the
   keys (flash-decoding) so that a 3-KV-head model still fills the GPU; optional on-the-fly RoPE of
-  the keys at their slot index (static layout). The libraries on the lent machines do not fit:
+  the keys at their slot index (static layout). The available libraries do not fit:
   SDPA's flash kernel takes no mask, its memory-efficient kernel does not split the keys (one CTA
   per head walks all 2k keys), flash-attn / flashinfer are not installed, liger has no attention.
 

@@ -1,4 +1,4 @@
-"""ring: fixed capacity, never copies the window (DESIGN.md facts 2 and 3)."""
+"""ring: fixed capacity, never copies the window (docs/design.md, facts 2 and 3)."""
 
 from __future__ import annotations
 

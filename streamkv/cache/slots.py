@@ -6,7 +6,7 @@ keeps, in cache order (= text order): the token's text position, its slot and, f
 its reference row (below). Subclasses only decide slot layout: where a new token goes
 (`_alloc`), where the kept tokens go after a prune (`_relayout`), and which slots attention sees.
 
-Positions ("shift" mode, StreamingLLM; DESIGN.md fact 2). The concat baseline gives the kept
+Positions ("shift" mode, StreamingLLM; docs/design.md, fact 2). The concat baseline gives the kept
 tokens contiguous positions 0..n-1 in cache order and the query position n-1. RoPE scores depend
 only on query-key distance, so shifting every position by the same offset changes nothing; we use
 offset = t + 1 - n (t = the query's text position), which puts the query at its TRUE position t and
