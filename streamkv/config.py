@@ -70,13 +70,15 @@ class PolicyConfig:
     overlap: int = 0  # extra recent tokens kept by each prune (< compress_every): drops R - overlap per prune
     refresh_budget: int = 0  # size of the dynamic sink region fed from evicted segments (0 = off)
     refresh_per_prune: Optional[int] = None  # M: tokens refreshed per prune (None = refresh_budget)
-    refresh_select: str = "uniform"  # uniform | structural | entropy
+    refresh_select: str = "uniform"  # uniform | structural | entropy | attention
+    refresh_keep: str = "fifo"  # which refresh tokens stay when the region is full: fifo (oldest leave) | score
     mode: Optional[str] = None  # adaptive trigger: slack | entropy (None = the fixed period compress_every)
     extra_slack: int = 0  # adaptive: the cache may exceed n_sink + window by this many tokens
     entropy_window: int = 16  # adaptive entropy: steps averaged into the "recent entropy"
     entropy_low: float = 2.0  # nats: at or below, the cache may grow to the full extra_slack
     entropy_high: float = 4.0  # nats: at or above, prune at once (no slack); linear in between
-    # score-based baselines (snapkv / h2o / tova)
+    # score-based baselines (snapkv / h2o / tova); obs_window / kernel_size / pooling also score the
+    # refresh policy's refresh_select=attention
     obs_window: int = 8  # snapkv: recent queries that score the cache (and recent tokens always kept)
     kernel_size: int = 5  # snapkv: 1D pooling kernel over the scores (odd)
     pooling: str = "avg"  # snapkv: avg | max

@@ -25,7 +25,9 @@ original positions (policy.positions=original) in cache=ring, with StreamingLLM 
 (policy.positions=shift) in cache=static (the kept slots compacted after each prune by a permutation
 computed on the device). When a prune fires and how many tokens it keeps is scheduled on the host, which
 tokens stay is a topk over attention scores computed on the device (streamkv.backends.graph.ScoredEviction).
-The other two combinations (original + static, shift + ring) fall back to eager with a warning. Entropy-driven
+The other two combinations (original + static, shift + ring) fall back to eager with a warning. The refresh
+policy with refresh_select=attention runs inside the graph step too, in cache=ring and cache=static (its region
+chosen on the device by the same SnapKV score: streamkv.backends.refresh_graph). Entropy-driven
 policies (adaptive mode=entropy, refresh_select=entropy) run *online* in cache=static: the captured step takes
 its write slot from the device's valid mask, and the host reads the step's entropy (one sync per token), asks the
 policy and, after a prune, replays a small compaction graph (`backend_used` = "<backend> (online)"); in

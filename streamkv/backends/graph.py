@@ -392,8 +392,15 @@ class GraphEvaluator:
             self._valid_host = torch.zeros(C, dtype=torch.bool, pin_memory=pin)
             self._uploaded = torch.cuda.Event() if pin else None  # the last upload has left the pinned buffers
             self.prune_graph = None
-        self.scored = None if s.scored is None else ScoredEviction(s.scored, C, L, w.n_heads, D, self.decoder.scale,
-                                                                   dev, dt, self.decoder.base.rotary_emb.inv_freq)
+        self.scored = None
+        if s.scored is not None:
+            from streamkv.backends.refresh_graph import RefreshEviction, RefreshPlan
+
+            refresh = isinstance(s.scored, RefreshPlan)  # refresh_select=attention: the region chosen on the device
+            self.scored = (RefreshEviction if refresh else ScoredEviction)(
+                s.scored, C, L, w.n_heads, D, self.decoder.scale, dev, dt, self.decoder.base.rotary_emb.inv_freq)
+            if refresh and self.layout == "ring":
+                self.scored.bind(self.side_write, self.fix_slot, self.fix_src)
         # static layout: a compaction after each prune (score-based policies: its permutation from the device)
         self.compacting = self.layout == "static" and (bool(s.compact.any()) or self.scored is not None)
         self.t = torch.zeros(1, device=dev, dtype=torch.int64)

@@ -32,6 +32,9 @@ positions (policy.positions=shift): static layout (the write slot is the cache l
 query's RoPE position is its cache index; a compaction follows each prune, its permutation computed on
 the device from the keep mask). The other combinations raise Unschedulable (eager fallback).
 
+The refresh policy with refresh_select=attention is half-scheduled the same way, in both layouts
+(streamkv.backends.refresh_graph: the refresh region chosen by score on the device).
+
 Any other policy that reads model outputs (entropy, attention scores) cannot be scheduled: the
 simulation hands it a StepView whose `entropy` raises `EntropyDependent` on any use, and a policy that
 registers an attention observer without a device scoring rule is refused up front (`DataDependent`).
@@ -175,6 +178,10 @@ def build_schedule(policy, layout: str, ids: np.ndarray, prefill: int, decoder=N
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
+    if getattr(policy, "scores_attention", False):  # refresh_select=attention: its selection on the device
+        from streamkv.backends.refresh_graph import refresh_schedule
+
+        return refresh_schedule(policy, layout, ids, prefill)
     scores = getattr(policy, "device_scores", None)  # tova, h2o: scored on the device (ring layout)
     observes = decoder is not None and getattr(decoder, "attention_observer", None) is not None
     if (observes or isinstance(policy, ScoredPolicy)) and scores is None:

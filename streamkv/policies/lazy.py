@@ -14,7 +14,12 @@ Per step, with body = tokens after the sinks and the refresh region:
   cap       (how much) drop at most max_drop; the rest on the following steps  (max_drop piece,
                      "pruning mode": prune every step, whatever the trigger, until body <= target)
   refresh   (rescue) up to M tokens of the dropped segment join the refresh region; when it holds
-                     more than refresh_budget, its oldest tokens leave first       (refresh piece)
+                     more than refresh_budget, its oldest tokens leave first (refresh_keep=fifo) or
+                     its lowest-scored (refresh_keep=score)                           (refresh piece)
+
+refresh_select=attention scores the cache with SnapKV's rule (streamkv.policies.snapkv.QueryWindow: the
+attention of the last obs_window queries, pooled, mean over heads, summed over layers), only on the steps
+that may end with a prune.
 """
 
 from __future__ import annotations
@@ -25,17 +30,19 @@ import numpy as np
 
 from streamkv.errors import ConfigError
 from streamkv.policies.base import Decision, Policy, check_knobs, knob_is_set
-from streamkv.policies.pieces import (ADAPTIVE_MODES, REFRESH_SELECTS, TokenClasses, entropy_slack,
-                                      select_refresh)
+from streamkv.policies.pieces import (ADAPTIVE_MODES, REFRESH_KEEPS, REFRESH_SELECTS, TokenClasses,
+                                      entropy_slack, refresh_region, select_refresh)
 
 # The knobs of the pieces (all of them fields of PolicyConfig).
 PIECES = {
     "max_drop": ("max_drop",),
     "overlap": ("overlap",),
-    "refresh": ("refresh_budget", "refresh_per_prune", "refresh_select"),
+    "refresh": ("refresh_budget", "refresh_per_prune", "refresh_select", "refresh_keep", "obs_window",
+                "kernel_size", "pooling"),
     "adaptive": ("mode", "extra_slack", "entropy_window", "entropy_low", "entropy_high"),
 }
 LAZY_KNOBS = tuple(k for knobs in PIECES.values() for k in knobs)
+ATTENTION_KNOBS = ("refresh_keep", "obs_window", "kernel_size", "pooling")  # only with refresh_select=attention
 
 
 def _need(ok: bool, msg: str) -> None:
@@ -66,6 +73,13 @@ class LazyStreamingPolicy(Policy):
         m = p.refresh_budget if p.refresh_per_prune is None else p.refresh_per_prune
         self.refresh_per_prune = min(int(m), self.refresh_budget)
         self.refresh_select = str(p.refresh_select)
+        self.refresh_keep = str(p.get("refresh_keep") or "fifo")
+        # refresh_select=attention: the SnapKV-style scorer, fed by the decoder's attention observer
+        self._window = None
+        if self.refresh_per_prune > 0 and self.refresh_select == "attention":
+            from streamkv.policies.snapkv import QueryWindow
+
+            self._window = QueryWindow(p.obs_window, p.kernel_size, p.pooling, shift=True)
         self.mode = None if p.mode is None else str(p.mode)
         # largest body beyond `window` that may stay in the cache after a step (the prune bound)
         self.max_slack = self.compress_every - 1 if self.mode is None else int(p.extra_slack)
@@ -91,6 +105,16 @@ class LazyStreamingPolicy(Policy):
         _need(p.refresh_budget >= 0, f"policy.refresh_budget: must be >= 0 (got {p.refresh_budget})")
         _need(p.refresh_select in REFRESH_SELECTS,
               f"policy.refresh_select: '{p.refresh_select}' is not one of {', '.join(REFRESH_SELECTS)}")
+        _need(p.refresh_keep in REFRESH_KEEPS,
+              f"policy.refresh_keep: '{p.refresh_keep}' is not one of {', '.join(REFRESH_KEEPS)}")
+        if p.refresh_select == "attention":
+            from streamkv.policies.snapkv import check_window_knobs
+
+            check_window_knobs(cfg)
+        else:  # the scores exist only with the attention selection
+            for knob in ATTENTION_KNOBS:
+                _need(not knob_is_set(cfg, knob), f"policy.{knob}: only used with policy.refresh_select=attention "
+                                                  f"(got refresh_select={p.refresh_select})")
         if p.refresh_per_prune is not None:
             _need(p.refresh_per_prune >= 1, f"policy.refresh_per_prune: must be >= 1 (got {p.refresh_per_prune})")
             _need(p.refresh_budget == 0 or p.refresh_per_prune <= p.refresh_budget,
@@ -131,7 +155,16 @@ class LazyStreamingPolicy(Policy):
 
     # ------------------------------------------------------------------ run
 
+    @property
+    def scores_attention(self) -> bool:
+        """The refresh selection reads attention scores (refresh_select=attention with a budget): the graph
+        backends decide it on the device (streamkv.backends.refresh_graph)."""
+        return self._window is not None
+
     def attach(self, decoder, cache, tokenizer=None) -> None:
+        if self._window is not None:
+            self._window.bind(decoder, cache)
+            decoder.attention_observer = self._observe
         if self.refresh_budget and self.refresh_select == "structural":
             if tokenizer is None:
                 raise ValueError("policy.refresh_select=structural needs the tokenizer (attach(..., tokenizer))")
@@ -140,6 +173,17 @@ class LazyStreamingPolicy(Policy):
     def reset(self) -> None:
         self.n_refresh = 0  # tokens in the refresh region (slots n_sink .. n_sink + n_refresh - 1)
         self.pruning = False  # max_drop's pruning mode: an overflow left over from the last prune
+        if self._window is not None:
+            self._window.reset()
+
+    def _observe(self, layer, q, k, mask) -> None:
+        """attention_observer (refresh_select=attention): score the cache only when this step may prune.
+        k: the cache in cache order, the step's tokens included (as `decide` will see it)."""
+        L = k.shape[2]
+        body = L - min(self.n_sink, L) - self.n_refresh
+        may = body > self.window + self.overlap and (
+            self.pruning or body > self.window + self.max_slack or self.mode == "entropy")
+        self._window.observe(layer, q, k, score=may)
 
     def recent_entropy(self, view) -> float:
         lo = max(0, view.step - self.entropy_window + 1)
@@ -169,6 +213,7 @@ class LazyStreamingPolicy(Policy):
         self.pruning = body - n_drop > target
         start = S + r  # the dropped segment: the oldest n_drop tokens of the body
         new_ref = np.zeros(0, dtype=np.int64)
+        scores = None if self._window is None else self._window.scores(L)  # one per cached slot
         if self.refresh_per_prune > 0:
             seg_pos = pos[start:start + n_drop]
             ent = None
@@ -176,10 +221,12 @@ class LazyStreamingPolicy(Policy):
                 ent = _to_host(view.entropy[seg_pos.tolist()] if hasattr(view.entropy, "detach")
                                else np.asarray(view.entropy)[seg_pos])
             picks = select_refresh(self.refresh_select, self.refresh_per_prune, seg_pos, entropy=ent,
-                                   token_ids=view.token_ids, classes=self._classes)
+                                   token_ids=view.token_ids, classes=self._classes,
+                                   scores=None if scores is None else scores[start:start + n_drop])
             new_ref = start + picks
-        ref = np.concatenate([np.arange(S, S + r), new_ref])[-self.refresh_budget:] if self.refresh_budget \
-            else np.zeros(0, dtype=np.int64)
+        ref = np.concatenate([np.arange(S, S + r), new_ref]).astype(np.int64)
+        ref = ref[refresh_region(self.refresh_keep, ref, self.refresh_budget,
+                                 None if scores is None else scores[ref])]
         self.n_refresh = len(ref)
         keep = np.concatenate([np.arange(S), ref, np.arange(start + n_drop, L)]).astype(np.int64)
         return Decision(keep=keep, refreshed=len(new_ref))

@@ -1,5 +1,6 @@
 """Small composable pieces of the lazy-streaming core (streamkv.policies.lazy): which tokens of an
-evicted segment to refresh, which token strings are "structural", and the entropy-driven slack.
+evicted segment to refresh, which stay in the refresh region, which token strings are "structural",
+and the entropy-driven slack.
 
 All host-side numpy; nothing here touches K/V.
 """
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-REFRESH_SELECTS = ("uniform", "structural", "entropy")
+REFRESH_SELECTS = ("uniform", "structural", "entropy", "attention")
+REFRESH_KEEPS = ("fifo", "score")
 ADAPTIVE_MODES = ("slack", "entropy")
 
 # Structural classes, best first. Decided from a token's decoded string, never from ids.
@@ -79,8 +81,14 @@ def pick_by_priority(priority: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
+def top_by_score(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices (ascending) of the k highest scores; ties: the earlier (older) index first, as keep_top."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return np.sort(order[:max(0, k)]).astype(np.int64)
+
+
 def select_refresh(how: str, k: int, seg_pos: np.ndarray, *, entropy=None, token_ids=None,
-                   classes: TokenClasses | None = None) -> np.ndarray:
+                   classes: TokenClasses | None = None, scores=None) -> np.ndarray:
     """Positions (indices into `seg_pos`, ascending) of the <= k tokens of an evicted segment that move
     into the refresh region. seg_pos: text positions of the segment.
 
@@ -89,6 +97,8 @@ def select_refresh(how: str, k: int, seg_pos: np.ndarray, *, entropy=None, token
       evenly from the remaining tokens.
     entropy: the tokens whose own step (the step whose input the token was) had the highest
       predictive entropy; ties broken toward the more recent token.
+    attention: the k highest SnapKV scores (`scores`, one per segment token: the attention of the last
+      obs_window queries, pooled along the keys, mean over heads, summed over layers); ties: the older.
     """
     n = len(seg_pos)
     k = min(k, n)
@@ -102,7 +112,26 @@ def select_refresh(how: str, k: int, seg_pos: np.ndarray, *, entropy=None, token
         ent = np.asarray(entropy, dtype=np.float64)
         order = np.lexsort((-np.arange(n), -ent))  # highest entropy first, then the most recent
         return np.sort(order[:k])
+    if how == "attention":
+        return top_by_score(scores, k)
     raise ValueError(f"refresh_select: unknown '{how}'")
+
+
+def refresh_region(keep: str, region: np.ndarray, budget: int, scores=None) -> np.ndarray:
+    """Which of the candidate refresh tokens stay (indices into `region`, ascending): `region` = the
+    region's tokens then the newly refreshed ones, in cache order (slots).
+
+    fifo: the newest `budget` (the oldest leave first).
+    score: the `budget` best by `scores` (one per candidate: the same prune's SnapKV scores, so the
+      region's tokens compete with the new ones under the same queries); ties: the older.
+    """
+    if len(region) <= budget:
+        return np.arange(len(region), dtype=np.int64)
+    if keep == "fifo":
+        return np.arange(len(region) - budget, len(region), dtype=np.int64)
+    if keep == "score":
+        return top_by_score(scores, budget)
+    raise ValueError(f"refresh_keep: unknown '{keep}'")
 
 
 def entropy_slack(recent_entropy: float, extra_slack: int, low: float, high: float) -> int:

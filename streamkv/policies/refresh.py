@@ -10,8 +10,10 @@ class RefreshPolicy(LazyStreamingPolicy):
     tokens move into the refresh region, placed after the sinks (text order kept); the region holds
     at most `policy.refresh_budget` tokens, its oldest leaving first. `policy.refresh_select` picks
     them: uniform (evenly spread), structural (newline > sentence end > quote tokens, by their
-    decoded strings), entropy (highest predictive entropy of the token's own step).
-    refresh_budget = 0 equals `streaming`.
+    decoded strings), entropy (highest predictive entropy of the token's own step), attention (the
+    highest SnapKV scores: attention of the last `obs_window` queries, pooled, summed over layers).
+    `policy.refresh_keep=score` (attention only): the region keeps its best-scored tokens under each
+    prune's scores instead of its newest. refresh_budget = 0 equals `streaming`.
     """
 
     name = "refresh"

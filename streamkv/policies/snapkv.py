@@ -27,6 +27,85 @@ def snapkv_scores(attn: torch.Tensor, n_window: int, kernel_size: int, pooling: 
     return x.reshape(Hkv, G, n).mean(1).mean(0)
 
 
+def check_window_knobs(cfg) -> None:
+    """obs_window / kernel_size / pooling: the knobs of the SnapKV score (snapkv and the refresh policy's
+    refresh_select=attention)."""
+    p = cfg.policy
+    if not 1 <= p.obs_window <= cfg.window:
+        raise ConfigError(f"policy.obs_window: must be between 1 and window={cfg.window} (got {p.obs_window})")
+    if p.kernel_size < 1 or p.kernel_size % 2 == 0:
+        raise ConfigError(f"policy.kernel_size: must be an odd number >= 1 (got {p.kernel_size})")
+    if p.pooling not in POOLINGS:
+        raise ConfigError(f"policy.pooling: '{p.pooling}' is not one of {', '.join(POOLINGS)}")
+
+
+class QueryWindow:
+    """The last `w` query vectors of every layer (rotated) and SnapKV's score of the cached keys by them.
+
+    `observe` is the decoder's attention_observer body: it records the step's queries and, when asked to
+    `score`, adds this layer's snapkv_scores (causal by text position: a query sees only keys at or before
+    its own position) to `acc` (summed over layers). `scores(length)` gives one score per cached slot, 0
+    for the w newest (the observation window is not scored). Used by snapkv and by the refresh policy's
+    refresh_select=attention (the graph backends compute the same on the device: ScoredEviction).
+
+    shift: StreamingLLM positions; each window query is re-rotated to the position its token holds in
+    the cache now (prunes since its step moved it), as its own key is.
+    """
+
+    def __init__(self, w: int, kernel_size: int, pooling: str, shift: bool):
+        self.w, self.kernel_size, self.pooling, self.shift = int(w), int(kernel_size), str(pooling), shift
+        self.decoder = self.cache = None
+        self.reset()
+
+    def bind(self, decoder, cache) -> None:
+        self.decoder, self.cache, self.scale = decoder, cache, decoder.scale
+
+    def reset(self) -> None:
+        self._q: dict = {}  # layer -> [H, <=w, D] the most recent query vectors (rotated)
+        self._qpos = np.zeros(0, dtype=np.int64)  # their text positions
+        self._qrope = np.zeros(0, dtype=np.int64)  # the RoPE positions they were rotated at (shift mode)
+        self.acc = None  # this step's scores, summed over the layers so far (None: not scored this step)
+
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, score: bool) -> None:
+        w = self.w
+        T = q.shape[2]
+        prev = self._q.get(layer)
+        self._q[layer] = (q[0] if prev is None else torch.cat([prev, q[0]], dim=1))[:, -w:]
+        shift = self.shift
+        if layer == 0:
+            self.acc = None
+            self._qpos = np.concatenate([self._qpos, self.cache.token_pos[-T:]])[-w:]
+            if shift:
+                rope = np.asarray(self.decoder.q_pos.cpu().numpy(), dtype=np.int64).reshape(-1)[-T:]
+                self._qrope = np.concatenate([self._qrope, rope])[-w:]
+        if not score:
+            return
+        L = k.shape[2]
+        kpos = torch.as_tensor(self.cache.token_pos, device=k.device)
+        qpos = torch.as_tensor(self._qpos, device=k.device)
+        causal = kpos[None, :] <= qpos[:, None]  # a query sees only keys at or before its position
+        q = self._q[layer]
+        if shift and layer == 0:
+            # StreamingLLM positions: each observation query at the position its token holds in the
+            # cache now (= its own key's; prunes since its step moved it), whatever the manager's
+            # offset convention: delta = now - when rotated (0 for the slot managers)
+            now = self._qrope[-1] - (self._qpos[-1] - self._qpos)
+            self._qdelta = torch.as_tensor(now - self._qrope, device=k.device)
+        if shift and bool((self._qdelta != 0).any()):
+            q = rotate_by(q, self._qdelta, self.decoder.base.rotary_emb.inv_freq)
+        attn = attention_weights(q[None], k, causal, self.scale)
+        s = snapkv_scores(attn, min(w, L), self.kernel_size, self.pooling)
+        self.acc = s if layer == 0 or self.acc is None else self.acc + s
+
+    def scores(self, length: int) -> np.ndarray:
+        if self.acc is None:
+            raise RuntimeError("QueryWindow.scores: the cache was not scored on this step (observe(score=True))")
+        out = np.zeros(length)
+        s = self.acc.cpu().numpy()
+        out[:len(s)] = s  # the observation window itself is not scored
+        return out
+
+
 class SnapKVPolicy(ScoredPolicy):
     """SnapKV (Li et al. 2024) applied during decoding, every compress_every steps.
 
@@ -45,56 +124,24 @@ class SnapKVPolicy(ScoredPolicy):
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
-        p = cfg.policy
-        if not 1 <= p.obs_window <= cfg.window:
-            raise ConfigError(f"policy.obs_window: must be between 1 and window={cfg.window} (got {p.obs_window})")
-        if p.kernel_size < 1 or p.kernel_size % 2 == 0:
-            raise ConfigError(f"policy.kernel_size: must be an odd number >= 1 (got {p.kernel_size})")
-        if p.pooling not in POOLINGS:
-            raise ConfigError(f"policy.pooling: '{p.pooling}' is not one of {', '.join(POOLINGS)}")
+        check_window_knobs(cfg)
 
     @property
     def n_recent(self) -> int:
         return int(self.pcfg.obs_window)
 
     def reset(self) -> None:
-        self._q: dict = {}  # layer -> [H, <=w, D] the most recent query vectors (rotated)
-        self._qpos = np.zeros(0, dtype=np.int64)  # their text positions
-        self._qrope = np.zeros(0, dtype=np.int64)  # the RoPE positions they were rotated at (shift mode)
-        self._acc = None
+        self.qwindow = QueryWindow(self.n_recent, self.pcfg.kernel_size, self.pcfg.pooling,
+                                  self.position_mode == "shift")
+        if self.cache is not None:
+            self.qwindow.bind(self.decoder, self.cache)
+
+    def attach(self, decoder, cache, tokenizer=None) -> None:
+        super().attach(decoder, cache, tokenizer)
+        self.qwindow.bind(decoder, cache)
 
     def observe(self, layer, q, k, mask) -> None:
-        w = self.n_recent
-        T = q.shape[2]
-        prev = self._q.get(layer)
-        self._q[layer] = (q[0] if prev is None else torch.cat([prev, q[0]], dim=1))[:, -w:]
-        shift = self.position_mode == "shift"
-        if layer == 0:
-            self._qpos = np.concatenate([self._qpos, self.cache.token_pos[-T:]])[-w:]
-            if shift:
-                rope = np.asarray(self.decoder.q_pos.cpu().numpy(), dtype=np.int64).reshape(-1)[-T:]
-                self._qrope = np.concatenate([self._qrope, rope])[-w:]
-        L = k.shape[2]
-        if not self.due(L):
-            return
-        kpos = torch.as_tensor(self.cache.token_pos, device=k.device)
-        qpos = torch.as_tensor(self._qpos, device=k.device)
-        causal = kpos[None, :] <= qpos[:, None]  # a query sees only keys at or before its position
-        q = self._q[layer]
-        if shift and layer == 0:
-            # StreamingLLM positions: each observation query at the position its token holds in the
-            # cache now (= its own key's; prunes since its step moved it), whatever the manager's
-            # offset convention: delta = now - when rotated (0 for the slot managers)
-            now = self._qrope[-1] - (self._qpos[-1] - self._qpos)
-            self._qdelta = torch.as_tensor(now - self._qrope, device=k.device)
-        if shift and bool((self._qdelta != 0).any()):
-            q = rotate_by(q, self._qdelta, self.decoder.base.rotary_emb.inv_freq)
-        attn = attention_weights(q[None], k, causal, self.scale)
-        s = snapkv_scores(attn, min(w, L), int(self.pcfg.kernel_size), str(self.pcfg.pooling))
-        self._acc = s if layer == 0 or self._acc is None else self._acc + s
+        self.qwindow.observe(layer, q, k, score=self.due(k.shape[2]))
 
     def scores(self, length: int) -> np.ndarray:
-        out = np.zeros(length)
-        s = self._acc.cpu().numpy()
-        out[:len(s)] = s  # the observation window itself is always kept (n_recent)
-        return out
+        return self.qwindow.scores(length)
