@@ -227,7 +227,7 @@ def _check_loaded_family(path: str) -> None:
 
 def load_tokenizer(mcfg):
     """The model's tokenizer alone (no weights): the runner tokenizes the text before the weights load."""
-    if mcfg.kind in ("tiny_llama", "tiny_neox"):
+    if mcfg.kind in TINY_FAMILY:
         return ByteTokenizer()
     from transformers import AutoTokenizer
 

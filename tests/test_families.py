@@ -408,3 +408,14 @@ def test_identity_of_earlier_records_unchanged():
     assert run_identity(d) == run_identity(old)
     d["backend"]["capture"] = False
     assert run_identity(d) != run_identity(old)
+
+
+def test_every_tiny_model_loads_its_tokenizer_offline():
+    """The runner tokenizes the text before the weights load: every tiny family takes the byte tokenizer
+    (no hub access)."""
+    from omegaconf import OmegaConf
+
+    from streamkv.models import TINY_FAMILY, ByteTokenizer, load_tokenizer
+
+    for kind in TINY_FAMILY:
+        assert isinstance(load_tokenizer(OmegaConf.create({"kind": kind, "name_or_path": None})), ByteTokenizer)
