@@ -14,6 +14,16 @@ import torch
 from conftest import compose, load, run_cli
 
 
+@pytest.fixture
+def one_thread():
+    """SmolLM2 decode steps gain little from a second thread and lose much (5x measured) when other
+    processes share the cores: run them on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tokenizers():
     from transformers import AutoTokenizer
 
@@ -234,16 +244,27 @@ def test_answer_and_positions_agree_on_every_evaluator(case):
         assert m["answer_nll"] == pytest.approx(ref_m["answer_nll"], abs=1e-5), name
 
 
-def test_graph_top1_and_position_with_prefill():
-    """The prefill's rows get their top-1 too (the graph path scores them outside the step)."""
-    pk, ids = _pk_ids()
-    cfg, ev = _eager(ids, *LAZY, "prefill_tokens=50")
-    ref = ev.run(ids, 50)
+def test_graph_top1_and_position_with_prefill(one_thread):
+    """The prefill's rows get their top-1 too (the graph path scores them outside the step): SmolLM2, whose
+    predictions on the repeated filler are mostly right (a random model's top-1 is almost never)."""
+    from streamkv.backends.graph import GraphEvaluator
+    from streamkv.passkey import build
+    from streamkv.runner import make_evaluator
+
+    kind, P = "smollm2_135m", 60
+    ids = torch.tensor(build(load(kind).tokenizer, 120, 0.5, seed=0).ids)
+    overrides = (f"model={kind}", *LAZY, f"prefill_tokens={P}", "progress=false")
+
+    def evaluator(*extra):
+        cfg = compose(*overrides, *extra)
+        return make_evaluator(cfg, load(kind).model, len(ids), torch.device("cpu"), load(kind).tokenizer)
+
+    ref = evaluator().run(ids, P)
+    assert ref.top1[:P].sum() >= 15 and ref.top1[P:].sum() >= 15  # enough True rows for the comparison to mean something
     for layout in ("ring", "static"):
-        _, g = _graph(layout, ids, *LAZY, "prefill_tokens=50")
-        r = g.run(ids, 50)
-        assert (r.top1 == ref.top1).all() and r.top1[:49].any()
-        assert r.max_position == ref.max_position == 4 + 32 + 8 - 1
+        r = GraphEvaluator(evaluator(f"cache={layout}"), layout, capture=False).run(ids, P)
+        assert (r.top1 == ref.top1).all(), layout
+        assert r.max_position == ref.max_position == P - 1, layout  # the prefill: P queries at once, > the cache bound 43
 
 
 # ---------------------------------------------------------------- the context warning
@@ -354,7 +375,7 @@ def test_summary_shows_the_new_rows(capsys):
 # ---------------------------------------------------------------- retrieval on the real model
 
 
-def test_smollm2_retrieves_with_full_attention_not_with_a_short_window():
+def test_smollm2_retrieves_with_full_attention_not_with_a_short_window(one_thread):
     """The claim the dataset rests on, at 800 tokens with the key at depth 0.2 (~600 tokens back): full
     attention retrieves the key (every answer token top-1), streaming with a 128-token window cannot."""
     from conftest import evaluate

@@ -37,9 +37,20 @@ def test_preset_composes_with_baseline_and_repeats(preset):
     assert all(c.dataset.name == dataset for c in cfgs)
     baseline = [c for c in cfgs if c.policy.name == "streaming" and c.compress_every == 1]
     assert baseline, "the strict-streaming baseline (R=1) must be part of every sweep"
-    for c in cfgs:  # every config is repeated at least twice (timing medians)
-        same = [d for d in cfgs if {**d, "repeat": 0} == {**c, "repeat": 0}]
-        assert len(same) >= 2
+    import json
+    from collections import Counter
+
+    from omegaconf import OmegaConf
+
+    # the config without its repeat, as one hashable key (linear time). A preset that sweeps `seed` (the
+    # pass-key texts: each seed is another key) repeats every config over its seeds instead of `repeat`.
+    over_seeds = len({c.seed for c in cfgs}) > 1
+    keys = [json.dumps({**OmegaConf.to_container(c, resolve=True), "repeat": 0, **({"seed": 0} if over_seeds else {})},
+                       sort_keys=True) for c in cfgs]
+    count = Counter(keys)
+    for key in keys:  # every config is repeated at least twice (timing medians)
+        same = count[key]
+        assert same >= 2
 
 
 def test_phase_b_core8_matrix():
@@ -59,3 +70,62 @@ def test_phase_c_on_cpu_keeps_every_manager_once():
     assert {c.backend.name for c in cfgs} == {"eager"}
     assert {c.cache.name for c in cfgs if c.policy.name == "refresh"} == {"concat", "soft_ring", "ring", "static"}
     assert len(cfgs) == 12  # the fast-path block collapses into the eager one: 2 baselines + 4 managers, x 2
+
+
+def _job_overrides(preset: str, *extra: str) -> set:
+    """The jobs of a preset as override sets, without composing them (cheap)."""
+    from hydra import initialize_config_dir
+
+    from streamkv.cli import CONF_DIR, expand_overrides, preset_blocks
+    from streamkv.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        blocks = preset_blocks([f"+sweep={preset}", *extra])
+    return {tuple(sorted(j)) for b in blocks for j in expand_overrides(b, True)}
+
+
+def test_passkey_preset():
+    assert len(_job_overrides("passkey")) == 3 * 3 * 3 * 9  # length x depth x seed (the key) x policies; no repeats
+    cfgs = jobs_of("passkey", "dataset.length=2048", "dataset.depth=0.5", "seed=0")
+    assert len(cfgs) == 9
+    assert {(c.model.name, c.dataset.name, c.n_sink, c.window, c.device) for c in cfgs} == {
+        ("smollm2_135m", "passkey", 4, 1020, "cuda")}
+    runs = {(c.policy.name, c.policy.refresh_select if c.policy.name == "refresh" else None, c.compress_every,
+             c.cache.name, c.backend.name) for c in cfgs}
+    assert runs == {("full", None, 1, "ring", "cudagraph_fused"), ("streaming", None, 1, "ring", "cudagraph_fused"),
+                    ("streaming", None, 32, "ring", "cudagraph_fused"),
+                    ("refresh", "uniform", 32, "ring", "cudagraph_fused"),
+                    ("refresh", "structural", 32, "ring", "cudagraph_fused"),
+                    ("refresh", "entropy", 32, "static", "cudagraph_fused"),  # online on the graph path
+                    ("snapkv", None, 32, "ring", "cudagraph_fused"), ("h2o", None, 32, "ring", "cudagraph_fused"),
+                    ("tova", None, 32, "ring", "cudagraph_fused")}
+    assert {c.policy.refresh_budget for c in cfgs if c.policy.name == "refresh"} == {16}
+    cpu = jobs_of("passkey", "dataset.length=2048", "dataset.depth=0.5", "seed=0", "device=cpu",
+                  "cache=concat", "backend=eager")
+    assert len(cpu) == 9 and {(c.cache.name, c.backend.name) for c in cpu} == {("concat", "eager")}
+
+
+def test_regime_preset_prechecks_and_skips_invalid_combinations():
+    from streamkv.cli import compose_jobs, precheck
+
+    assert len(precheck(["-m", "+sweep=regime"])) == 112
+    cfgs = compose_jobs(["-m", "+sweep=regime"])
+    grid = [c for c in cfgs if c.policy.name != "full"]
+    for c in grid:
+        W, R = c.window, c.compress_every
+        assert R in (1, W // 16, W // 4, W) and c.n_sink == 4
+        assert c.repeat in ((0, 1) if c.dataset.name == "wiki" else (0,))
+        if c.policy.name == "overlap":
+            assert c.policy.overlap == W // 8 < R
+        if c.policy.name == "max_drop":
+            assert c.policy.max_drop == W // 16 < R  # binds: a prune would drop R > max_drop
+        if c.policy.name == "refresh":
+            assert c.policy.refresh_budget == 16
+    for ds in ("wiki", "book"):
+        for W in (256, 1024, 2048):
+            streaming = {c.compress_every for c in grid if (c.dataset.name, c.window, c.policy.name) ==
+                         (ds, W, "streaming")}
+            assert streaming == {1, W // 16, W // 4, W}
+    full = {(c.dataset.name, c.dataset.max_tokens, c.repeat) for c in cfgs if c.policy.name == "full"}
+    assert full == {("wiki", 4096, 0), ("wiki", 4096, 1), ("book", 8000, 0), ("book", 8000, 1)}
