@@ -45,6 +45,7 @@ def heatmap_plot(pk: pd.DataFrame, length_col: str, configs: list[str]) -> plt.F
         cfg = configs[k]
         g = pk[pk["config"] == cfg]
         mean, count = grid(g, length_col)
+        count = count.fillna(0)  # a cell without runs (a sweep stopped early) counts 0, not NaN
         im = ax.imshow(mean.to_numpy(dtype=float), cmap=cmap, vmin=0, vmax=1, aspect="auto",
                        interpolation="nearest")
         im.set_gid(f"heat:{cfg}")

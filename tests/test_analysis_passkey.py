@@ -173,6 +173,24 @@ def test_heatmap_one_panel_per_config_length_by_depth(pk_table):
     plots.plt.close(fig)
 
 
+def test_heatmap_config_with_an_empty_cell(pk_table):
+    # A sweep stopped early: one config lacks every run at one length and depth (grey cell, no NaN count).
+    pk, t = pk_table
+    cfg = cfg_row(t, "refresh")["config"]
+    gone = (pk["config"] == cfg) & (pk["dataset.length"].astype(float) == 256) & (pk["dataset.depth"].astype(float) == 0.9)
+    assert gone.sum() == len(SEEDS)
+    fig = pkp.heatmap_plot(pk[~gone], "dataset.length", list(t["config"]))
+    rf = np.asarray(images_of(fig)[f"heat:{cfg}"].get_array(), dtype=float)
+    assert np.isnan(rf[2, 2]) and np.isfinite(rf[:2]).all() and np.isfinite(rf[2, :2]).all()
+    title = [ax.get_title() for ax in fig.axes if ax.images and ax.images[0].get_gid() == f"heat:{cfg}"][0]
+    assert title.endswith(f"({len(LENGTHS) * len(DEPTHS) * len(SEEDS) - len(SEEDS)} runs, <= {len(SEEDS)}/cell)")
+    plots.plt.close(fig)
+
+
+def images_of(fig):
+    return {im.get_gid(): im for ax in fig.axes for im in ax.images}
+
+
 def test_accuracy_vs_distance_one_line_per_config(pk_table):
     pk, t = pk_table
     bins = pkm.by_distance(pk)
