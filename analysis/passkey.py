@@ -54,7 +54,15 @@ def labelled(pk: pd.DataFrame, group_cols: list[str]) -> tuple[pd.DataFrame, lis
     mcols = [c for c in method_columns(group_cols) if c in pk]
     vary = [c for c in mcols if norm_series(pk[c]).nunique() > 1]
     pk = pk.copy()
-    pk["config"] = [short_label(r, vary) for _, r in pk.iterrows()] if len(pk) else []
+    full = [short_label(r, vary) for _, r in pk.iterrows()]
+    # A knob at the value most configs share (refresh_budget=0 on every non-refresh policy) only lengthens
+    # the labels: left out where the labels stay one per config. Window, R and sinks always show.
+    configs = pk.assign(_full=full).drop_duplicates("_full")
+    common = {c: norm_series(configs[c]).mode().iloc[0] for c in vary if c not in ABBREV and len(configs)}
+    short = [short_label(r, [c for c in vary if not (c in common and norm(r[c]) == common[c])])
+             for _, r in pk.iterrows()]
+    one_to_one = len(set(zip(full, short))) == len(set(short)) == len(set(full))
+    pk["config"] = short if one_to_one else full
     return pk, mcols
 
 

@@ -5,6 +5,7 @@ distance, and TPOT vs accuracy. Each returns its Figure; artists carry gids for 
 from __future__ import annotations
 
 import math
+import textwrap
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -21,6 +22,7 @@ DIST_LABEL = "key distance (tokens from the key to the answer)"
 ACC_LABEL = "answer accuracy (mean over runs)"
 MAX_ANNOTATED_CELLS = 120  # per panel: more cells, no numbers in them
 PANEL_COLS = 4
+TITLE_CHARS = 52  # a panel title wraps at this many characters (3.6 in at 8 pt)
 
 
 def _config_colors(t: pd.DataFrame) -> dict[str, tuple]:
@@ -45,6 +47,7 @@ def heatmap_plot(pk: pd.DataFrame, length_col: str, configs: list[str]) -> plt.F
         cfg = configs[k]
         g = pk[pk["config"] == cfg]
         mean, count = grid(g, length_col)
+        count = count.fillna(0)  # a cell without runs (a sweep stopped early) counts 0, not NaN
         im = ax.imshow(mean.to_numpy(dtype=float), cmap=cmap, vmin=0, vmax=1, aspect="auto",
                        interpolation="nearest")
         im.set_gid(f"heat:{cfg}")
@@ -58,7 +61,7 @@ def heatmap_plot(pk: pd.DataFrame, length_col: str, configs: list[str]) -> plt.F
                     txt = f"{v:.2f}" + (f"\nn={int(count.iat[i, j])}" if show_n else "")
                     ax.text(j, i, txt, ha="center", va="center", fontsize=6, color="black")
         seeds = int(count.to_numpy().max()) if count.size else 0
-        ax.set_title(f"{cfg} ({len(g)} runs, <= {seeds}/cell)", fontsize=8)
+        ax.set_title(textwrap.fill(f"{cfg} ({len(g)} runs, <= {seeds}/cell)", TITLE_CHARS), fontsize=8)
         ax.set_xlabel(LENGTH_LABEL, fontsize=8)
         ax.set_ylabel(DEPTH_LABEL, fontsize=8)
     fig.tight_layout()
@@ -70,7 +73,9 @@ def heatmap_plot(pk: pd.DataFrame, length_col: str, configs: list[str]) -> plt.F
 def accuracy_vs_distance_plot(bins: pd.DataFrame, t: pd.DataFrame) -> plt.Figure:
     """Mean answer accuracy per key-distance bin, one line per config (colour = policy); each config's
     n_sink + window as a dotted vertical line of its colour: keys right of it are older than the window."""
-    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    n_cfg = len(set(bins["config"]))
+    # the legend goes under the axes (long config labels beside them would squeeze the plot)
+    fig, ax = plt.subplots(figsize=(8.5, 4.2 + 0.17 * math.ceil(n_cfg / 2)))
     colors = _config_colors(t)
     seen: dict[tuple, int] = {}
     for cfg in sorted(set(bins["config"])):
@@ -91,7 +96,7 @@ def accuracy_vs_distance_plot(bins: pd.DataFrame, t: pd.DataFrame) -> plt.Figure
     ax.set_title("Pass-key accuracy vs key distance (dotted: n_sink + window of each config)", fontsize=10)
     ax.grid(alpha=0.3)
     if len(bins):
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 

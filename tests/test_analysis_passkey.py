@@ -155,6 +155,23 @@ def test_distance_bins():
 
 # ------------------------------------------------------------------ pass-key figures
 
+def test_config_labels_leave_out_the_knobs_most_configs_share():
+    # refresh_budget=0 / refresh_select=uniform on every policy but refresh: shown only where they differ
+    rows = [("streaming", 1, 0, "uniform"), ("streaming", 32, 0, "uniform"), ("snapkv", 32, 0, "uniform"),
+            ("refresh", 32, 16, "uniform"), ("refresh", 32, 16, "structural")]
+    pk = pd.DataFrame([{"policy": p, "compress_every": r, "policy.refresh_budget": b, "policy.refresh_select": s,
+                        "window": 1020} for p, r, b, s in rows])
+    cols = ["policy", "policy.refresh_budget", "policy.refresh_select", "window", "compress_every"]
+    labels = pkm.labelled(pk, cols)[0]["config"].tolist()
+    assert labels == ["streaming R1", "streaming R32", "snapkv R32", "refresh refresh_budget=16 R32",
+                      "refresh refresh_budget=16 refresh_select=structural R32"]
+    # where leaving a knob out would merge two configs (a missing value is never named), every varying
+    # knob is named
+    three = pd.DataFrame([{"policy": "refresh", "policy.refresh_budget": b, "window": 1020} for b in (16, 16, None)])
+    assert pkm.labelled(three, ["policy", "policy.refresh_budget", "window"])[0]["config"].tolist() == [
+        "refresh refresh_budget=16", "refresh refresh_budget=16", "refresh"]
+
+
 def test_heatmap_one_panel_per_config_length_by_depth(pk_table):
     pk, t = pk_table
     fig = pkp.heatmap_plot(pk, "dataset.length", list(t["config"]))
@@ -171,6 +188,24 @@ def test_heatmap_one_panel_per_config_length_by_depth(pk_table):
     assert panel.get_xlabel() == pkp.LENGTH_LABEL and panel.get_ylabel() == pkp.DEPTH_LABEL
     assert [tk.get_text() for tk in panel.get_xticklabels()] == ["64", "128", "256"]
     plots.plt.close(fig)
+
+
+def test_heatmap_config_with_an_empty_cell(pk_table):
+    # A sweep stopped early: one config lacks every run at one length and depth (grey cell, no NaN count).
+    pk, t = pk_table
+    cfg = cfg_row(t, "refresh")["config"]
+    gone = (pk["config"] == cfg) & (pk["dataset.length"].astype(float) == 256) & (pk["dataset.depth"].astype(float) == 0.9)
+    assert gone.sum() == len(SEEDS)
+    fig = pkp.heatmap_plot(pk[~gone], "dataset.length", list(t["config"]))
+    rf = np.asarray(images_of(fig)[f"heat:{cfg}"].get_array(), dtype=float)
+    assert np.isnan(rf[2, 2]) and np.isfinite(rf[:2]).all() and np.isfinite(rf[2, :2]).all()
+    title = [ax.get_title().replace("\n", " ") for ax in fig.axes if ax.images and ax.images[0].get_gid() == f"heat:{cfg}"][0]
+    assert title.endswith(f"({len(LENGTHS) * len(DEPTHS) * len(SEEDS) - len(SEEDS)} runs, <= {len(SEEDS)}/cell)")
+    plots.plt.close(fig)
+
+
+def images_of(fig):
+    return {im.get_gid(): im for ax in fig.axes for im in ax.images}
 
 
 def test_accuracy_vs_distance_one_line_per_config(pk_table):
