@@ -86,9 +86,9 @@ def _job_overrides(preset: str, *extra: str) -> set:
 
 
 def test_passkey_preset():
-    assert len(_job_overrides("passkey")) == 3 * 3 * 3 * 9  # length x depth x seed (the key) x policies; no repeats
+    assert len(_job_overrides("passkey")) == 3 * 3 * 3 * 11  # length x depth x seed (the key) x policies; no repeats
     cfgs = jobs_of("passkey", "dataset.length=2048", "dataset.depth=0.5", "seed=0")
-    assert len(cfgs) == 9
+    assert len(cfgs) == 11
     assert {(c.model.name, c.dataset.name, c.n_sink, c.window, c.device) for c in cfgs} == {
         ("smollm2_135m", "passkey", 4, 1020, "cuda")}
     runs = {(c.policy.name, c.policy.refresh_select if c.policy.name == "refresh" else None, c.compress_every,
@@ -98,12 +98,14 @@ def test_passkey_preset():
                     ("refresh", "uniform", 32, "ring", "cudagraph_fused"),
                     ("refresh", "structural", 32, "ring", "cudagraph_fused"),
                     ("refresh", "entropy", 32, "static", "cudagraph_fused"),  # online on the graph path
+                    ("refresh", "attention", 32, "ring", "cudagraph_fused"),  # refresh_keep fifo and score
                     ("snapkv", None, 32, "ring", "cudagraph_fused"), ("h2o", None, 32, "ring", "cudagraph_fused"),
                     ("tova", None, 32, "ring", "cudagraph_fused")}
     assert {c.policy.refresh_budget for c in cfgs if c.policy.name == "refresh"} == {16}
+    assert {c.policy.refresh_keep for c in cfgs if c.policy.refresh_select == "attention"} == {"fifo", "score"}
     cpu = jobs_of("passkey", "dataset.length=2048", "dataset.depth=0.5", "seed=0", "device=cpu",
                   "cache=concat", "backend=eager")
-    assert len(cpu) == 9 and {(c.cache.name, c.backend.name) for c in cpu} == {("concat", "eager")}
+    assert len(cpu) == 11 and {(c.cache.name, c.backend.name) for c in cpu} == {("concat", "eager")}
 
 
 def test_regime_preset_prechecks_and_skips_invalid_combinations():
