@@ -55,15 +55,25 @@ def labelled(pk: pd.DataFrame, group_cols: list[str]) -> tuple[pd.DataFrame, lis
     vary = [c for c in mcols if norm_series(pk[c]).nunique() > 1]
     pk = pk.copy()
     full = [short_label(r, vary) for _, r in pk.iterrows()]
-    # A knob at the value most configs share (refresh_budget=0 on every non-refresh policy) only lengthens
+    # A knob at the value most policies share (refresh_budget=0 on every non-refresh policy) only lengthens
     # the labels: left out where the labels stay one per config. Window, R and sinks always show.
     configs = pk.assign(_full=full).drop_duplicates("_full")
-    common = {c: norm_series(configs[c]).mode().iloc[0] for c in vary if c not in ABBREV and len(configs)}
+    common = {c: _common(configs, c) for c in vary if c not in ABBREV and len(configs)}
     short = [short_label(r, [c for c in vary if not (c in common and norm(r[c]) == common[c])])
              for _, r in pk.iterrows()]
     one_to_one = len(set(zip(full, short))) == len(set(short)) == len(set(full))
     pk["config"] = short if one_to_one else full
     return pk, mcols
+
+
+def _common(configs: pd.DataFrame, c: str) -> str:
+    """The value of `c` most policies share: each policy votes once, with its own most frequent value, so
+    a policy swept over many configs (refresh's selections) does not outvote the others."""
+    vals = norm_series(configs[c])
+    if "policy" not in configs:
+        return vals.mode().iloc[0]
+    votes = vals.groupby(norm_series(configs["policy"]).to_numpy()).agg(lambda v: v.mode().iloc[0])
+    return votes.mode().iloc[0]
 
 
 def length_column(pk: pd.DataFrame) -> str | None:

@@ -96,7 +96,13 @@ def accuracy_vs_distance_plot(bins: pd.DataFrame, t: pd.DataFrame) -> plt.Figure
     ax.set_title("Pass-key accuracy vs key distance (dotted: n_sink + window of each config)", fontsize=10)
     ax.grid(alpha=0.3)
     if len(bins):
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+        kw = dict(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+        leg = ax.legend(ncol=2, **kw)
+        if leg.get_window_extent(fig.canvas.get_renderer()).width > fig.bbox.width:
+            # two columns of these labels are wider than the figure (it would cut them): one column, taller
+            leg.remove()
+            ax.legend(ncol=1, **kw)
+            fig.set_size_inches(8.5, 4.2 + 0.17 * n_cfg)
     fig.tight_layout()
     return fig
 

@@ -172,6 +172,42 @@ def test_config_labels_leave_out_the_knobs_most_configs_share():
         "refresh refresh_budget=16", "refresh refresh_budget=16", "refresh"]
 
 
+def test_config_labels_each_policy_votes_once_for_the_common_value():
+    # refresh swept over more configs than the other policies together: refresh_budget=0 still counts as
+    # the common value (it stays out of the other policies' labels), refresh_keep=fifo too
+    rows = [("streaming", 1, 0, "uniform", "fifo"), ("snapkv", 32, 0, "uniform", "fifo"),
+            ("refresh", 32, 16, "uniform", "fifo"), ("refresh", 32, 16, "structural", "fifo"),
+            ("refresh", 32, 16, "attention", "fifo"), ("refresh", 32, 16, "attention", "score")]
+    pk = pd.DataFrame([{"policy": p, "compress_every": r, "policy.refresh_budget": b, "policy.refresh_select": s,
+                        "policy.refresh_keep": k, "window": 1020} for p, r, b, s, k in rows])
+    cols = ["policy", "policy.refresh_budget", "policy.refresh_keep", "policy.refresh_select", "window",
+            "compress_every"]
+    assert pkm.labelled(pk, cols)[0]["config"].tolist() == [
+        "streaming R1", "snapkv R32", "refresh refresh_budget=16 R32",
+        "refresh refresh_budget=16 refresh_select=structural R32",
+        "refresh refresh_budget=16 refresh_select=attention R32",
+        "refresh refresh_budget=16 refresh_keep=score refresh_select=attention R32"]
+
+
+def test_accuracy_vs_distance_legend_stays_inside_the_figure():
+    # labels too long for two columns across the figure go in one column, none cut at the edges
+    names = [f"refresh refresh_budget=16 refresh_select=sel{i} cache=static R32 backend_used=cudagraph_fused (online)"
+             for i in range(7)] + ["streaming R1", "snapkv R32"]
+    bins = pd.DataFrame([{"config": c, "x": x, "answer_acc_mean": 1.0, "count": 3} for c in names for x in (100, 900)])
+    t = pd.DataFrame({"config": names, "policy": [c.split()[0] for c in names], "reach": 1024.0})
+    fig = pkp.accuracy_vs_distance_plot(bins, t)
+    fig.savefig(__import__("io").BytesIO(), format="png")  # lays the figure out as `save` does
+    leg = fig.axes[0].get_legend()
+    box, page = leg.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+    assert len(leg.get_texts()) == len(names)
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0, (box, page)
+    assert leg._ncols == 1
+    plots.plt.close(fig)
+    short = pkp.accuracy_vs_distance_plot(bins[bins["config"].str.len() < 20], t)
+    assert short.axes[0].get_legend()._ncols == 2  # short labels keep two columns
+    plots.plt.close(short)
+
+
 def test_heatmap_one_panel_per_config_length_by_depth(pk_table):
     pk, t = pk_table
     fig = pkp.heatmap_plot(pk, "dataset.length", list(t["config"]))
