@@ -27,6 +27,11 @@ class ModelConfig:
     gguf_file: Optional[str] = None
     # the dtype `dtype=auto` resolves to on CUDA (null: bfloat16); pythia: float16, as it was trained
     dtype: Optional[str] = None
+    # a hub preset's facts, known before loading (hub ids are not read offline): the HF model_type (checked
+    # against the backend's families in the precheck) and max_position_embeddings (the context warning);
+    # a local directory's config.json wins over both
+    family: Optional[str] = None
+    context: Optional[int] = None
     # tiny random models only
     hidden_size: int = 64
     intermediate_size: int = 128

@@ -102,7 +102,7 @@ def check_model_dir(value: str | None) -> None:
 
 def check_inputs(cfg) -> None:
     """The file-system checks of one composed config: the text file, a local model directory."""
-    if cfg.dataset.name == "text_file":
+    if cfg.dataset.name == "text_file" or (cfg.dataset.name == "passkey" and cfg.dataset.get("filler") == "text_file"):
         check_text_file(cfg.dataset.path)
     if cfg.model.kind in ("hf", "gguf"):
         check_model_dir(cfg.model.name_or_path)

@@ -144,7 +144,7 @@ def model_type_of(mcfg) -> str | None:
         return TINY_FAMILY[mcfg.kind]
     if mcfg.kind == "gguf" and not mcfg.name_or_path:
         return "llama"  # SmolLM2
-    return local_model_type(mcfg.name_or_path)
+    return local_model_type(mcfg.name_or_path) or mcfg.get("family")
 
 
 def check_model_family(mcfg, backend: str) -> None:
@@ -163,7 +163,7 @@ def check_model_family(mcfg, backend: str) -> None:
 
 def known_context(mcfg) -> int | None:
     """The model's max_position_embeddings without loading it: the tiny models' config, a local
-    directory's config.json, the SmolLM2 preset's known value; None for a hub id (not read offline)."""
+    directory's config.json, the SmolLM2 preset's known value, a hub preset's `model.context`; else None."""
     if mcfg.kind in TINY_FAMILY:
         return int(mcfg.max_position_embeddings)
     path = mcfg.get("name_or_path")
@@ -173,8 +173,8 @@ def known_context(mcfg) -> int | None:
 
             value = json.loads((Path(path).expanduser() / "config.json").read_text()).get("max_position_embeddings")
         except (OSError, ValueError):
-            return None
-        return int(value) if isinstance(value, int) else None
+            return mcfg.get("context")  # a hub id: the preset's value, if it states one
+        return int(value) if isinstance(value, int) else mcfg.get("context")
     return SMOLLM2_CONTEXT if mcfg.kind == "gguf" else None
 
 

@@ -28,7 +28,7 @@ def utc_now() -> str:
 # before the knob (so finished runs of earlier commits are still found): (group, knob) -> values.
 LEGACY_VALUES = {("policy", "positions"): (None, "original"), ("policy", "refresh_keep"): ("fifo",),
                  ("backend", "capture"): (True,),
-                 ("model", "dtype"): (None,), ("model", "rotary_pct"): (None,), ("model", "parallel_residual"): (None,),
+                 ("model", "dtype"): (None,), ("model", "family"): (None,), ("model", "context"): (None,), ("model", "rotary_pct"): (None,), ("model", "parallel_residual"): (None,),
                  **{("dataset", knob): (None,) for knob in ("length", "depth", "digits", "filler")}}
 
 

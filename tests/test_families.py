@@ -419,3 +419,18 @@ def test_every_tiny_model_loads_its_tokenizer_offline():
 
     for kind in TINY_FAMILY:
         assert isinstance(load_tokenizer(OmegaConf.create({"kind": kind, "name_or_path": None})), ByteTokenizer)
+
+
+def test_pythia_preset_is_checked_before_loading():
+    """A hub preset states its family and context (hub ids are not read offline): a backend that does not run
+    GPT-NeoX fails in the precheck, and the plan's protocol (n_sink 4 + window 2048) is flagged as beyond
+    Pythia's 2048 positions, both before any weights load."""
+    from streamkv.config import context_warning
+    from streamkv.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        compose("model=pythia", "backend=cudagraph_fused_gemv", "cache=ring", "device=cuda")
+    assert "'gpt_neox'" in str(err.value) and "\n" not in str(err.value)
+    cfg = compose("model=pythia", "backend=cudagraph_fused", "cache=ring", "device=cuda", "window=2048", "n_sink=4")
+    assert "context of 2048" in (context_warning(cfg) or "")
+    assert context_warning(compose("model=pythia", "device=cuda", "window=1024", "n_sink=4")) is None

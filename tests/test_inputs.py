@@ -90,3 +90,14 @@ def test_text_shorter_than_prefill_fails_before_the_weights_load(tmp_path, monke
     assert str(err.value) == (f"prefill_tokens: the text of dataset.path={src} has only 4 tokens; "
                               f"need more than prefill_tokens=10")  # byte tokenizer: 'tiny'
     assert not loaded
+
+
+def test_passkey_text_file_filler_is_checked_before_loading():
+    """dataset=passkey with a text-file filler: a missing dataset.path fails in the precheck, in one line."""
+    from streamkv.cli import precheck
+    from streamkv.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        precheck(["model=tiny_llama", "dataset=passkey", "dataset.filler=text_file", "dataset.path=/no/such/file",
+                  "device=cpu"])
+    assert "dataset.path" in str(err.value) and "\n" not in str(err.value)
