@@ -116,7 +116,7 @@ class RunConfig:
     seed: int = 0
     repeat: int = 0  # only labels repeated runs of one config (timing medians)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (float32 on CPU; on CUDA model.dtype, else bfloat16) | float32 | bfloat16 | float16
     warmup_steps: int = 8  # decode steps run (and discarded) before timing
     progress: bool = True
     rerun: bool = False  # run even if an ok record of this exact config exists in the sweep dir
