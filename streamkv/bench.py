@@ -779,6 +779,8 @@ def main(argv=None) -> int:
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     import transformers
 
+    _ALL_ROWS.clear()  # one call of main() = one benchmark (tests call it several times in one process)
+    _META.clear()
     bw = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 26))
     _META.update({"device": device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
                   "python": sys.version.split()[0], "copy_bw_gbs": bw / 1e9, "n_sink": args.n_sink,

@@ -295,7 +295,7 @@ def test_context_warning(overrides, warns):
 def test_context_warning_reads_a_local_model_dir(tmp_path):
     from streamkv.config import context_warning
 
-    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 1024}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 1024}))
     cfg = compose("model=hf", f"model.name_or_path={tmp_path}", "policy=full", "dataset=wiki")
     assert "1024" in context_warning(cfg)
     assert context_warning(compose("model=hf", f"model.name_or_path={tmp_path}", "window=512")) is None
