@@ -109,3 +109,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(key in item.nodeid and rule(item.nodeid) for key, rule in _SLOW):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny models' ops are too small for intra-op threads; on a busy 2-core machine OpenMP waits make
+    them up to 10x slower. One thread per test, restored after (`pytestmark = usefixtures("one_thread")`)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,14 +24,7 @@ from conftest import ROOT, compose, load, run_cli, text_ids
 KIND = "tiny_llama"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are too small for intra-op threads; on a busy 2-core machine OpenMP
-    waits make them 10x slower. One thread per test, restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------- config errors

@@ -18,13 +18,7 @@ S, W, R = 4, 24, 8
 BASE = ("policy=refresh", "policy.refresh_select=attention", f"n_sink={S}", f"window={W}", f"compress_every={R}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are too small for intra-op threads (a busy 2-core machine makes them slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _evaluator(*overrides, n):

@@ -41,7 +41,7 @@ def test_no_committed_file_names_a_machine_path():
 
 
 def test_the_pattern_catches_what_it_should():
-    assert MACHINE_PATH.search("cwd: /work/main") and MACHINE_PATH.search('"/root/x"')
+    assert MACHINE_PATH.search("cwd: /home/alice/streamkv") and MACHINE_PATH.search('"/root/x"')
     assert MACHINE_PATH.search("see /home/user/file")
     assert not MACHINE_PATH.search("docs/work/x") and not MACHINE_PATH.search("https://host/root/")
 
@@ -54,8 +54,8 @@ def test_relativize_records_rewrites_sweep_and_checkout_paths(tmp_path):
     spec.loader.exec_module(mod)
     sweep = tmp_path / "b2_book"
     (sweep / "3" / ".hydra").mkdir(parents=True)
-    hydra = ("hydra:\n  sweep:\n    dir: /srv/sw/b2_book\n    subdir: 3\n  runtime:\n    cwd: /work/main\n"
-             "    config_sources:\n    - path: /work/main/conf\n    output_dir: /srv/sw/b2_book/3\n")
+    hydra = ("hydra:\n  sweep:\n    dir: /srv/sw/b2_book\n    subdir: 3\n  runtime:\n    cwd: /home/alice/streamkv\n"
+             "    config_sources:\n    - path: /home/alice/streamkv/conf\n    output_dir: /srv/sw/b2_book/3\n")
     (sweep / "3" / ".hydra" / "hydra.yaml").write_text(hydra.replace("/srv/", "/scratch/"))
     (sweep / "3" / "job-status.json").write_text('{"status": "skipped", "detail": "/scratch/sw/b2_book/1"}\n')
     assert mod.main([str(sweep)]) == 0
