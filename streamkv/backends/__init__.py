@@ -24,7 +24,7 @@ The score-based policies tova, h2o and snapkv run inside the graph step (prefill
 original positions (policy.positions=original) in cache=ring, with StreamingLLM positions
 (policy.positions=shift) in cache=static (the kept slots compacted after each prune by a permutation
 computed on the device). When a prune fires and how many tokens it keeps is scheduled on the host, which
-tokens stay is a topk over attention scores computed on the device (streamkv.backends.graph.ScoredEviction).
+tokens stay is a topk over attention scores computed on the device (streamkv.backends.scored_eviction.ScoredEviction).
 The other two combinations (original + static, shift + ring) fall back to eager with a warning. The refresh
 policy with refresh_select=attention runs inside the graph step too, in cache=ring and cache=static (its region
 chosen on the device by the same SnapKV score: streamkv.backends.refresh_graph). Entropy-driven

@@ -1,6 +1,6 @@
 """The refresh policy's attention-driven selection (refresh_select=attention, refresh_keep=fifo|score) on the
 graph path: which tokens of an evicted segment join the refresh region is decided on the device, inside the
-step, by the SnapKV score that streamkv.backends.graph.ScoredEviction computes for snapkv.
+step, by the SnapKV score that streamkv.backends.scored_eviction.ScoredEviction computes for snapkv.
 
 Half-scheduled, as the score-based baselines: the cache length evolves the same whatever the scores (a prune
 fires on the body length, drops n tokens, refreshes min(M, n) of them, and the region holds min(B, r + picks)),
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from streamkv.backends.graph import ScoredEviction
+from streamkv.backends.scored_eviction import ScoredEviction
 from streamkv.backends.schedule import (BookkeepingCache, DataDependent, EntropyDependent, Schedule, ScoredPlan,
                                         _simulate)
 

@@ -26,7 +26,7 @@ Score-based policies with a device scoring rule (`ScoredPolicy.device_scores`: t
 half-scheduled: the cache length evolves the same whatever the scores (a prune fires on the length
 alone and always keeps keep_top's count), so the prune steps, visible lengths, RoPE positions and
 events are precomputed (`ScoredPlan`); which slots a prune frees is computed on the device
-(streamkv.backends.graph.ScoredEviction). Original positions (policy.positions=original): ring layout
+(streamkv.backends.scored_eviction.ScoredEviction). Original positions (policy.positions=original): ring layout
 (the write slot of every decode step is the lowest free slot, computed on the device). StreamingLLM
 positions (policy.positions=shift): static layout (the write slot is the cache length, scheduled; the
 query's RoPE position is its cache index; a compaction follows each prune, its permutation computed on
@@ -90,7 +90,7 @@ class ScoredPlan:
     """A score-based policy (tova, h2o, snapkv) on the ring layout: *when* a prune ends a step and *how many*
     tokens it keeps are scheduled (the cache length evolves the same whatever the scores: a prune
     always brings it back to keep_top's count); *which* tokens stay is decided on the device
-    (streamkv.backends.graph.ScoredEviction): the sinks, the n_recent newest and the n_top
+    (streamkv.backends.scored_eviction.ScoredEviction): the sinks, the n_recent newest and the n_top
     best-scored others."""
 
     scores: str  # "last" (TOVA: the step's query), "accumulated" (H2O: every query since the write),

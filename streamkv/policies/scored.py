@@ -74,7 +74,7 @@ class ScoredPolicy(Policy):
 
     position_mode = "original"  # the class default; __init__ sets the instance's from policy.positions
     knobs: tuple = ("positions",)
-    # how the cudagraph backends score on the device (streamkv.backends.graph.ScoredEviction):
+    # how the cudagraph backends score on the device (streamkv.backends.scored_eviction.ScoredEviction):
     # "last" = the step's query only (TOVA), "accumulated" = every query since the token's write (H2O),
     # "window" = the last obs_window queries, pooled (SnapKV); None = the graph backends run it eager
     device_scores: Optional[str] = None
