@@ -40,7 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streamkv.backends.graph import GemvOptions
+
 ROOT = Path(__file__).resolve().parent.parent
+GEMV = GemvOptions()  # cudagraph_fused_gemv's options (--gemv-max-mb)
 
 # Llama shapes for the random-weight models (TinyLlama-1.1B, Llama-2-7B).
 SHAPES = {
@@ -404,7 +407,7 @@ def our_evaluator(case: Case, model, tokenizer, n_tokens: int, device, dtype, n_
         from streamkv.backends.graph import GraphEvaluator
 
         return GraphEvaluator(ev, layout=case.cache, capture=device.type == "cuda", tokenizer=tokenizer,
-                              **graph_kernels(case.backend))
+                              gemv=GEMV, **graph_kernels(case.backend))
     from streamkv.backends import functional as fn
 
     if case.backend == "compile":
@@ -745,7 +748,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv-configs", metavar="JSON", help="cudagraph_fused_gemv: launch configs tuned by "
                     "scripts/gemv_bench.py (its --out), added to gemv_kernels.MEASURED for this run")
     ap.add_argument("--gemv-max-mb", type=float, default=None, help="cudagraph_fused_gemv: fuse GEMVs with "
-                    "weights up to this many MiB (default: graph.FUSED_GEMV_MAX_BYTES, 4; 0 = no limit)")
+                    "weights up to this many MiB (default: GemvOptions.max_bytes, 4; 0 = no limit)")
     ap.add_argument("--memory-history", action="store_true", help="CUDA: record allocation call sites and list, "
                     "per case, what it left allocated (the process's one-time overheads)")
     ap.add_argument("--out", default="bench-out")
@@ -771,10 +774,9 @@ def main(argv=None) -> int:
         gemv_meta["gemv_configs_added"] = {f"{n}x{k}": list(c) for (n, k), c in added.items()}
         print(f"gemv configs from {args.gemv_configs}: {gemv_meta['gemv_configs_added']}", flush=True)
     if args.gemv_max_mb is not None:
-        from streamkv.backends import graph
-
-        graph.FUSED_GEMV_MAX_BYTES = None if args.gemv_max_mb == 0 else int(args.gemv_max_mb * 2**20)
-        gemv_meta["gemv_max_bytes"] = graph.FUSED_GEMV_MAX_BYTES
+        global GEMV
+        GEMV = GemvOptions(max_bytes=None if args.gemv_max_mb == 0 else int(args.gemv_max_mb * 2**20))
+        gemv_meta["gemv_max_bytes"] = GEMV.max_bytes
     if args.memory_history and device.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     import transformers

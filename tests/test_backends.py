@@ -636,8 +636,8 @@ def test_fused_graph_step_in_interpreter():
             cfg = compose("model=tiny_llama", "progress=false", *ov)
             return make_evaluator(cfg, load("tiny_llama").model, len(ids), torch.device("cpu"))
         ref = ev().run(ids, 20)
-        import streamkv.backends.graph as graph
         import streamkv.backends.gemv_kernels as gk
+        from streamkv.backends.graph import GemvOptions
         gk.gemv_config = lambda N, K, n_sm=132: (256, 64, 4)  # one program per GEMV: the interpreter's speed
         for layout in ("ring", "static"):
             r = GraphEvaluator(ev(), layout, fused=True, capture=False).run(ids, 20)
@@ -647,14 +647,13 @@ def test_fused_graph_step_in_interpreter():
             # LM head unfused, and with only the small GEMVs fused: the size limit's fallback)
             for lm_head, limit, exact in [(True, None, True), (False, None, True), (True, 40000, True),
                                           (True, None, False)]:
-                graph.FUSED_GEMV_LM_HEAD, graph.FUSED_GEMV_MAX_BYTES, graph.FUSED_GEMV_EXACT = lm_head, limit, exact
-                g = GraphEvaluator(ev(), layout, fused=True, capture=False, fused_gemv=True)
+                g = GraphEvaluator(ev(), layout, fused=True, capture=False, fused_gemv=True,
+                                   gemv=GemvOptions(lm_head=lm_head, max_bytes=limit, exact=exact))
                 assert g.fused_gemv and g.backend_name == "cudagraph_fused_gemv"
                 rg = g.run(ids, 20)
                 assert np.abs(rg.nll - r.nll).max() < 1e-5, (layout, lm_head, limit, exact, np.abs(rg.nll - r.nll).max())
                 assert np.abs(rg.entropy - r.entropy).max() < 1e-4, (layout, lm_head, limit, exact)
                 assert rg.events == ref.events
-            graph.FUSED_GEMV_LM_HEAD, graph.FUSED_GEMV_MAX_BYTES, graph.FUSED_GEMV_EXACT = True, None, True
         assert not GraphEvaluator(ev(), "ring", fused=True, capture=False).fused_gemv  # default: off
         # score-based policies: the device scores from kv_update's rotated query and the slot keys
         for ov in [("policy=h2o", "n_sink=4", "window=12", "compress_every=4", "prefill_tokens=20"),

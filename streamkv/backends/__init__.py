@@ -82,9 +82,10 @@ def check_backend(cfg) -> None:
                           f"not cache={cfg.cache.name}")
 
 
-def attach_backend(cfg, evaluator, tokenizer=None):
+def attach_backend(cfg, evaluator, tokenizer=None, gemv=None):
     """Wire cfg.backend into an Evaluator built for the run (streamkv.runner.make_evaluator); returns the
-    object to call warm_up/run on (the same evaluator, or a GraphEvaluator wrapping it)."""
+    object to call warm_up/run on (the same evaluator, or a GraphEvaluator wrapping it). `gemv`: the
+    GemvOptions of cudagraph_fused_gemv (streamkv.backends.graph; None: their defaults)."""
     name = cfg.backend.name
     evaluator.backend_name = evaluator.backend_used = name
     if name == "eager":
@@ -102,10 +103,11 @@ def attach_backend(cfg, evaluator, tokenizer=None):
 
         evaluator.decoder.dense = fused_dense(weights)
         return evaluator
-    from streamkv.backends.graph import GraphEvaluator
+    from streamkv.backends.graph import GemvOptions, GraphEvaluator
 
     return GraphEvaluator(evaluator, layout=cfg.cache.name, tokenizer=tokenizer,
-                          capture=bool(cfg.backend.get("capture", True)), **graph_kernels(name))
+                          capture=bool(cfg.backend.get("capture", True)), gemv=gemv or GemvOptions(),
+                          **graph_kernels(name))
 
 
 def graph_kernels(name: str) -> dict:

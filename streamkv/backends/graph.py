@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,20 +67,23 @@ def _capture_stream(device) -> "torch.cuda.Stream":
     return _STREAMS[key]
 
 
-# cudagraph_fused_gemv (`fused_gemv=True`): replace liger's add + RMSNorm and SwiGLU kernels and the cuBLAS
-# GEMV after each by one Triton kernel (streamkv/backends/gemv_kernels.py): 3 launches fewer per layer
-# (+ the final norm fused into the LM head). Its own backend name, not a change of cudagraph_fused, so
-# that records made with either stay comparable (docs/benchmarks.md has both, measured in one call).
-# with fused_gemv: also fuse the final add + RMSNorm into the LM head GEMV (a large, bandwidth-bound
-# GEMV, where our kernel must match cuBLAS's bandwidth to gain the launch).
-FUSED_GEMV_LM_HEAD = True
-# with fused_gemv: weights larger than this (bytes) keep liger + cuBLAS (bandwidth-bound GEMVs of big
-# models: on an H100 cuBLAS beats our kernel from ~10 MB up, by more than the saved launch, see
-# docs/benchmarks.md); None: every GEMV fused. Smaller weights also take our plain kernel for o_proj.
-FUSED_GEMV_MAX_BYTES = 4 << 20
-# with fused_gemv: False = the one-pass norm prologue (y = rstd * W @ (s * gamma): the weight loads do not
-# wait for the norm; h not rounded to bf16 before the dot, see gemv_kernels.py); True = HF's roundings.
-FUSED_GEMV_EXACT = True
+@dataclass(frozen=True)
+class GemvOptions:
+    """cudagraph_fused_gemv (`fused_gemv=True`): replace liger's add + RMSNorm and SwiGLU kernels and the
+    cuBLAS GEMV after each by one Triton kernel (streamkv/backends/gemv_kernels.py): 3 launches fewer per
+    layer (+ the final norm fused into the LM head). Its own backend name, not a change of cudagraph_fused,
+    so that records made with either stay comparable (docs/benchmarks.md has both, measured in one call)."""
+
+    # also fuse the final add + RMSNorm into the LM head GEMV (a large, bandwidth-bound GEMV, where our
+    # kernel must match cuBLAS's bandwidth to gain the launch)
+    lm_head: bool = True
+    # weights larger than this (bytes) keep liger + cuBLAS (bandwidth-bound GEMVs of big models: on an
+    # H100 cuBLAS beats our kernel from ~10 MB up, by more than the saved launch, see docs/benchmarks.md);
+    # None: every GEMV fused. Smaller weights also take our plain kernel for o_proj.
+    max_bytes: int | None = 4 << 20
+    # False = the one-pass norm prologue (y = rstd * W @ (s * gamma): the weight loads do not wait for the
+    # norm; h not rounded to bf16 before the dot, see gemv_kernels.py); True = HF's roundings.
+    exact: bool = True
 
 
 class GraphEvaluator:
@@ -91,12 +95,13 @@ class GraphEvaluator:
     """
 
     def __init__(self, eager, layout: str, fused: bool = False, capture: bool = True, tokenizer=None,
-                 fused_gemv: bool = False):
+                 fused_gemv: bool = False, gemv: GemvOptions = GemvOptions()):
         self.eager = eager
         self.decoder, self.cache, self.policy, self.device = eager.decoder, eager.cache, eager.policy, eager.device
         self.layout, self.fused, self.capture = layout, fused, capture
         # cudagraph_fused_gemv: norm/SwiGLU prologues fused into the GEMVs (gemv_kernels.py)
         self.fused_gemv = bool(fused and fused_gemv)
+        self.gemv = gemv
         self.tokenizer = tokenizer
         self.backend_name = ("cudagraph_fused_gemv" if self.fused_gemv else "cudagraph_fused") if fused else "cudagraph"
         self.backend_used = self.backend_name
@@ -386,7 +391,7 @@ class GraphEvaluator:
 
         w = self.w
         x = x.reshape(1, -1)
-        limit = FUSED_GEMV_MAX_BYTES
+        limit = self.gemv.max_bytes
 
         def small(W):
             return limit is None or W.numel() * W.element_size() <= limit
@@ -394,7 +399,7 @@ class GraphEvaluator:
         def norm_gemv(m, x, ln, W, bias=None):  # (W @ rmsnorm(m + x) * ln, m + x); m None: no add
             if small(W):
                 return add_rmsnorm_gemv(m if m is not None else x, x if m is not None else None, ln, W, w.eps,
-                                        bias, exact=FUSED_GEMV_EXACT)
+                                        bias, exact=self.gemv.exact)
             from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
@@ -417,9 +422,9 @@ class GraphEvaluator:
             o = gemv(a.view(1, -1), lw.wo) if small(lw.wo) else F.linear(a.view(1, -1), lw.wo)
             gu, x = norm_gemv(o, x, lw.ln2, lw.wgu)
             m = mlp_down(gu, lw.wd)
-        if FUSED_GEMV_LM_HEAD and small(w.lm_head):
+        if self.gemv.lm_head and small(w.lm_head):
             logits, _ = add_rmsnorm_gemv(m, x, w.norm, w.lm_head, w.eps, write_residual=False,
-                                         exact=FUSED_GEMV_EXACT)
+                                         exact=self.gemv.exact)
             return logits
         from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
 
