@@ -20,7 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 
 from streamkv import sweep
 from streamkv.cli import default_sweep_dir, fail, precheck, print_summary
-from streamkv.config import ConfigError, register_configs
+from streamkv.config import ConfigError
+from streamkv.policies import register_configs
 from streamkv.record import utc_now
 
 register_configs()

@@ -383,7 +383,7 @@ def hf_static_compile(model, ids: torch.Tensor, prefill: int, decode: int, profi
 def compose_run(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from streamkv.config import register_configs
+    from streamkv.policies import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

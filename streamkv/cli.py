@@ -7,7 +7,8 @@ import itertools
 import sys
 from pathlib import Path
 
-from streamkv.config import ConfigError, register_configs, validate
+from streamkv.config import ConfigError, validate
+from streamkv.policies import register_configs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "dataset", "cache", "policy", "backend", "hydra/launcher", "sweep")

@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
-
 
 from streamkv.errors import ConfigError  # noqa: F401  (re-exported: most callers import it from here)
 
@@ -66,32 +64,11 @@ class CacheConfig:
 
 @dataclass
 class PolicyConfig:
-    """Every policy knob (docs/policies.md). Defaults are neutral: a knob at its default is off, so
-    `policy.<knob>=` composes onto any preset; validation rejects a knob the preset does not take."""
+    """The base of every policy's own config dataclass. Each policy module in streamkv.policies defines
+    one (its knobs as fields, their defaults there and nowhere else; docs/policies.md), registered as
+    the structured config `policy/<name>_schema` that conf/policy/<name>.yaml lists in its defaults."""
 
-    name: str = "streaming"
-    # lazy-streaming pieces (streaming / max_drop / overlap / refresh / adaptive)
-    max_drop: Optional[int] = None  # cap on tokens dropped per prune; larger overflows prune over several steps
-    overlap: int = 0  # extra recent tokens kept by each prune (< compress_every): drops R - overlap per prune
-    refresh_budget: int = 0  # size of the dynamic sink region fed from evicted segments (0 = off)
-    refresh_per_prune: Optional[int] = None  # M: tokens refreshed per prune (None = refresh_budget)
-    refresh_select: str = "uniform"  # uniform | structural | entropy | attention
-    refresh_keep: str = "fifo"  # which refresh tokens stay when the region is full: fifo (oldest leave) | score
-    mode: Optional[str] = None  # adaptive trigger: slack | entropy (None = the fixed period compress_every)
-    extra_slack: int = 0  # adaptive: the cache may exceed n_sink + window by this many tokens
-    entropy_window: int = 16  # adaptive entropy: steps averaged into the "recent entropy"
-    entropy_low: float = 2.0  # nats: at or below, the cache may grow to the full extra_slack
-    entropy_high: float = 4.0  # nats: at or above, prune at once (no slack); linear in between
-    # score-based baselines (snapkv / h2o / tova); obs_window / kernel_size / pooling also score the
-    # refresh policy's refresh_select=attention
-    obs_window: int = 8  # snapkv: recent queries that score the cache (and recent tokens always kept)
-    kernel_size: int = 5  # snapkv: 1D pooling kernel over the scores (odd)
-    pooling: str = "avg"  # snapkv: avg | max
-    recent_frac: float = 0.5  # h2o: share of the window kept as the recent window (rest: heavy hitters)
-    # snapkv / h2o / tova: RoPE positions of the kept tokens: original (each keeps its text position, as
-    # kvpress; the presets' value) | shift (StreamingLLM: contiguous positions in cache order).
-    # null = the policy's own (original for these; the other policies always shift and take no value)
-    positions: Optional[str] = None
+    name: str = MISSING
 
 
 @dataclass
@@ -107,7 +84,9 @@ class RunConfig:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
     cache: CacheConfig = MISSING
-    policy: PolicyConfig = MISSING
+    # the chosen policy's own dataclass (a PolicyConfig subclass, from conf/policy/<name>.yaml); its keys
+    # are checked by streamkv.policies.check_policy, which names the policy that takes a stray knob
+    policy: Any = MISSING
     backend: BackendConfig = MISSING
     n_sink: int = 4
     window: int = 2048
@@ -123,10 +102,14 @@ class RunConfig:
 
 
 def register_configs() -> None:
+    """The run schema and its groups' schemas. The policy group's nodes (one per policy) are registered by
+    streamkv.policies.register_configs, which calls this first."""
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for group, node in [("model", ModelConfig), ("dataset", DatasetConfig), ("cache", CacheConfig),
-                        ("policy", PolicyConfig), ("backend", BackendConfig)]:
+                        ("backend", BackendConfig)]:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 

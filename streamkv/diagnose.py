@@ -54,11 +54,9 @@ def label(run: dict) -> str:
     pol = cfg.get("policy") or {}
     if not pol:
         return run["dir"].name
-    from dataclasses import fields
+    from streamkv.policies.base import knob_defaults  # knobs away from their neutral default
 
-    from streamkv.config import PolicyConfig  # the schema only (no torch)
-
-    defaults = {f.name: f.default for f in fields(PolicyConfig)}
+    defaults = knob_defaults()
     knobs = " ".join(f"{k}={v}" for k, v in pol.items() if k != "name" and v != defaults.get(k, v))
     return (f"{pol.get('name')}{' ' + knobs if knobs else ''} S={cfg.get('n_sink')} W={cfg.get('window')} "
             f"R={cfg.get('compress_every')}")

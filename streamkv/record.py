@@ -32,9 +32,30 @@ LEGACY_VALUES = {("policy", "positions"): (None, "original"), ("policy", "refres
                  **{("dataset", knob): (None,) for knob in ("length", "depth", "digits", "filler")}}
 
 
+# Every policy knob of the time when all policies shared one config, at its neutral value (what a policy
+# that does not take the knob runs with). Identities were defined over that shared config, so a run's
+# policy is hashed with the knobs it lacks filled in from here (canonical_config): its identity is the
+# one it always had. A frozen format, not the knobs' defaults (those are the policies' config dataclasses;
+# tests/test_policy_configs.py checks that the two agree): a knob added to a policy later enters the
+# identity as that policy's config carries it (add it to LEGACY_VALUES if earlier records ran the policy).
+POLICY_KNOBS = {"max_drop": None, "overlap": 0, "refresh_budget": 0, "refresh_per_prune": None,
+                "refresh_select": "uniform", "refresh_keep": "fifo", "mode": None, "extra_slack": 0,
+                "entropy_window": 16, "entropy_low": 2.0, "entropy_high": 4.0, "obs_window": 8, "kernel_size": 5,
+                "pooling": "avg", "recent_frac": 0.5, "positions": None}
+
+
+def canonical_config(config: dict) -> dict:
+    """The resolved run config with every POLICY_KNOBS knob its policy lacks at its neutral value (the
+    shape of every run config recorded before each policy had its own config dataclass)."""
+    policy = config.get("policy")
+    if not isinstance(policy, dict):
+        return config
+    return {**config, "policy": {**policy, **{k: v for k, v in POLICY_KNOBS.items() if k not in policy}}}
+
+
 def run_identity(config: dict) -> str:
     """sha256 of the resolved run config minus presentation-only fields (used to skip finished runs)."""
-    core = {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}
+    core = {k: v for k, v in canonical_config(config).items() if k not in NON_IDENTITY_KEYS}
     for (group, knob), values in LEGACY_VALUES.items():
         if isinstance(core.get(group), dict) and knob in core[group] and core[group][knob] in values:
             core[group] = {k: v for k, v in core[group].items() if k != knob}

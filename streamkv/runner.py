@@ -19,7 +19,7 @@ from streamkv.metrics import summarize
 from streamkv.inputs import text_too_short
 from streamkv.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from streamkv.policies import build_policy
-from streamkv.record import git_commit, run_identity, utc_now, versions, write_result, write_tables
+from streamkv.record import canonical_config, git_commit, run_identity, utc_now, versions, write_result, write_tables
 
 log = logging.getLogger("streamkv")
 
@@ -72,7 +72,7 @@ def make_evaluator(cfg, hf_model, n_tokens: int, device: torch.device, tokenizer
 
 
 def plain_config(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
+    return canonical_config(OmegaConf.to_container(cfg, resolve=True))
 
 
 def device_info(device: torch.device) -> dict:

@@ -370,7 +370,7 @@ def test_pythia_preset_dtype():
     from hydra import initialize_config_dir
 
     from conftest import ROOT
-    from streamkv.config import register_configs
+    from streamkv.policies import register_configs
     from streamkv.models import resolve_dtype
 
     register_configs()

@@ -16,7 +16,7 @@ def test_committed_record_identities_match_todays_config():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from streamkv.config import register_configs
+    from streamkv.policies import register_configs
     from streamkv.record import run_identity
 
     runs = sorted(p.parent for p in RECORDS.glob("**/result.json") if (p.parent / ".hydra" / "overrides.yaml").exists())

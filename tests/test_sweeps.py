@@ -15,14 +15,15 @@ def jobs_of(preset: str, *extra: str) -> list:
 
     from streamkv.cli import compose_jobs
     from streamkv.config import validate
-    from streamkv.record import run_identity
+    from streamkv.record import canonical_config, run_identity
 
     cfgs = compose_jobs(["-m", f"+sweep={preset}", *extra])
     for c in cfgs:
         validate(c)
     identities = [run_identity(OmegaConf.to_container(c, resolve=True)) for c in cfgs]
     assert len(identities) == len(set(identities))  # distinct runs, no duplicates
-    return cfgs
+    # as the run records hold them: every policy knob (neutral where the policy takes none)
+    return [OmegaConf.create(canonical_config(OmegaConf.to_container(c, resolve=True))) for c in cfgs]
 
 
 def test_presets_exist():
@@ -77,7 +78,7 @@ def _job_overrides(preset: str, *extra: str) -> set:
     from hydra import initialize_config_dir
 
     from streamkv.cli import CONF_DIR, expand_overrides, preset_blocks
-    from streamkv.config import register_configs
+    from streamkv.policies import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -3,6 +3,10 @@
 streaming / max_drop / overlap / refresh / adaptive are presets of one lazy-streaming core whose
 pieces compose (streamkv.policies.lazy); snapkv / h2o / tova are attention-score baselines
 (streamkv.policies.scored); full never evicts. See docs/policies.md.
+
+Each policy's knobs are the fields of its config dataclass (`Policy.config`, defined in its module, a
+subclass of streamkv.config.PolicyConfig); `register_configs` makes each the structured config
+`policy/<name>_schema` that conf/policy/<name>.yaml lists in its defaults.
 """
 
 from streamkv.policies.adaptive import AdaptivePolicy
@@ -33,4 +37,21 @@ def build_policy(cfg) -> Policy:
     return POLICIES[cfg.policy.name](cfg)
 
 
-__all__ = ["Decision", "Policy", "StepView", "POLICIES", "build_policy", "check_policy"]
+def register_configs() -> None:
+    """Register the run schema (streamkv.config.register_configs) and one structured config per policy."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from streamkv import config
+
+    config.register_configs()
+    cs = ConfigStore.instance()
+    for name, cls in POLICIES.items():
+        node = OmegaConf.structured(cls.config)
+        # open to other keys: `policy.<knob>` of another policy composes and check_policy names the
+        # policy that takes it (Hydra would only say it cannot override the key)
+        OmegaConf.set_struct(node, False)
+        cs.store(group="policy", name=f"{name}_schema", node=node)
+
+
+__all__ = ["Decision", "Policy", "StepView", "POLICIES", "build_policy", "check_policy", "register_configs"]

@@ -1,6 +1,16 @@
 from __future__ import annotations
 
-from streamkv.policies.lazy import LazyStreamingPolicy
+from dataclasses import dataclass
+from typing import Optional
+
+from streamkv.policies.lazy import LazyConfig, LazyStreamingPolicy
+
+
+@dataclass
+class AdaptiveConfig(LazyConfig):
+    name: str = "adaptive"
+    mode: Optional[str] = "slack"
+    extra_slack: int = 32
 
 
 class AdaptivePolicy(LazyStreamingPolicy):
@@ -14,5 +24,6 @@ class AdaptivePolicy(LazyStreamingPolicy):
     """
 
     name = "adaptive"
+    config: type = AdaptiveConfig
     piece = "adaptive"
     requires = "mode"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Optional
 
 import numpy as np
+
+from streamkv.config import PolicyConfig
+from streamkv.errors import ConfigError
 
 
 @dataclass
@@ -42,7 +45,8 @@ class StepView:
 
 
 class Policy:
-    """Base class. Subclasses set `name` and implement `decide`.
+    """Base class. Subclasses set `name` and `config` (their config dataclass: the `policy.<knob>` fields they
+    take, with their defaults) and implement `decide`. `self.pcfg` is that dataclass, read from the run config.
 
     position_mode: "shift" = StreamingLLM (kept tokens get contiguous positions in cache order);
     "original" = each token keeps its position in the text (score-based baselines, as kvpress).
@@ -50,13 +54,23 @@ class Policy:
 
     name = "base"
     position_mode = "shift"
-    knobs: tuple = ()  # the `policy.<knob>` fields this policy takes; any other knob must stay at its default
+    config: type = PolicyConfig
 
     def __init__(self, cfg):
         self.n_sink = int(cfg.n_sink)
         self.window = int(cfg.window)
         self.compress_every = int(cfg.compress_every)
-        self.pcfg = cfg.policy
+        self.pcfg = self.settings(cfg.policy)
+
+    @classmethod
+    def knobs(cls) -> tuple:
+        """The `policy.<knob>` fields this policy takes (its config's fields); any other knob must stay neutral."""
+        return tuple(f.name for f in fields(cls.config) if f.name != "name")
+
+    @classmethod
+    def settings(cls, policy_cfg):
+        """The knobs this policy reads, as a dataclass filled from the composed `policy` node."""
+        return read_settings(cls.config, policy_cfg)
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -79,30 +93,58 @@ class Policy:
     def decide(self, view: StepView) -> Optional[Decision]:
         raise NotImplementedError
 
-    def sink_and_recent(self, length: int, recent: int) -> np.ndarray:
-        """Slots of the first n_sink tokens and the `recent` most recent ones."""
-        recent = min(recent, length - self.n_sink)
-        return np.concatenate([np.arange(self.n_sink), np.arange(length - recent, length)])
+
+def read_settings(schema: type, policy_cfg):
+    """`schema` (a config dataclass) with its fields taken from `policy_cfg` (the composed `policy` node, or a
+    dict) where present, the rest at their defaults; a value of the wrong type is a ConfigError naming it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    names = {f.name for f in fields(schema)}
+    values = {k: policy_cfg[k] for k in policy_cfg if k in names}
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "key", None) or "?"
+        raise ConfigError(f"policy.{key}: {str(exc).splitlines()[0]}") from None
 
 
 def knob_defaults() -> dict:
-    """Neutral value of every `policy.<knob>` (the PolicyConfig dataclass defaults)."""
-    from dataclasses import fields
+    """The neutral value of every `policy.<knob>` of every policy: its default in the config dataclass that
+    introduces it (e.g. LazyConfig's max_drop=None, not MaxDropConfig's preset value 8)."""
+    from streamkv.policies import POLICIES
 
-    from streamkv.config import PolicyConfig
+    out: dict = {}
+    for cls in POLICIES.values():
+        for klass in reversed(cls.config.__mro__):  # the most basic class first
+            if is_dataclass(klass):
+                for f in fields(klass):
+                    if f.name != "name":
+                        out.setdefault(f.name, f.default)
+    return out
 
-    return {f.name: f.default for f in fields(PolicyConfig) if f.name != "name"}
 
-
-def knob_is_set(cfg, knob: str) -> bool:
-    return cfg.policy.get(knob) != knob_defaults()[knob]
+def knob_is_set(settings, knob: str) -> bool:
+    """The knob is away from its neutral value (settings: a policy's config dataclass)."""
+    return getattr(settings, knob) != knob_defaults()[knob]
 
 
 def check_knobs(cls, cfg) -> None:
-    """A knob away from its default that `cls` does not take is a config error (one line)."""
-    from streamkv.errors import ConfigError
+    """Every key of `policy` is a knob of `cls`, or another policy's knob left at its neutral value (it then
+    does nothing); else a config error (one line). Also checks the knobs' types."""
+    import difflib
 
-    for knob in knob_defaults():
-        if knob not in cls.knobs and knob_is_set(cfg, knob):
-            takes = f"its knobs: {', '.join(cls.knobs)}" if cls.knobs else "it takes none"
-            raise ConfigError(f"policy.{knob}: not a knob of policy={cls.name} ({takes}; got {cfg.policy.get(knob)})")
+    neutral = knob_defaults()
+    takes = f"its knobs: {', '.join(cls.knobs())}" if cls.knobs() else "it takes none"
+    for key in cfg.policy:
+        key = str(key)
+        if key == "name" or key in cls.knobs():
+            continue
+        value = cfg.policy.get(key)
+        if key not in neutral:
+            close = difflib.get_close_matches(key, list(neutral), n=1)
+            hint = f"did you mean policy.{close[0]}?" if close else f"policy={cls.name}: {takes}"
+            raise ConfigError(f"policy.{key}: unknown key ({hint})")
+        if value != neutral[key]:
+            raise ConfigError(f"policy.{key}: not a knob of policy={cls.name} ({takes}; got {value})")
+    cls.settings(cfg.policy)

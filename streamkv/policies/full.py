@@ -1,12 +1,21 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from streamkv.config import PolicyConfig
 from streamkv.policies.base import Policy
+
+
+@dataclass
+class FullConfig(PolicyConfig):
+    name: str = "full"
 
 
 class FullPolicy(Policy):
     """No eviction: the oracle (equals one plain forward pass over the whole text)."""
 
     name = "full"
+    config: type = FullConfig
 
     @property
     def capacity(self):

@@ -1,12 +1,20 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from streamkv.errors import ConfigError
-from streamkv.policies.scored import ScoredPolicy, attention_weights
+from streamkv.policies.scored import ScoredConfig, ScoredPolicy, attention_weights
 
 QUERY_CHUNK = 256
+
+
+@dataclass
+class H2OConfig(ScoredConfig):
+    name: str = "h2o"
+    recent_frac: float = 0.5  # share of the window kept as the recent window (the rest: heavy hitters)
 
 
 class H2OPolicy(ScoredPolicy):
@@ -20,13 +28,13 @@ class H2OPolicy(ScoredPolicy):
     """
 
     name = "h2o"
-    knobs = ("recent_frac", "positions")
+    config: type = H2OConfig
     device_scores = "accumulated"
 
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
-        f = cfg.policy.recent_frac
+        f = cls.settings(cfg.policy).recent_frac
         if not 0.0 <= f <= 1.0:
             raise ConfigError(f"policy.recent_frac: must be between 0 and 1 (got {f})")
 

@@ -24,16 +24,37 @@ that may end with a prune.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from streamkv.errors import ConfigError
-from streamkv.policies.base import Decision, Policy, check_knobs, knob_is_set
+from streamkv.policies.base import Decision, Policy, check_knobs, knob_is_set, read_settings
 from streamkv.policies.pieces import (ADAPTIVE_MODES, REFRESH_KEEPS, REFRESH_SELECTS, TokenClasses,
                                       entropy_slack, refresh_region, select_refresh)
+from streamkv.policies.snapkv import QueryWindow, WindowScoreConfig, check_window_knobs
 
-# The knobs of the pieces (all of them fields of PolicyConfig).
+
+@dataclass
+class LazyConfig(WindowScoreConfig):
+    """The knobs of the lazy core's pieces, each neutral (off) at its default; every preset but `streaming`
+    takes all of them (they compose). obs_window / kernel_size / pooling: refresh_select=attention only."""
+
+    max_drop: Optional[int] = None  # cap on tokens dropped per prune; larger overflows prune over several steps
+    overlap: int = 0  # extra recent tokens kept by each prune (< compress_every): drops R - overlap per prune
+    refresh_budget: int = 0  # size of the dynamic sink region fed from evicted segments (0 = off)
+    refresh_per_prune: Optional[int] = None  # M: tokens refreshed per prune (None = refresh_budget)
+    refresh_select: str = "uniform"  # uniform | structural | entropy | attention
+    refresh_keep: str = "fifo"  # which refresh tokens stay when the region is full: fifo (oldest leave) | score
+    mode: Optional[str] = None  # adaptive trigger: slack | entropy (None = the fixed period compress_every)
+    extra_slack: int = 0  # adaptive: the cache may exceed n_sink + window by this many tokens
+    entropy_window: int = 16  # adaptive entropy: steps averaged into the "recent entropy"
+    entropy_low: float = 2.0  # nats: at or below, the cache may grow to the full extra_slack
+    entropy_high: float = 4.0  # nats: at or above, prune at once (no slack); linear in between
+
+
+# The knobs of each piece (fields of LazyConfig); the first is the piece's switch.
 PIECES = {
     "max_drop": ("max_drop",),
     "overlap": ("overlap",),
@@ -41,7 +62,6 @@ PIECES = {
                 "kernel_size", "pooling"),
     "adaptive": ("mode", "extra_slack", "entropy_window", "entropy_low", "entropy_high"),
 }
-LAZY_KNOBS = tuple(k for knobs in PIECES.values() for k in knobs)
 ATTENTION_KNOBS = ("refresh_keep", "obs_window", "kernel_size", "pooling")  # only with refresh_select=attention
 
 
@@ -60,25 +80,28 @@ class LazyStreamingPolicy(Policy):
     while its switch is at the neutral value (a control point, e.g. refresh_budget=0)."""
 
     name = "lazy"
-    knobs = LAZY_KNOBS
+    config: type = LazyConfig
     piece: Optional[str] = None
     requires: Optional[str] = None  # switch knob the preset cannot run without
 
+    @classmethod
+    def settings(cls, policy_cfg) -> LazyConfig:
+        """Every lazy knob (neutral where the preset takes none: `streaming`)."""
+        return read_settings(LazyConfig, policy_cfg)
+
     def __init__(self, cfg):
         super().__init__(cfg)
-        p = cfg.policy
+        p = self.pcfg
         self.max_drop = None if p.max_drop is None else int(p.max_drop)
         self.overlap = int(p.overlap)
         self.refresh_budget = int(p.refresh_budget)
         m = p.refresh_budget if p.refresh_per_prune is None else p.refresh_per_prune
         self.refresh_per_prune = min(int(m), self.refresh_budget)
         self.refresh_select = str(p.refresh_select)
-        self.refresh_keep = str(p.get("refresh_keep") or "fifo")
+        self.refresh_keep = str(p.refresh_keep or "fifo")
         # refresh_select=attention: the SnapKV-style scorer, fed by the decoder's attention observer
         self._window = None
         if self.refresh_per_prune > 0 and self.refresh_select == "attention":
-            from streamkv.policies.snapkv import QueryWindow
-
             self._window = QueryWindow(p.obs_window, p.kernel_size, p.pooling, shift=True)
         self.mode = None if p.mode is None else str(p.mode)
         # largest body beyond `window` that may stay in the cache after a step (the prune bound)
@@ -93,11 +116,11 @@ class LazyStreamingPolicy(Policy):
     @classmethod
     def check(cls, cfg) -> None:
         check_knobs(cls, cfg)
-        if cls.knobs != LAZY_KNOBS:  # a preset that takes no knobs (streaming): nothing else to check
+        if not cls.knobs():  # a preset that takes no knobs (streaming): nothing else to check
             return
-        p, R = cfg.policy, cfg.compress_every
+        p, R = cls.settings(cfg.policy), cfg.compress_every
         if cls.requires is not None:
-            _need(p.get(cls.requires) is not None,
+            _need(getattr(p, cls.requires) is not None,
                   f"policy.{cls.requires}: required for policy={cls.name} (see docs/policies.md)")
         if p.max_drop is not None:
             _need(p.max_drop >= 1, f"policy.max_drop: must be >= 1 (got {p.max_drop})")
@@ -108,12 +131,10 @@ class LazyStreamingPolicy(Policy):
         _need(p.refresh_keep in REFRESH_KEEPS,
               f"policy.refresh_keep: '{p.refresh_keep}' is not one of {', '.join(REFRESH_KEEPS)}")
         if p.refresh_select == "attention":
-            from streamkv.policies.snapkv import check_window_knobs
-
-            check_window_knobs(cfg)
+            check_window_knobs(p, cfg.window)
         else:  # the scores exist only with the attention selection
             for knob in ATTENTION_KNOBS:
-                _need(not knob_is_set(cfg, knob), f"policy.{knob}: only used with policy.refresh_select=attention "
+                _need(not knob_is_set(p, knob), f"policy.{knob}: only used with policy.refresh_select=attention "
                                                   f"(got refresh_select={p.refresh_select})")
         if p.refresh_per_prune is not None:
             _need(p.refresh_per_prune >= 1, f"policy.refresh_per_prune: must be >= 1 (got {p.refresh_per_prune})")
@@ -140,13 +161,13 @@ class LazyStreamingPolicy(Policy):
         for piece, is_off in off.items():
             if is_off and cls.piece != piece:
                 for knob in PIECES[piece][1:]:
-                    if knob_is_set(cfg, knob):
+                    if knob_is_set(p, knob):
                         switch = PIECES[piece][0]
                         raise ConfigError(f"policy.{knob}: has no effect while policy.{switch} is off "
                                           f"(set policy.{switch}, or use policy={piece})")
         if p.mode == "slack" and cls.piece != "adaptive":
             for knob in ("entropy_window", "entropy_low", "entropy_high"):
-                if knob_is_set(cfg, knob):
+                if knob_is_set(p, knob):
                     raise ConfigError(f"policy.{knob}: only used with policy.mode=entropy (got mode=slack)")
 
     @property

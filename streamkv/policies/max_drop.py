@@ -1,6 +1,15 @@
 from __future__ import annotations
 
-from streamkv.policies.lazy import LazyStreamingPolicy
+from dataclasses import dataclass
+from typing import Optional
+
+from streamkv.policies.lazy import LazyConfig, LazyStreamingPolicy
+
+
+@dataclass
+class MaxDropConfig(LazyConfig):
+    name: str = "max_drop"
+    max_drop: Optional[int] = 8
 
 
 class MaxDropPolicy(LazyStreamingPolicy):
@@ -12,5 +21,6 @@ class MaxDropPolicy(LazyStreamingPolicy):
     """
 
     name = "max_drop"
+    config: type = MaxDropConfig
     piece = "max_drop"
     requires = "max_drop"

@@ -1,6 +1,14 @@
 from __future__ import annotations
 
-from streamkv.policies.lazy import LazyStreamingPolicy
+from dataclasses import dataclass
+
+from streamkv.policies.lazy import LazyConfig, LazyStreamingPolicy
+
+
+@dataclass
+class OverlapConfig(LazyConfig):
+    name: str = "overlap"
+    overlap: int = 8
 
 
 class OverlapPolicy(LazyStreamingPolicy):
@@ -12,4 +20,5 @@ class OverlapPolicy(LazyStreamingPolicy):
     """
 
     name = "overlap"
+    config: type = OverlapConfig
     piece = "overlap"

@@ -1,6 +1,14 @@
 from __future__ import annotations
 
-from streamkv.policies.lazy import LazyStreamingPolicy
+from dataclasses import dataclass
+
+from streamkv.policies.lazy import LazyConfig, LazyStreamingPolicy
+
+
+@dataclass
+class RefreshConfig(LazyConfig):
+    name: str = "refresh"
+    refresh_budget: int = 16
 
 
 class RefreshPolicy(LazyStreamingPolicy):
@@ -17,4 +25,5 @@ class RefreshPolicy(LazyStreamingPolicy):
     """
 
     name = "refresh"
+    config: type = RefreshConfig
     piece = "refresh"

@@ -20,14 +20,25 @@ keys as the cache manager rotates them).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
+from streamkv.config import PolicyConfig
 from streamkv.policies.base import Decision, Policy, check_knobs
 
 POSITIONS = ("original", "shift")
+
+
+@dataclass
+class ScoredConfig(PolicyConfig):
+    """The knob every score-based baseline takes."""
+
+    # RoPE positions of the kept tokens: original (each keeps its text position, as kvpress) | shift
+    # (StreamingLLM: contiguous positions in cache order); null = the policy's own, original
+    positions: Optional[str] = None
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask, scale: float) -> torch.Tensor:
@@ -73,7 +84,7 @@ class ScoredPolicy(Policy):
     `n_recent` (newest tokens always kept)."""
 
     position_mode = "original"  # the class default; __init__ sets the instance's from policy.positions
-    knobs: tuple = ("positions",)
+    config: type = ScoredConfig
     # how the cudagraph backends score on the device (streamkv.backends.scored_eviction.ScoredEviction):
     # "last" = the step's query only (TOVA), "accumulated" = every query since the token's write (H2O),
     # "window" = the last obs_window queries, pooled (SnapKV); None = the graph backends run it eager
@@ -81,7 +92,7 @@ class ScoredPolicy(Policy):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.position_mode = str(self.pcfg.get("positions") or "original")
+        self.position_mode = str(self.pcfg.positions or "original")
         self.n_layers = 1
         self.scale = 1.0
         self.cache = None
@@ -92,7 +103,7 @@ class ScoredPolicy(Policy):
         from streamkv.errors import ConfigError
 
         check_knobs(cls, cfg)
-        positions = cfg.policy.get("positions")
+        positions = cls.settings(cfg.policy).positions
         if positions is not None and positions not in POSITIONS:
             raise ConfigError(f"policy.positions: '{positions}' is not one of {', '.join(POSITIONS)}")
 

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from streamkv.errors import ConfigError
-from streamkv.policies.scored import ScoredPolicy, attention_weights, rotate_by
+from streamkv.config import PolicyConfig
+from streamkv.policies.scored import ScoredConfig, ScoredPolicy, attention_weights, rotate_by
 
 POOLINGS = ("avg", "max")
 
@@ -27,12 +30,24 @@ def snapkv_scores(attn: torch.Tensor, n_window: int, kernel_size: int, pooling: 
     return x.reshape(Hkv, G, n).mean(1).mean(0)
 
 
-def check_window_knobs(cfg) -> None:
-    """obs_window / kernel_size / pooling: the knobs of the SnapKV score (snapkv and the refresh policy's
-    refresh_select=attention)."""
-    p = cfg.policy
-    if not 1 <= p.obs_window <= cfg.window:
-        raise ConfigError(f"policy.obs_window: must be between 1 and window={cfg.window} (got {p.obs_window})")
+@dataclass
+class WindowScoreConfig(PolicyConfig):
+    """The knobs of SnapKV's score (snapkv, and the lazy core's refresh_select=attention)."""
+
+    obs_window: int = 8  # recent queries that score the cache (snapkv: and recent tokens always kept)
+    kernel_size: int = 5  # 1D pooling kernel over the scores (odd)
+    pooling: str = "avg"  # avg | max
+
+
+@dataclass
+class SnapKVConfig(ScoredConfig, WindowScoreConfig):
+    name: str = "snapkv"
+
+
+def check_window_knobs(p: WindowScoreConfig, window: int) -> None:
+    """obs_window / kernel_size / pooling in range (p: the policy's settings)."""
+    if not 1 <= p.obs_window <= window:
+        raise ConfigError(f"policy.obs_window: must be between 1 and window={window} (got {p.obs_window})")
     if p.kernel_size < 1 or p.kernel_size % 2 == 0:
         raise ConfigError(f"policy.kernel_size: must be an odd number >= 1 (got {p.kernel_size})")
     if p.pooling not in POOLINGS:
@@ -118,13 +133,13 @@ class SnapKVPolicy(ScoredPolicy):
     """
 
     name = "snapkv"
-    knobs = ("obs_window", "kernel_size", "pooling", "positions")
+    config: type = SnapKVConfig
     device_scores = "window"
 
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
-        check_window_knobs(cfg)
+        check_window_knobs(cls.settings(cfg.policy), cfg.window)
 
     @property
     def n_recent(self) -> int:

@@ -1,6 +1,14 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from streamkv.config import PolicyConfig
 from streamkv.policies.lazy import LazyStreamingPolicy
+
+
+@dataclass
+class StreamingConfig(PolicyConfig):
+    name: str = "streaming"
 
 
 class StreamingPolicy(LazyStreamingPolicy):
@@ -12,4 +20,4 @@ class StreamingPolicy(LazyStreamingPolicy):
     """
 
     name = "streaming"
-    knobs = ()
+    config: type = StreamingConfig

@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from streamkv.policies.scored import ScoredPolicy, attention_weights
+from streamkv.policies.scored import ScoredConfig, ScoredPolicy, attention_weights
+
+
+@dataclass
+class TOVAConfig(ScoredConfig):
+    name: str = "tova"
 
 
 class TOVAPolicy(ScoredPolicy):
@@ -16,7 +23,7 @@ class TOVAPolicy(ScoredPolicy):
     """
 
     name = "tova"
-    knobs = ("positions",)
+    config: type = TOVAConfig
     device_scores = "last"
 
     @property
