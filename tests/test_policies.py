@@ -108,8 +108,10 @@ LAZY_CASES = {
 
 
 def _knobs(overrides):
+    from streamkv.policies import POLICIES
+
     cfg = compose("model=tiny_llama", *overrides)
-    p = cfg.policy
+    p = POLICIES[cfg.policy.name].settings(cfg.policy)  # every lazy knob (neutral where the preset takes none)
     slack = cfg.compress_every - 1 if p.mode is None else p.extra_slack
     return cfg, p, slack
 
