@@ -9,7 +9,7 @@ from streamkv.policies.lazy import LazyConfig, LazyStreamingPolicy
 @dataclass
 class AdaptiveConfig(LazyConfig):
     name: str = "adaptive"
-    mode: Optional[str] = "slack"
+    mode: Optional[str] = "slack"  # the preset's trigger (LazyConfig: null = the fixed period); required here
     extra_slack: int = 32
 
 

@@ -9,7 +9,7 @@ from streamkv.policies.lazy import LazyConfig, LazyStreamingPolicy
 @dataclass
 class MaxDropConfig(LazyConfig):
     name: str = "max_drop"
-    max_drop: Optional[int] = 8
+    max_drop: Optional[int] = 8  # the preset's cap (LazyConfig: null = off); required here
 
 
 class MaxDropPolicy(LazyStreamingPolicy):

@@ -8,7 +8,7 @@ from streamkv.policies.lazy import LazyConfig, LazyStreamingPolicy
 @dataclass
 class OverlapConfig(LazyConfig):
     name: str = "overlap"
-    overlap: int = 8
+    overlap: int = 8  # the preset's overlap (LazyConfig: 0 = off); must be < compress_every
 
 
 class OverlapPolicy(LazyStreamingPolicy):

@@ -8,7 +8,7 @@ from streamkv.policies.lazy import LazyConfig, LazyStreamingPolicy
 @dataclass
 class RefreshConfig(LazyConfig):
     name: str = "refresh"
-    refresh_budget: int = 16
+    refresh_budget: int = 16  # the preset's region (LazyConfig: 0 = off)
 
 
 class RefreshPolicy(LazyStreamingPolicy):
