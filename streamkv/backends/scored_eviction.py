@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from streamkv.backends.schedule import ScoredPlan
-from streamkv.policies.h2o import QUERY_CHUNK
+from streamkv.policies.h2o import QUERY_CHUNK, h2o_scores
 from streamkv.policies.scored import attention_weights, rotate_by
+from streamkv.policies.snapkv import pooled_scores
+from streamkv.policies.tova import tova_scores
 
 
 def kept_first(valid: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,8 @@ class ScoredEviction:
     and at a prune the keep mask of streamkv.policies.scored.keep_top: the sinks (positions < n_sink),
     the n_recent newest (positions > newest - n_recent) and the n_top best-scored others (one topk over
     a key that orders by score, then the older first, as keep_top's stable sort). The scores are the
-    eager policies' arithmetic (attention_weights: softmax(q K^T * scale) against the valid slots):
+    eager policies' own functions (tova_scores, h2o_scores, pooled_scores) of attention_weights
+    (softmax(q K^T * scale) against the valid slots):
       "last" (TOVA): the step's query, mean over heads, summed over layers;
       "accumulated" (H2O): the same / n_layers, summed over every query since the token was written
         (the prefill's causal rows included);
@@ -111,9 +113,9 @@ class ScoredEviction:
             return self._window_scores(i, keys, valid[:self.C])
         w = attention_weights(q, keys[None], valid[:self.C].view(1, -1), self.scale)  # [Hkv, G, 1, C]
         if self.plan.scores == "last":
-            self.acc[:self.C] += w[:, :, 0].mean((0, 1))
+            self.acc[:self.C] += tova_scores(w)
         else:
-            self.acc[:self.C] += w.sum(2).mean((0, 1)) / self.n_layers
+            self.acc[:self.C] += h2o_scores(w, self.n_layers)
 
     def evict(self, t, valid, qpos) -> None:
         """End of decode step t: the scheduled prune (if any) keeps keep_top's slots."""
@@ -158,13 +160,13 @@ class ScoredEviction:
             return
         if plan.scores == "last":  # the last query row sees every key
             if plan.prefill_prune:
-                self.acc[:P] += attention_weights(q[:, :, -1:], k, None, self.scale)[:, :, 0].mean((0, 1))
+                self.acc[:P] += tova_scores(attention_weights(q[:, :, -1:], k, None, self.scale))
             return
         idx = torch.arange(P, device=q.device)
         for a in range(0, P, QUERY_CHUNK):
             causal = idx[None, :] <= idx[a:a + QUERY_CHUNK, None]
             w = attention_weights(q[:, :, a:a + QUERY_CHUNK], k, causal, self.scale)
-            self.acc[:P] += w.sum(2).mean((0, 1)) / self.n_layers
+            self.acc[:P] += h2o_scores(w, self.n_layers)
 
     def end_prefill(self, P: int, valid) -> None:
         if self.plan.prefill_prune:
@@ -208,8 +210,5 @@ class ScoredEviction:
             qs = rotate_by(qs, self.qdelta, self.inv_freq)
         mask = valid[None, :] & (self.slot_pos[None, :C] <= self.qring_pos.index_select(0, self.qorder)[:, None])
         attn = attention_weights(qs, keys[None], mask, self.scale)  # [Hkv, G, w, C]
-        Hkv, G = attn.shape[:2]
-        x = torch.where(self.scored_n, attn.mean(2).index_select(-1, self.order), 0.0).reshape(Hkv * G, 1, C)
-        pool = F.avg_pool1d if plan.pooling == "avg" else F.max_pool1d
-        x = pool(x, plan.kernel_size, stride=1, padding=plan.kernel_size // 2)
-        self.acc.index_add_(0, self.order, x.reshape(Hkv, G, C).mean(1).mean(0))
+        x = torch.where(self.scored_n, attn.mean(2).index_select(-1, self.order), 0.0)  # [Hkv, G, C]
+        self.acc.index_add_(0, self.order, pooled_scores(x, plan.kernel_size, plan.pooling))

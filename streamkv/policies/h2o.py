@@ -17,6 +17,13 @@ class H2OConfig(ScoredConfig):
     recent_frac: float = 0.5  # share of the window kept as the recent window (the rest: heavy hitters)
 
 
+def h2o_scores(attn: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """H2O's score increment of one layer: attn [Hkv, G, T, L] -> [L], the attention every key receives from
+    the T query rows (summed), mean over all heads, / n_layers. Accumulated over layers and steps by the
+    caller (the host policy, and the graph's ScoredEviction)."""
+    return attn.sum(2).mean((0, 1)) / n_layers
+
+
 class H2OPolicy(ScoredPolicy):
     """H2O (Zhang et al. 2023): heavy hitters + a recent window.
 
@@ -55,7 +62,7 @@ class H2OPolicy(ScoredPolicy):
         for i in range(0, q.shape[2], QUERY_CHUNK):  # a long prefill: bounded [H, chunk, L] at a time
             m = None if mask is None else mask[i:i + QUERY_CHUNK]
             w = attention_weights(q[:, :, i:i + QUERY_CHUNK], k, m, self.scale)
-            self._acc += w.sum(2).mean((0, 1)) / self.n_layers
+            self._acc += h2o_scores(w, self.n_layers)
 
     def scores(self, length: int) -> np.ndarray:
         return self._acc.cpu().numpy()

@@ -13,21 +13,27 @@ from streamkv.policies.scored import ScoredConfig, ScoredPolicy, attention_weigh
 POOLINGS = ("avg", "max")
 
 
+def pooled_scores(x: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """SnapKV's score of one layer from the observation queries' mean attention x [Hkv, G, n] (keys in cache
+    order; keys not scored zeroed): 1D pooling along the keys (stride 1, same length), mean over the G
+    query heads of each KV group, then (one decision for all heads) mean over the KV heads -> [n]. Summed
+    over the layers by the caller (the host QueryWindow, and the graph's ScoredEviction)."""
+    Hkv, G, n = x.shape
+    pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
+    x = pool(x.reshape(Hkv * G, 1, n), kernel_size, stride=1, padding=kernel_size // 2)
+    return x.reshape(Hkv, G, n).mean(1).mean(0)
+
+
 def snapkv_scores(attn: torch.Tensor, n_window: int, kernel_size: int, pooling: str) -> torch.Tensor:
     """SnapKV's scores of the keys before the observation window.
 
     attn: [Hkv, G, w, L] attention of the w observation queries (softmax over all L keys). Mean over
-    the queries, 1D pooling along the keys (stride 1, same length), mean over the G query heads of
-    each KV group, then (one decision for all heads) mean over the KV heads -> [L - n_window].
+    the queries, then pooled_scores -> [L - n_window].
     """
-    Hkv, G, _, L = attn.shape
-    n = L - n_window
+    n = attn.shape[-1] - n_window
     if n <= 0:
         return attn.new_zeros(0)
-    x = attn[..., :n].mean(2).reshape(Hkv * G, 1, n)
-    pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
-    x = pool(x, kernel_size, stride=1, padding=kernel_size // 2)
-    return x.reshape(Hkv, G, n).mean(1).mean(0)
+    return pooled_scores(attn[..., :n].mean(2), kernel_size, pooling)
 
 
 @dataclass

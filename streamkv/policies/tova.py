@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from streamkv.policies.scored import ScoredConfig, ScoredPolicy, attention_weights
 
@@ -10,6 +11,13 @@ from streamkv.policies.scored import ScoredConfig, ScoredPolicy, attention_weigh
 @dataclass
 class TOVAConfig(ScoredConfig):
     name: str = "tova"
+
+
+def tova_scores(attn: torch.Tensor) -> torch.Tensor:
+    """TOVA's score of one layer: attn [Hkv, G, T, L] (the last query row first along T) -> [L], the
+    attention of the step's query, mean over all heads. Summed over the layers by the caller (the host
+    policy, and the graph's ScoredEviction)."""
+    return attn[:, :, 0].mean((0, 1))
 
 
 class TOVAPolicy(ScoredPolicy):
@@ -37,7 +45,7 @@ class TOVAPolicy(ScoredPolicy):
         if not self.due(k.shape[2]):  # the scores are only needed right before a prune
             return
         w = attention_weights(q[:, :, -1:], k, None if mask is None else mask[-1:], self.scale)
-        s = w[:, :, 0].mean((0, 1))
+        s = tova_scores(w)
         self._acc = s if layer == 0 or self._acc is None else self._acc + s
 
     def scores(self, length: int) -> np.ndarray:
