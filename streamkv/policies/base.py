@@ -111,16 +111,17 @@ def read_settings(schema: type, policy_cfg):
 
 def knob_defaults() -> dict:
     """The neutral value of every `policy.<knob>` of every policy: its default in the config dataclass that
-    introduces it (e.g. LazyConfig's max_drop=None, not MaxDropConfig's preset value 8)."""
-    from streamkv.policies import POLICIES
-
+    introduces it (e.g. LazyConfig's max_drop=None, not MaxDropConfig's preset value 8). Read from every
+    PolicyConfig subclass loaded (importing streamkv.policies loads them all)."""
     out: dict = {}
-    for cls in POLICIES.values():
-        for klass in reversed(cls.config.__mro__):  # the most basic class first
-            if is_dataclass(klass):
-                for f in fields(klass):
-                    if f.name != "name":
-                        out.setdefault(f.name, f.default)
+    todo = [PolicyConfig]
+    while todo:
+        klass = todo.pop()
+        todo.extend(klass.__subclasses__())
+        inherited = {f.name for base in klass.__bases__ if is_dataclass(base) for f in fields(base)}
+        for f in fields(klass):
+            if f.name not in inherited and f.name != "name":
+                out[f.name] = f.default
     return out
 
 
