@@ -11,16 +11,20 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from streamkv.bench import baselines
+from streamkv.bench import baselines  # called through the module: tests wrap its functions
 from streamkv.bench.cases import Case, default_cases
 from streamkv.bench.measure import alive_blocks, copy_bandwidth, device_name, left_resident
 from streamkv.bench.ours import run_ours
 from streamkv.bench.report import Row, markdown, write_results
 from streamkv.bench.shapes import bench_dtype, bench_ids, kv_bytes_per_token, load_bench_model, weight_bytes
+
+if TYPE_CHECKING:
+    from streamkv.backends.graph import GemvOptions
 
 
 @dataclass
@@ -32,7 +36,7 @@ class BenchRun:
     dtype: torch.dtype  # the default; bench_dtype picks a model's own (GPT-NeoX: float16 on CUDA)
     bw: float  # bytes/s of a device-to-device copy, read + write (the roofline's denominator)
     out_dir: Path
-    gemv: object = None  # cudagraph_fused_gemv's GemvOptions (--gemv-max-mb); None: their defaults
+    gemv: GemvOptions | None = None  # cudagraph_fused_gemv's GemvOptions (--gemv-max-mb); None: their defaults
     meta: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)  # every finished Row of every model so far
 
