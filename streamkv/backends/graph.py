@@ -197,6 +197,11 @@ class GraphEvaluator:
         """The slots' valid mask [C + 1] (the slot cache's)."""
         return self.slots.valid
 
+    @property
+    def n_fix(self) -> int:
+        """Ring: the sink/refresh slots each step re-rotates (0: none)."""
+        return self.slots.n_fix
+
     def _reset_state(self) -> None:
         c = self.slots
         c.k.zero_()
