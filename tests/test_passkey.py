@@ -136,7 +136,7 @@ def test_identity_of_other_datasets_is_unchanged():
 
 def test_answer_metrics_by_hand():
     """Fixed logits: NLL and top-1 of the evaluator's scoring, reduced over the answer rows."""
-    from streamkv.evaluate import _score
+    from streamkv.evaluate import score_tokens as _score
     from streamkv.passkey import answer_metrics
 
     logits = torch.tensor([[2.0, 0.0, 0.0],    # target 0: top-1
