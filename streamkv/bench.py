@@ -265,7 +265,7 @@ def hf_seed_style(model, ids: torch.Tensor, prefill: int, decode: int, n_sink: i
     internals (DynamicCache.layers[i].keys / .values, transformers 5.x)."""
     from transformers import DynamicCache
 
-    from streamkv.backends.functional import score
+    from streamkv.scoring import score
 
     device = ids.device
     cache = DynamicCache(config=model.config)
@@ -321,7 +321,7 @@ def hf_static_compile(model, ids: torch.Tensor, prefill: int, decode: int, profi
     prefill + warm-up + decode (+ profile) tokens and the decode attends over that buffer."""
     from transformers import StaticCache
 
-    from streamkv.backends.functional import score
+    from streamkv.scoring import score
 
     device = ids.device
     warm = 4

@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from streamkv.policies import StepView
+from streamkv.scoring import score
 
 
 @dataclass
@@ -85,8 +86,6 @@ def _reset_peak(device: torch.device) -> float:
 
 def _score(logits: torch.Tensor, targets: torch.Tensor):
     """Per-position NLL, entropy (float32) and top-1 (bool) of `targets` under `logits` [T, V]."""
-    from streamkv.backends.functional import score
-
     return score(logits, targets, top1=True)
 
 

@@ -45,6 +45,7 @@ from streamkv.backends.schedule import (BookkeepingCache, EntropyDependent, Sche
                                         build_schedule, online_schedule)
 from streamkv.evaluate import EvalResult, _reset_peak, step_durations_ms
 from streamkv.policies.base import StepView
+from streamkv.scoring import score
 from streamkv.backends.scored_eviction import ScoredEviction, kept_first  # noqa: F401  (re-exported)
 
 log = logging.getLogger("streamkv")
@@ -314,7 +315,7 @@ class GraphEvaluator:
         else:
             x = self._layers_fused(x, t) if self.fused else self._layers_torch(x, t, ws)
             logits = fn.lm_head(x.view(1, -1), w)
-        nll, ent, top1 = fn.score(logits, self.ids.index_select(0, t + 1), top1=True)
+        nll, ent, top1 = score(logits, self.ids.index_select(0, t + 1), top1=True)
         self.nll.index_copy_(0, t, nll)
         self.entropy.index_copy_(0, t, ent)
         self.top1.index_copy_(0, t, top1)
@@ -549,7 +550,7 @@ class GraphEvaluator:
         h = fn.final_norm(x, w)[0]
         for a in range(0, P, 512):  # the head in chunks: [P, vocab] float32 logits would dominate peak memory
             b = min(a + 512, P)
-            self.nll[a:b], self.entropy[a:b], self.top1[a:b] = fn.score(fn.lm_head(h[a:b], w), self.ids[a + 1:b + 1],
+            self.nll[a:b], self.entropy[a:b], self.top1[a:b] = score(fn.lm_head(h[a:b], w), self.ids[a + 1:b + 1],
                                                                         top1=True)
         self.valid[slots] = True
         if self.scored is not None:
