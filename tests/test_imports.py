@@ -126,6 +126,22 @@ def test_graph_reads_every_module():
     assert "streamkv.backends.families" in graph["streamkv.decoder"]
 
 
+def test_import_mapping():
+    modules = {"streamkv.cache": None, "streamkv.cache.base": None, "streamkv.cache.slots": None,
+               "streamkv.errors": None}
+
+    def edges(src, here, is_pkg=False):
+        return imported(ast.parse(src).body[0], here, is_pkg, modules)
+
+    assert edges("from streamkv.cache import base", "streamkv.errors") == {"streamkv.cache.base"}
+    assert edges("from streamkv.cache import CACHES", "streamkv.errors") == {"streamkv.cache"}
+    assert edges("import streamkv.cache.slots as s", "streamkv.errors") == {"streamkv.cache.slots"}
+    assert edges("from . import base", "streamkv.cache.slots") == {"streamkv.cache.base"}
+    assert edges("from .base import CacheManager", "streamkv.cache", is_pkg=True) == {"streamkv.cache.base"}
+    assert edges("from ..errors import ConfigError", "streamkv.cache.slots") == {"streamkv.errors"}
+    assert edges("import numpy", "streamkv.cache.slots") == set()
+
+
 def test_cycle_finder_finds_a_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [("a", "b", "c")]
