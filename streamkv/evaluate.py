@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from streamkv.policies import StepView
+from streamkv.scoring import score
 from streamkv.timing import sync, timed_decode
 
 
@@ -65,8 +66,6 @@ def host_attention(device: torch.device):
 
 def score_tokens(logits: torch.Tensor, targets: torch.Tensor):
     """Per-position NLL, entropy (float32) and top-1 (bool) of `targets` under `logits` [T, V]."""
-    from streamkv.backends.functional import score
-
     return score(logits, targets, top1=True)
 
 

@@ -284,7 +284,7 @@ def test_graph_top1_and_position_with_prefill(one_thread):
     (("model=hf", "model.name_or_path=SomeOrg/unknown-model", "policy=full", "dataset=book"), False),  # unknown
 ])
 def test_context_warning(overrides, warns):
-    from streamkv.config import context_warning
+    from streamkv.validate import context_warning
 
     msg = context_warning(compose(*overrides))
     assert (msg is not None) == warns, msg
@@ -293,7 +293,7 @@ def test_context_warning(overrides, warns):
 
 
 def test_context_warning_reads_a_local_model_dir(tmp_path):
-    from streamkv.config import context_warning
+    from streamkv.validate import context_warning
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 1024}))
     cfg = compose("model=hf", f"model.name_or_path={tmp_path}", "policy=full", "dataset=wiki")

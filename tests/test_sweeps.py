@@ -14,7 +14,7 @@ def jobs_of(preset: str, *extra: str) -> list:
     from omegaconf import OmegaConf
 
     from streamkv.cli import compose_jobs
-    from streamkv.config import validate
+    from streamkv.validate import validate
     from streamkv.record import run_identity
 
     cfgs = compose_jobs(["-m", f"+sweep={preset}", *extra])

@@ -42,6 +42,7 @@ from streamkv.backends.graph_layers import GemvOptions, LayerStack, SlotCache
 from streamkv.backends.online import Compaction, OnlineDecisions, gather
 from streamkv.backends.schedule import EntropyDependent, Schedule, Unschedulable, build_schedule, online_schedule
 from streamkv.backends.scored_eviction import ScoredEviction, kept_first  # noqa: F401  (re-exported)
+from streamkv.scoring import score
 from streamkv.evaluate import EvalResult
 from streamkv.timing import capture_stream, sync, timed_decode
 
@@ -273,7 +274,7 @@ class GraphEvaluator:
         c.valid.index_fill_(0, ws, True)
         x = w.embed.index_select(0, self.ids.index_select(0, t)).unsqueeze(0)  # [1, 1, hidden]
         logits = self.layers(x, t, ws)
-        nll, ent, top1 = fn.score(logits, self.ids.index_select(0, t + 1), top1=True)
+        nll, ent, top1 = score(logits, self.ids.index_select(0, t + 1), top1=True)
         self.nll.index_copy_(0, t, nll)
         self.entropy.index_copy_(0, t, ent)
         self.top1.index_copy_(0, t, top1)
@@ -308,7 +309,7 @@ class GraphEvaluator:
         h = fn.final_norm(x, w)[0]
         for a in range(0, P, 512):  # the head in chunks: [P, vocab] float32 logits would dominate peak memory
             b = min(a + 512, P)
-            self.nll[a:b], self.entropy[a:b], self.top1[a:b] = fn.score(fn.lm_head(h[a:b], w), self.ids[a + 1:b + 1],
+            self.nll[a:b], self.entropy[a:b], self.top1[a:b] = score(fn.lm_head(h[a:b], w), self.ids[a + 1:b + 1],
                                                                         top1=True)
         c.valid[slots] = True
         if self.scored is not None:

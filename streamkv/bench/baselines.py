@@ -12,7 +12,8 @@ import time
 import numpy as np
 import torch
 
-from streamkv.bench.measure import _sync, kernel_profile
+from streamkv.bench.measure import kernel_profile
+from streamkv.timing import sync
 
 
 def _forward_kwargs(model) -> set:
@@ -28,7 +29,7 @@ def hf_seed_style(model, ids: torch.Tensor, prefill: int, decode: int, n_sink: i
     internals (DynamicCache.layers[i].keys / .values, transformers 5.x)."""
     from transformers import DynamicCache
 
-    from streamkv.backends.functional import score
+    from streamkv.scoring import score
 
     device = ids.device
     cache = DynamicCache(config=model.config)
@@ -49,22 +50,22 @@ def hf_seed_style(model, ids: torch.Tensor, prefill: int, decode: int, n_sink: i
         prune()
 
     with torch.inference_mode():
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         model(input_ids=ids[None, :prefill], past_key_values=cache, use_cache=True)
         prune()
-        _sync(device)
+        sync(device)
         prefill_ms = (time.perf_counter() - t0) * 1e3
         for t in range(prefill, prefill + 4):  # warm-up
             step(t)
         visible.clear(), nll.clear()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for t in range(prefill + 4, prefill + 4 + decode):
             step(t)
-        _sync(device)
+        sync(device)
         decode_ms = (time.perf_counter() - t0) * 1e3
         res = {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "decode_tokens": decode,
                "visible_kv_mean": float(np.mean(visible)) + 1, "nll": torch.cat(nll).float().cpu().numpy(),
@@ -81,7 +82,7 @@ def hf_static_compile(model, ids: torch.Tensor, prefill: int, decode: int, profi
     prefill + warm-up + decode (+ profile) tokens and the decode attends over that buffer."""
     from transformers import StaticCache
 
-    from streamkv.backends.functional import score
+    from streamkv.scoring import score
 
     device = ids.device
     warm = 4
@@ -103,24 +104,24 @@ def hf_static_compile(model, ids: torch.Tensor, prefill: int, decode: int, profi
         nll.append(score(out.logits[0], ids[t + 1:t + 2])[0].clone())
 
     with torch.inference_mode():
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         call(model.forward, 0, prefill)  # prefill: eager (HF's recommendation: never compile the prefill)
-        _sync(device)
+        sync(device)
         prefill_ms = (time.perf_counter() - t0) * 1e3
         c0 = time.perf_counter()
         for t in range(prefill, prefill + warm):  # compiles and records the CUDA graph
             step(t)
-        _sync(device)
+        sync(device)
         compile_s = time.perf_counter() - c0
         nll.clear()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for t in range(prefill + warm, prefill + warm + decode):
             step(t)
-        _sync(device)
+        sync(device)
         decode_ms = (time.perf_counter() - t0) * 1e3
         res = {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "decode_tokens": decode, "compile_s": compile_s,
                "visible_kv_mean": prefill + warm + decode / 2 + 1, "max_cache_len": total,

@@ -12,16 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streamkv.timing import sync
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
@@ -30,10 +27,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) 
     dst = torch.empty_like(src)
     times = []
     for i in range(reps + 2):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         if i >= 2:
             times.append(time.perf_counter() - t0)
     del src, dst
@@ -49,12 +46,12 @@ def kernel_profile(step, n_steps: int, device: torch.device, trace_path: Path | 
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
+    sync(device)
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
         for _ in range(n_steps):
             step()
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - t0
     path = trace_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"streamkv-trace-{os.getpid()}.json"
     prof.export_chrome_trace(str(path))
