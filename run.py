@@ -11,6 +11,7 @@ command resumes it: runs with an ok record are skipped (rerun=true forces them).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -20,18 +21,16 @@ from hydra.core.hydra_config import HydraConfig
 
 from streamkv import sweep
 from streamkv.cli import default_sweep_dir, fail, precheck, print_summary
-from streamkv.config import ConfigError
+from streamkv.errors import ConfigError
 from streamkv.policies import register_configs
-from streamkv.record import utc_now
+from streamkv.record import run_identity, utc_now
+from streamkv.runner import plain_config, record_failure, run_job
 
 register_configs()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg) -> str:
-    from streamkv.record import run_identity
-    from streamkv.runner import plain_config, record_failure, run_job
-
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"
@@ -46,8 +45,6 @@ def main(cfg) -> str:
         sweep.inject_fault(hc.job.get("num") if multirun else None)
         payload = run_job(cfg, run_dir)
     except Exception as exc:  # the sweep goes on; the record says what happened
-        import logging
-
         if not isinstance(exc, ConfigError):
             logging.getLogger("streamkv").info("run failed", exc_info=True)  # traceback: run.log only
         payload = record_failure(cfg, run_dir, exc, started)

@@ -1,4 +1,5 @@
-"""streamkv analysis: run records -> tables, plots and a report. Reads files only (no torch, no streamkv).
+"""streamkv analysis: run records -> tables, plots and a report. Reads files only (no torch; of streamkv only
+its run-record reader, streamkv.record).
 
 Entry point: `python -m analysis <dirs...> --out report/` (see docs/analysis.md).
 """

@@ -1,7 +1,7 @@
 """Run records -> one DataFrame row per run.
 
-Reads only the files described in docs/run-record.md (result.json, .hydra/*.yaml); never imports
-streamkv or torch, so it works on copied results anywhere.
+Reads only the files described in docs/run-record.md (result.json through streamkv.record's reader,
+.hydra/*.yaml); never imports torch or the rest of streamkv, so it works on copied results anywhere.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from typing import Any, Iterable
 
 import pandas as pd
 import yaml
+
+# the run record's own reader and its presentation-only keys (streamkv.record needs no torch)
+from streamkv.record import NON_IDENTITY_KEYS, read_result
 
 
 class AnalysisError(Exception):
@@ -78,9 +81,6 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Config keys that do not change what a run measures (= streamkv.record.NON_IDENTITY_KEYS; not
-# imported: this module never imports streamkv).
-NON_IDENTITY_KEYS = ("progress", "rerun")
 # Knobs added after records existed (= streamkv.record.LEGACY_VALUES): dropped at the values that mean
 # what earlier runs did, so records from before the knob and after it fall into the same config group.
 LEGACY_VALUES = {("policy", "positions"): (None, "original")}
@@ -136,10 +136,7 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
     result = run_dir / "result.json"
     if result.is_file():
         try:
-            with open(result) as f:
-                rec = json.load(f)
-            if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
+            rec = read_result(run_dir, strict=True)
         except Exception as e:
             rec = None
             info.update(status="failed", error_type="UnreadableResult", error=f"result.json: {e}")

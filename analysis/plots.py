@@ -319,7 +319,12 @@ def regime_plot(t: pd.DataFrame, facet_cols: list[str], series_cols: list[str]) 
     PPL (when there is one) as a grey dashed line."""
     d = regime_data(t)
     fkey = _facet_key(d, facet_cols)
-    rows = sorted(set(fkey)) or [""]
+    # only the facets that hold a regime sweep: other sweeps in the same report (one window, a few R)
+    # would add empty panels and their many configs to the legend
+    keep = [f for f in sorted(set(fkey)) if has_regimes(d[fkey == f])]
+    if keep:
+        d, fkey = d[fkey.isin(keep)], fkey[fkey.isin(keep)]
+    rows = keep or sorted(set(fkey)) or [""]
     wins = sorted({float(w) for w in d["window"]}) or [0.0]
     fig, axes = plt.subplots(len(rows), len(wins), figsize=(4.6 * len(wins) + 1.5, 3.6 * len(rows)), squeeze=False)
     pal = palette(d["policy"]) if len(d) else {}

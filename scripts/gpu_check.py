@@ -157,7 +157,7 @@ def neox_model(dtype, layers: int, hidden: int, heads: int, vocab: int, dev):
 
 def check_neox_fp16(args, out_dir: Path) -> bool:
     from streamkv.bench import bench_ids, compose_run
-    from streamkv.config import validate
+    from streamkv.validate import validate
     from streamkv.runner import make_evaluator
 
     dev = torch.device(args.neox_device)  # cpu: a smoke run of this check (un-captured graph step)

@@ -78,5 +78,7 @@ for name in "$@"; do
   python3 scripts/relativize_records.py "$work/$name" 2>&1 | tail -1 | tee -a "$log"
   (cd "$work" && tar czf "$out/rec-$name.tar.gz" --exclude='.submitit' --exclude='_from_*' "$name")
 done
-(cd "$work" && grep -h -o '"status": *"[a-z]*"' */*/result.json 2>/dev/null | sort | uniq -c) | tee -a "$log"
+python3 -c 'import collections, sys; from streamkv.record import iter_results
+n = collections.Counter(rec.get("status") for _, rec in iter_results(sys.argv[1], "*/*/result.json"))
+print("\n".join(f"{c:7d} status {s}" for s, c in sorted(n.items(), key=str)))' "$work" | tee -a "$log"
 cp "$log" "$out/sweeps.log"; tail -c 3000 "$log"

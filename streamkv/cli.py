@@ -3,12 +3,25 @@ anything runs (one line per mistake, no traceback), and print a readable summary
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import re
 import sys
 from pathlib import Path
 
-from streamkv.config import ConfigError, validate
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from rich.console import Console
+from rich.table import Table
+
+from streamkv.errors import ConfigError
 from streamkv.policies import register_configs
+from streamkv.policies.base import knob_defaults
+from streamkv.record import run_identity
+from streamkv.validate import context_warning, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "dataset", "cache", "policy", "backend", "hydra/launcher", "sweep")
@@ -27,8 +40,6 @@ def _first_line(exc: BaseException) -> str:
 
 def expand_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     """The job list Hydra's basic sweeper would make (choice/range sweeps, cartesian product)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides(overrides)
     axes: dict[str, list[str]] = {}  # by key: a later override of a key replaces an earlier one
     for ov in parsed:
@@ -57,10 +68,8 @@ def expand_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
 def preset_blocks(overrides: list[str]) -> list[list[str]]:
     """The override lists of a sweep: one per block of a preset using the `blocks` sweeper
     (conf/sweep/*.yaml), else [overrides + hydra.sweeper.params] as Hydra's basic sweeper does."""
-    from hydra import compose
-    from hydra.errors import HydraException
+    # hydra_plugins/ is found from the repository root only (it is not installed with the package)
     from hydra_plugins.streamkv_sweeper.blocks_sweeper import block_overrides
-    from omegaconf.errors import OmegaConfBaseException
 
     fixed = [o for o in overrides if "," not in o.split("=", 1)[-1] and not o.lstrip("+~").startswith("hydra")]
     try:
@@ -72,10 +81,6 @@ def preset_blocks(overrides: list[str]) -> list[list[str]]:
 
 def compose_jobs(argv: list[str]) -> list:
     """Compose every job of this command line (a sweep's union of products), as Hydra will."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
     register_configs()
@@ -103,10 +108,6 @@ def compose_jobs(argv: list[str]) -> list:
 def precheck(argv: list[str]) -> list[str | None]:
     """Validate all jobs of this command line; raise ConfigError on the first bad one.
     Returns one identity per job (None where rerun=true: such a job never counts as done)."""
-    from omegaconf import OmegaConf
-
-    from streamkv.record import run_identity
-
     identities: list[str | None] = []
     cfgs = compose_jobs(argv)
     for cfg in cfgs:
@@ -117,9 +118,7 @@ def precheck(argv: list[str]) -> list[str | None]:
 
 
 def warn_context(cfgs: list) -> None:
-    """One stderr line if any job can exceed its model's trained context (streamkv.config.context_warning)."""
-    from streamkv.config import context_warning
-
+    """One stderr line if any job can exceed its model's trained context (streamkv.validate.context_warning)."""
     warnings = [w for w in map(context_warning, cfgs) if w]
     if warnings:
         more = f" ({len(warnings)} of {len(cfgs)} jobs, e.g. the first)" if len(cfgs) > 1 else ""
@@ -133,14 +132,9 @@ def fail(msg: str, code: int = 2) -> None:
 
 def print_summary(payload: dict, run_dir, compact: bool = False) -> None:
     """One screen for a single run; one line per run inside a sweep."""
-    from rich.console import Console
-    from rich.table import Table
-
     cfg, m = payload["config"], payload["metrics"]
     pol = cfg["policy"]
-    from streamkv.policies.base import knob_defaults  # knobs away from their neutral default
-
-    defaults = knob_defaults()
+    defaults = knob_defaults()  # knobs away from their neutral default
     knobs = ", ".join(f"{k}={v}" for k, v in pol.items() if k != "name" and v != defaults.get(k))
     answer = (f", answer acc {m['answer_acc']} (NLL {m['answer_nll']:.3f})"
               if m.get("answer_acc") is not None else "")
@@ -185,9 +179,6 @@ def _ms(value) -> str:
 
 def default_sweep_dir(args: list[str]) -> str:
     """multirun/<readable overrides>-<hash>: the same command lands in the same dir (resumable)."""
-    import hashlib
-    import re
-
     overrides = sorted(a for a in args if not a.startswith("-") and "=" in a)
     digest = hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
     slug = re.sub(r"[^A-Za-z0-9=,._+-]", "_", "_".join(overrides))[:80] or "defaults"

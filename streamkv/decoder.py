@@ -17,7 +17,6 @@ import torch
 from streamkv.backends.families import FAMILIES, family_error
 from streamkv.backends.functional import attend
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ARCHS = tuple(FAMILIES)
 
 

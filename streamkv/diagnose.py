@@ -19,14 +19,16 @@ effective window as excess that follows the visible length across the whole cycl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rich.console import Console
+from rich.table import Table
 
 from streamkv import spikes as SP
+from streamkv.record import read_result
 
 EARLY = 4  # "right after a prune" = the first EARLY tokens since the last prune
 
@@ -40,11 +42,7 @@ def load_run(run_dir: Path) -> dict:
     tok, ev = run_dir / "tokens.parquet", run_dir / "events.parquet"
     if not tok.is_file():
         raise DiagnoseError(f"{run_dir}: no tokens.parquet (not a finished run directory)")
-    result = {}
-    try:
-        result = json.loads((run_dir / "result.json").read_text())
-    except (OSError, ValueError):
-        pass
+    result = read_result(run_dir) or {}
     events = pd.read_parquet(ev) if ev.is_file() else pd.DataFrame(columns=["step", "dropped"])
     return {"dir": run_dir, "tokens": pd.read_parquet(tok), "events": events, "result": result}
 
@@ -113,7 +111,7 @@ def verdict(a: dict) -> list[str]:
 
 
 def plot(run: dict, a: dict, ref: dict | None, out: Path, smooth: int) -> list[Path]:
-    import matplotlib
+    import matplotlib  # only when plotting (--out), with a non-interactive backend chosen first
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -175,9 +173,6 @@ def _bins(df: pd.DataFrame, key: str, max_rows: int = 16) -> pd.DataFrame:
 
 
 def print_report(run: dict, a: dict, paths: list[Path], top: int = 10) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     con = Console()
     m = a["metrics"]
     s = Table(title=f"spikes after prunes — {label(run)}", title_justify="left", show_header=False)

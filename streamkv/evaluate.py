@@ -1,9 +1,10 @@
 """The measurement protocol: prefill, then teacher-forced decode one token per step, with the
 policy deciding after every step and the cache manager carrying it out.
 
-Timing: CUDA is synchronized around the timed regions (no per-token sync); a warm-up of a few
-decode steps on a fresh cache runs first and is discarded. TPOT = decode time / decode tokens.
-TTFT = prefill time, or the first decode step's time when prefill_tokens = 0.
+Timing: streamkv/timing.py's `timed_decode`, the loop the graph path runs too (CUDA synchronized around
+the timed regions, no per-token sync); a warm-up of a few decode steps on a fresh cache runs first and is
+discarded. TPOT = decode time / decode tokens. TTFT = prefill time, or the first decode step's time when
+prefill_tokens = 0.
 
 Attention kernels on CUDA: the host-driven decode attends without cuDNN's SDPA (see `host_attention`).
 """
@@ -11,8 +12,6 @@ Attention kernels on CUDA: the host-driven decode attends without cuDNN's SDPA (
 from __future__ import annotations
 
 import contextlib
-import resource
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +20,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from streamkv.policies import StepView
+from streamkv.scoring import score
+from streamkv.timing import sync, timed_decode
 
 
 @dataclass
@@ -51,12 +52,6 @@ class EvalResult:
     answer: np.ndarray | None = None  # bool per predicted token: its target is an answer token (passkey)
 
 
-def step_durations_ms(stamps: np.ndarray) -> np.ndarray:
-    """Per predicted token (n - 1 of them): stamps[t + 1] - stamps[t] in ms, from the start times of the
-    decode steps (NaN before the first) and the end of the decode in stamps[n - 1]."""
-    return np.diff(stamps) * 1e3
-
-
 # cuDNN's SDPA (torch's first choice on an H100) builds and caches an execution plan for every new key
 # length, ~40 ms each: a host-driven decode whose cache grows pays that on every step until the window
 # fills, once per process, so the same eager config measured 25 or 48 ms/token depending on what ran
@@ -69,24 +64,8 @@ def host_attention(device: torch.device):
     return sdpa_kernel(HOST_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device: torch.device) -> float:
-    """CUDA: the peak allocated so far (MB), then start a new peak window (the decode phase)."""
-    if device.type != "cuda":
-        return float("nan")
-    peak = torch.cuda.max_memory_allocated(device) / 2**20
-    torch.cuda.reset_peak_memory_stats(device)
-    return peak
-
-
-def _score(logits: torch.Tensor, targets: torch.Tensor):
+def score_tokens(logits: torch.Tensor, targets: torch.Tensor):
     """Per-position NLL, entropy (float32) and top-1 (bool) of `targets` under `logits` [T, V]."""
-    from streamkv.backends.functional import score
-
     return score(logits, targets, top1=True)
 
 
@@ -128,72 +107,48 @@ class Evaluator:
         self._prepare(ids)
         if prefill:
             logits = self.decoder.forward(ids[None, :prefill], self.cache)[0]
-            _, self._entropy[:prefill], _ = _score(logits, ids[1:prefill + 1])
+            _, self._entropy[:prefill], _ = score_tokens(logits, ids[1:prefill + 1])
             self._maybe_prune(prefill - 1, None)
         for t in range(prefill, min(prefill + steps, len(ids) - 1)):
             logits = self.decoder.forward(ids[None, t:t + 1], self.cache)[0]
-            _, self._entropy[t:t + 1], _ = _score(logits, ids[t + 1:t + 2])
+            _, self._entropy[t:t + 1], _ = score_tokens(logits, ids[t + 1:t + 2])
             self._maybe_prune(t, None)
-        _sync(self.device)
+        sync(self.device)
 
     def _run(self, ids: torch.Tensor, prefill: int) -> EvalResult:
         n = len(ids)
         dev = self.device
         self._reset()
         self._prepare(ids)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
         nll = torch.zeros(n - 1, device=dev)
         top1 = torch.zeros(n - 1, device=dev, dtype=torch.bool)
         max_pos = 0  # host bookkeeping: no sync
         entropy = self._entropy[: n - 1]  # a view: policies read it through StepView
         visible = np.zeros(n - 1, dtype=np.int32)
         events: list = []
-        _sync(dev)
-        start = time.perf_counter()
 
-        prefill_ms = 0.0
-        if prefill:
-            logits = self.decoder.forward(ids[None, :prefill], self.cache)[0]
-            nll[:prefill], entropy[:prefill], top1[:prefill] = _score(logits, ids[1:prefill + 1])
+        def run_prefill(P: int) -> None:
+            nonlocal max_pos
+            logits = self.decoder.forward(ids[None, :P], self.cache)[0]
+            nll[:P], entropy[:P], top1[:P] = score_tokens(logits, ids[1:P + 1])
             max_pos = self.cache.query_position()
-            visible[:prefill] = np.arange(prefill)
-            self._maybe_prune(prefill - 1, events)
-            _sync(dev)
-            prefill_ms = (time.perf_counter() - start) * 1e3
-        prefill_peak = _reset_peak(dev)
-        ttft_ms = prefill_ms
+            visible[:P] = np.arange(P)
+            self._maybe_prune(P - 1, events)
 
-        decode_start = time.perf_counter()
-        steps = range(prefill, n - 1)
-        stamps = np.full(n, np.nan)  # stamps[t]: when step t started
-        bar = tqdm(steps, desc="decode", unit="tok", disable=not self.progress, mininterval=0.5, leave=False)
-        for t in bar:
-            stamps[t] = time.perf_counter()
+        def run_step(t: int) -> None:
+            nonlocal max_pos
             visible[t] = len(self.cache)
             logits = self.decoder.forward(ids[None, t:t + 1], self.cache)[0]
-            nll[t:t + 1], entropy[t:t + 1], top1[t:t + 1] = _score(logits, ids[t + 1:t + 2])
+            nll[t:t + 1], entropy[t:t + 1], top1[t:t + 1] = score_tokens(logits, ids[t + 1:t + 2])
             max_pos = max(max_pos, self.cache.query_position())
             self._maybe_prune(t, events)
-            if t == prefill and not prefill:
-                _sync(dev)
-                ttft_ms = (time.perf_counter() - decode_start) * 1e3
-        bar.close()
-        _sync(dev)
-        end = time.perf_counter()
-        stamps[n - 1] = end
-        decode_tokens = n - 1 - prefill
 
-        if dev.type == "cuda":
-            decode_peak = torch.cuda.max_memory_allocated(dev) / 2**20
-            peak_mb = max(prefill_peak, decode_peak)
-        else:  # the process's peak RSS (KiB on Linux)
-            decode_peak = float("nan")
-            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        def bar(steps):
+            return tqdm(steps, desc="decode", unit="tok", disable=not self.progress, mininterval=0.5, leave=False)
+
+        timing = timed_decode(dev, n, prefill, run_prefill, run_step, progress=bar)
         ids_np = ids.cpu().numpy()
         return EvalResult(
             index=np.arange(1, n), token_id=ids_np[1:], nll=nll.cpu().numpy(), entropy=entropy.cpu().numpy(),
-            visible_kv=visible, events=events, prefill_ms=prefill_ms, ttft_ms=ttft_ms,
-            decode_ms=(end - decode_start) * 1e3, total_s=end - start, peak_mem_mb=peak_mb,
-            decode_peak_mem_mb=decode_peak, prefill_tokens=prefill, decode_tokens=decode_tokens,
-            step_ms=step_durations_ms(stamps), top1=top1.cpu().numpy(), max_position=int(max_pos))
+            visible_kv=visible, events=events, top1=top1.cpu().numpy(), max_position=int(max_pos),
+            **timing.fields())

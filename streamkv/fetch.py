@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import sys
 
+from streamkv.corpora import fetch_all
+from streamkv.models import converted_smollm2_dir
+
 
 def main() -> int:
-    from streamkv.corpora import fetch_all
-    from streamkv.models import converted_smollm2_dir
-
     texts = fetch_all()
     model_dir = converted_smollm2_dir()
     for name, path in sorted(texts.items()):

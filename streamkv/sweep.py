@@ -24,7 +24,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from streamkv.record import read_result
+from streamkv.record import iter_results, read_result
 
 INVOCATION_ENV = "STREAMKV_INVOCATION"
 EXPECTED_JOBS_ENV = "STREAMKV_EXPECTED_JOBS"
@@ -39,11 +39,9 @@ def new_invocation() -> str:
 def finished_runs(sweep_dir: Path) -> dict[str, Path]:
     """identity -> run dir, for every ok record under sweep_dir."""
     found: dict[str, Path] = {}
-    if sweep_dir.is_dir():
-        for result in sorted(sweep_dir.glob("**/result.json")):
-            rec = read_result(result.parent)
-            if rec and rec.get("status") == "ok" and rec.get("identity"):
-                found.setdefault(rec["identity"], result.parent)
+    for run_dir, rec in iter_results(sweep_dir):
+        if rec.get("status") == "ok" and rec.get("identity"):
+            found.setdefault(rec["identity"], run_dir)
     return found
 
 

@@ -22,8 +22,8 @@ def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from streamkv.config import validate
     from streamkv.policies import register_configs
+    from streamkv.validate import validate
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

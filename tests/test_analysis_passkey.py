@@ -407,6 +407,24 @@ def test_regime_map(tmp_path):
     plots.plt.close(fig)
 
 
+def test_regime_map_leaves_out_other_sweeps(tmp_path):
+    """A report over a regime sweep and another sweep (one window, a few R, another model) draws only the
+    regime sweep's panels and legend entries."""
+    write_regime_sweep(tmp_path / "reg")
+    other = tmp_path / "other"
+    other.mkdir()
+    for n, (pol, r) in enumerate([("streaming", 1), ("streaming", 4), ("h2o", 4)]):
+        syn.write_run(other / str(n), syn.config(model="other_model", dataset="wiki", policy=pol, window=2048,
+                                                 compress_every=r), {**syn.metrics(1.0, 9.0 + n), **syn.timing(1.0)})
+    res = run(Options(paths=[str(tmp_path / "reg"), str(other)], out=tmp_path / "r", traces=0))
+    fig = plots.regime_plot(res.summary.table, ["model", "dataset"], [])
+    axes = [a for a in fig.axes if a.get_xlabel()]
+    assert len(axes) == 4 and not any("other_model" in a.get_title() or "2048" in a.get_title() for a in axes)
+    labels = {lab for a in fig.axes for lab in a.get_legend_handles_labels()[1]}
+    assert "h2o" not in labels and {"streaming", "max_drop"} <= labels
+    plots.plt.close(fig)
+
+
 def cluster_table(n_fast=20):
     pol = ["streaming", "refresh", "overlap", "max_drop"]
     rows = [{"model": "m", "policy": pol[i % 4], "cache": "ring", "backend": "graph", "compress_every": 2 ** (i % 6),

@@ -589,10 +589,11 @@ def test_bench_seed_style_case_runs_its_warm_cycle(tmp_path, monkeypatch):
     """The seed-style case first runs one discarded pass over a whole prune cycle (R steps; cuDNN plans per key
     length), so the text must be long enough for it even when the timed decode is shorter than R."""
     from streamkv import bench
+    from streamkv.bench import baselines
 
     calls = []
-    seed_style = bench.hf_seed_style
-    monkeypatch.setattr(bench, "hf_seed_style", lambda *a, **k: calls.append(a[3]) or seed_style(*a, **k))
+    seed_style = baselines.hf_seed_style
+    monkeypatch.setattr(baselines, "hf_seed_style", lambda *a, **k: calls.append(a[3]) or seed_style(*a, **k))
     bench.main(["--smoke", "--only", "seed-style", "--decode-slow", "8", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok"], rows

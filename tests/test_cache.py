@@ -307,7 +307,7 @@ def test_capacity_from_config_and_no_growth(manager):
 
 def test_capacity_override_and_check():
     cfg = compose("model=tiny_llama", "cache=ring", "cache.capacity=100", *BASE)
-    from streamkv.cache import cache_sizes
+    from streamkv.sizing import cache_sizes
 
     assert cache_sizes(cfg, 1000)["capacity"] == 100
     with pytest.raises(ConfigError, match=r"^cache.capacity: 20 is below"):

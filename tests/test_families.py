@@ -191,7 +191,7 @@ def test_gather_weights_shares_storage(name):
         assert layer.input_layernorm.bias.data_ptr() == lw.ln1_b.data_ptr()
     else:
         a = layer.self_attn
-        qs = w.q_size * model.config.hidden_size
+        qs = w.n_heads * w.head_dim * model.config.hidden_size
         assert a.q_proj.weight.data_ptr() == lw.wqkv.data_ptr()
         assert a.k_proj.weight.data_ptr() == lw.wqkv.data_ptr() + qs * lw.wqkv.element_size()
         assert layer.mlp.gate_proj.weight.data_ptr() == lw.wgu.data_ptr()
@@ -420,7 +420,7 @@ def test_pythia_preset_is_checked_before_loading():
     """A hub preset states its family and context (hub ids are not read offline): a backend that does not run
     GPT-NeoX fails in the precheck, and the plan's protocol (n_sink 4 + window 2048) is flagged as beyond
     Pythia's 2048 positions, both before any weights load."""
-    from streamkv.config import context_warning
+    from streamkv.validate import context_warning
     from streamkv.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:

@@ -221,7 +221,7 @@ def test_bench_neox_case_builds_and_runs_on_cpu(tmp_path):
     import torch
 
     from streamkv import bench
-    from streamkv.bench_neox import NEOX_SHAPES, bench_dtype
+    from streamkv.bench import NEOX_SHAPES, bench_dtype
 
     model, tok, info = bench.load_bench_model("tiny-neox", torch.device("cpu"), torch.float32)
     att = model.gpt_neox.layers[0].attention

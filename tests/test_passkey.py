@@ -136,7 +136,7 @@ def test_identity_of_other_datasets_is_unchanged():
 
 def test_answer_metrics_by_hand():
     """Fixed logits: NLL and top-1 of the evaluator's scoring, reduced over the answer rows."""
-    from streamkv.evaluate import _score
+    from streamkv.evaluate import score_tokens as _score
     from streamkv.passkey import answer_metrics
 
     logits = torch.tensor([[2.0, 0.0, 0.0],    # target 0: top-1
@@ -284,7 +284,7 @@ def test_graph_top1_and_position_with_prefill(one_thread):
     (("model=hf", "model.name_or_path=SomeOrg/unknown-model", "policy=full", "dataset=book"), False),  # unknown
 ])
 def test_context_warning(overrides, warns):
-    from streamkv.config import context_warning
+    from streamkv.validate import context_warning
 
     msg = context_warning(compose(*overrides))
     assert (msg is not None) == warns, msg
@@ -293,7 +293,7 @@ def test_context_warning(overrides, warns):
 
 
 def test_context_warning_reads_a_local_model_dir(tmp_path):
-    from streamkv.config import context_warning
+    from streamkv.validate import context_warning
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 1024}))
     cfg = compose("model=hf", f"model.name_or_path={tmp_path}", "policy=full", "dataset=wiki")

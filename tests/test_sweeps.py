@@ -14,8 +14,8 @@ def jobs_of(preset: str, *extra: str) -> list:
     from omegaconf import OmegaConf
 
     from streamkv.cli import compose_jobs
-    from streamkv.config import validate
     from streamkv.record import canonical_config, run_identity
+    from streamkv.validate import validate
 
     cfgs = compose_jobs(["-m", f"+sweep={preset}", *extra])
     for c in cfgs:

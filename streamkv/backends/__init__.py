@@ -39,6 +39,14 @@ cudagraph_fused: the same weights, prefill and attention, its layer stack in str
 
 from __future__ import annotations
 
+import torch
+
+from streamkv.backends import functional as fn
+from streamkv.backends.compile import compiled_dense
+from streamkv.backends.fused import fused_dense
+from streamkv.backends.graph import GemvOptions, GraphEvaluator
+from streamkv.errors import ConfigError
+
 BACKENDS = {
     "eager": "PyTorch eager, host-driven cache manager",
     "compile": "torch.compile (inductor) of the dense halves of each layer, host-driven cache manager",
@@ -54,8 +62,6 @@ PREALLOCATED = ("ring", "static")
 
 def check_backend(cfg) -> None:
     """Raise ConfigError (one line) if cfg.backend cannot run this config. Runs before any model loads."""
-    from streamkv.errors import ConfigError
-
     name = cfg.backend.name
     if name not in BACKENDS:
         raise ConfigError(f"backend: '{name}' is not one of {', '.join(BACKENDS)}")
@@ -72,8 +78,6 @@ def check_backend(cfg) -> None:
         if dev == "cpu":
             raise ConfigError(f"backend: '{name}' needs a CUDA device (device=cpu); on CPU use {on_cpu}")
         if dev == "auto":
-            import torch
-
             if not torch.cuda.is_available():
                 raise ConfigError(f"backend: '{name}' needs a CUDA device (device=auto finds none here); on CPU "
                                   f"use {on_cpu}")
@@ -90,21 +94,13 @@ def attach_backend(cfg, evaluator, tokenizer=None, gemv=None):
     evaluator.backend_name = evaluator.backend_used = name
     if name == "eager":
         return evaluator
-    from streamkv.backends import functional as fn
-
     weights = fn.gather_weights(evaluator.decoder.model, name)
     if name == "compile":
-        from streamkv.backends.compile import compiled_dense
-
         evaluator.decoder.dense = compiled_dense(weights)
         return evaluator
     if name == "fused":
-        from streamkv.backends.fused import fused_dense
-
         evaluator.decoder.dense = fused_dense(weights)
         return evaluator
-    from streamkv.backends.graph import GemvOptions, GraphEvaluator
-
     return GraphEvaluator(evaluator, layout=cfg.cache.name, tokenizer=tokenizer,
                           capture=bool(cfg.backend.get("capture", True)), gemv=gemv or GemvOptions(),
                           **graph_kernels(name))

@@ -171,14 +171,6 @@ class ModelWeights:
     lm_head_b: Optional[torch.Tensor] = None
 
     @property
-    def q_size(self) -> int:
-        return self.n_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.n_kv_heads * self.head_dim
-
-    @property
     def rotary_ndims(self) -> int:
         return self.family.rotary_ndims if self.family is not None else self.head_dim
 

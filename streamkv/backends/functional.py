@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from streamkv.backends.families import (FAMILIES, Family, LayerWeights, ModelWeights,  # noqa: F401 (re-exported)
                                         _fuse_rows, gather_weights)
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-
 
 # ---------------------------------------------------------------- plain functions (HF arithmetic)
 
@@ -121,13 +119,3 @@ class DenseBlocks:
         return self._out(x, attn, lw.wo, lw.bo, lw.ln2, lw.ln2_b, lw.wgu, lw.bgu, lw.wd, lw.bd, self.w.family,
                          self.w.act)
 
-
-def score(logits: torch.Tensor, targets: torch.Tensor, top1: bool = False):
-    """Per-position NLL and predictive entropy (float32) of `targets` under `logits` [T, V]; with
-    top1=True also whether each target is the top-1 prediction (bool; a tie with the maximum counts)."""
-    logp = logits.float().log_softmax(-1)
-    target_logp = logp.gather(-1, targets[:, None])[:, 0]
-    entropy = -(logp.exp() * logp).sum(-1)
-    if not top1:
-        return -target_logp, entropy
-    return -target_logp, entropy, target_logp >= logp.amax(-1)

@@ -2,8 +2,9 @@
 
 GraphEvaluator (streamkv/backends/graph.py) owns the weights (the family-neutral ModelWeights of
 streamkv/backends/families.py, as for every family), the slot cache, the schedule, the prefill (one
-family-neutral code path) and the capture; its `_layers_fused` hands the step's layers to
-`neox_layers_fused` for a LayerNorm family (`w.family.norm == "layer"`: GPT-NeoX). Per layer, 9 launches:
+family-neutral code path) and the capture; its fused LayerStack (streamkv/backends/graph_layers.py) hands
+the step's layers to `neox_layers_fused` for a LayerNorm family (`w.family.norm == "layer"`: GPT-NeoX).
+Per layer, 9 launches:
 
   add_layer_norm   the previous layer's residual adds (its output biases included) + ln1 (+ ln2 of the
                    same sum with the parallel residual): one Triton kernel
@@ -23,7 +24,7 @@ weights, streamkv/backends/gemv_kernels.py), and no liger kernel is needed (it h
 a fused residual add nor an exact GELU). Which GPT-NeoX models this step takes (exact GELU) is checked
 when the weights are gathered (families.check_backend_model).
 
-The attention is the graph evaluator's own (`_attend_fused`: kv_update in the family's q/k/v layout and
+The attention is the fused LayerStack's (`attend_fused`: kv_update in the family's q/k/v layout and
 rotary dims, the score-based policies' observation, decode attention), so every policy the graph path
 runs for the Llama family runs here too: the scheduled ones, tova / h2o / snapkv, and the entropy-driven
 ones online (tests/test_fused_neox.py).
@@ -37,19 +38,20 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------- the decode step's layers (capturable)
 
 
-def neox_layers_fused(ev, x, t):
+def neox_layers_fused(stack, x, t):
     """The decode step's layers and final norm for GPT-NeoX, from the token's embedding x [1, 1, hidden]:
-    returns the final LayerNorm's output [1, hidden] (the caller applies embed_out)."""
+    returns the final LayerNorm's output [1, hidden] (the caller applies embed_out). `stack`: the fused
+    LayerStack (its weights `w` and `attend_fused`)."""
     from streamkv.backends.triton_kernels import add_layer_norm, bias_gelu
 
-    w = ev.w
+    w = stack.w
     x = x.reshape(1, -1)
     pending = None  # the previous layer's outputs (with their biases) not yet added to the residual x
     fam = w.family
     for i, lw in enumerate(w.layers):
         ln2 = (lw.ln2, lw.ln2_b) if fam.parallel_residual else None
         x, h1, h2 = add_layer_norm(x, pending, (lw.ln1, lw.ln1_b), ln2, w.eps)
-        a = ev._attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv)  # kv_update adds the qkv bias
+        a = stack.attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv)  # kv_update adds the qkv bias
         o = F.linear(a.view(1, -1), lw.wo)
         if not fam.parallel_residual:  # ln2 norms x + attention
             x, h2, _ = add_layer_norm(x, [(o, lw.bo)], (lw.ln2, lw.ln2_b), None, w.eps)

@@ -1,6 +1,7 @@
 """Cache managers: one class each; `build_cache(name, ...)` picks one by `cache.name`.
 
-concat (the seed's baseline), soft_ring, ring, static: see docs/cache.md.
+concat (the seed's baseline), soft_ring, ring, static: see docs/cache.md. A manager is sized by numbers
+(streamkv.sizing.cache_sizes derives them from the policy); nothing here knows the policies.
 """
 
 from streamkv.cache.base import CacheManager
@@ -9,55 +10,21 @@ from streamkv.cache.ring import RingCache
 from streamkv.cache.slots import SlotCache
 from streamkv.cache.soft_ring import SoftRingCache
 from streamkv.cache.static import StaticCache
+from streamkv.errors import ConfigError
 
 CACHES = {cls.name: cls for cls in (ConcatCache, SoftRingCache, RingCache, StaticCache)}
 
 
-def policy_bound(cfg, policy=None) -> int | None:
-    """The most tokens the policy lets the cache hold during a step (its input token included, before
-    the prune): the policy's `capacity`; None if the policy never evicts (full)."""
-    if cfg.policy.name == "full":
-        return None
-    if policy is None:
-        from streamkv.policies import build_policy
-
-        policy = build_policy(cfg)
-    bound = getattr(policy, "capacity", None)
-    return None if bound is None else int(bound)
-
-
-def cache_sizes(cfg, n_tokens: int, policy=None) -> dict:
-    """build_cache's sizes for a run over `n_tokens` tokens: capacity (tokens held at most) = the
-    `cache.capacity` override if set, else the policy's bound, at least the prefill and at most the
-    text; side_capacity = sinks + refresh budget, or the policy's `side_bound` (score-based policies
-    with positions=shift) (the side tokens that get re-rotated; a hint, the side buffer grows if a
-    policy exceeds it)."""
-    explicit = cfg.cache.get("capacity")
-    if explicit is not None:
-        capacity = int(explicit)
-    else:
-        bound = policy_bound(cfg, policy)
-        capacity = n_tokens if bound is None else min(max(bound, int(cfg.prefill_tokens)), n_tokens)
-    side = int(cfg.n_sink) + int(cfg.policy.get("refresh_budget") or 0)
-    if policy is None:
-        from streamkv.policies import build_policy
-
-        policy = build_policy(cfg)
-    # score-based policies with positions=shift: any kept token may sit before a gap
-    side = max(side, int(getattr(policy, "side_bound", None) or 0))
-    return {"capacity": max(1, capacity), "side_capacity": max(1, side)}
-
-
-def check_cache(cfg) -> None:
-    from streamkv.errors import ConfigError
-
+def check_cache(cfg, bound: int | None = None) -> None:
+    """ConfigError (one line) if cfg.cache cannot serve this run; `bound`: the tokens the policy holds
+    during a step (streamkv.sizing.policy_bound; None: it never evicts), checked against cache.capacity."""
     if cfg.cache.name not in CACHES:
         raise ConfigError(f"cache: '{cfg.cache.name}' is not one of {', '.join(sorted(CACHES))}")
-    CACHES[cfg.cache.name].check(cfg)
+    CACHES[cfg.cache.name].check(cfg, bound)
 
 
 def build_cache(name: str, **kwargs) -> CacheManager:
     return CACHES[name](**kwargs)
 
 
-__all__ = ["CacheManager", "SlotCache", "CACHES", "build_cache", "cache_sizes", "check_cache", "policy_bound"]
+__all__ = ["CacheManager", "SlotCache", "CACHES", "build_cache", "check_cache"]

@@ -36,8 +36,9 @@ class CacheManager:
         self.reset()
 
     @classmethod
-    def check(cls, cfg) -> None:
-        """Raise ConfigError if this manager cannot run `cfg` (policy, device, ...)."""
+    def check(cls, cfg, bound: int | None = None) -> None:
+        """Raise ConfigError if this manager cannot run `cfg` (policy, device, ...); `bound`: the tokens the
+        policy holds during a step (None: unbounded)."""
 
     def reset(self) -> None:
         self.token_pos = np.zeros(0, dtype=np.int64)  # original text position per slot, cache order

@@ -28,7 +28,7 @@ true position, and it keeps doing so until the token is evicted. So:
 are no side tokens, only relayout.
 
 Sizes: `capacity` = the most tokens the cache holds (after a step's write, before its prune);
-derived from the config by streamkv.cache.cache_sizes. If a policy exceeds it, the buffers grow
+derived from the config by streamkv.sizing.cache_sizes. If a policy exceeds it, the buffers grow
 (one copy, logged once, counted in stats["grows"]): correct, but not graph-friendly, so a policy
 should declare its bound. Host bookkeeping is O(1) per step (preallocated host arrays); a prune
 costs O(len) host numpy (like the policy's own `keep`), and on the device only what the subclass
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from streamkv.cache.base import CacheManager
+from streamkv.errors import ConfigError
 
 log = logging.getLogger("streamkv")
 
@@ -75,16 +76,12 @@ class SlotCache(CacheManager):
         self.reset()
 
     @classmethod
-    def check(cls, cfg) -> None:
-        from streamkv.cache import policy_bound
-        from streamkv.errors import ConfigError
-
+    def check(cls, cfg, bound: int | None = None) -> None:
         cap = cfg.cache.get("capacity")
         if cap is None:
             return
         if cap < 1:
             raise ConfigError(f"cache.capacity: must be >= 1 or null (derived from the policy) (got {cap})")
-        bound = policy_bound(cfg)
         if bound is not None and cap < bound:
             raise ConfigError(f"cache.capacity: {cap} is below what policy '{cfg.policy.name}' holds ({bound}); "
                               f"leave it null to derive it")

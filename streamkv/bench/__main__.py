@@ -1,0 +1,5 @@
+import sys
+
+from streamkv.bench.run import main
+
+sys.exit(main())
