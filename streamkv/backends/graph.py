@@ -40,6 +40,7 @@ import torch
 from streamkv.backends import functional as fn
 from streamkv.backends.graph_layers import GemvOptions, LayerStack, SlotCache
 from streamkv.backends.online import Compaction, OnlineDecisions, gather
+from streamkv.backends.refresh_graph import RefreshEviction, RefreshPlan, refresh_schedule
 from streamkv.backends.schedule import EntropyDependent, Schedule, Unschedulable, build_schedule, online_schedule
 from streamkv.backends.scored_eviction import ScoredEviction, kept_first  # noqa: F401  (re-exported)
 from streamkv.scoring import score
@@ -88,8 +89,11 @@ class GraphEvaluator:
         self._key = key
         try:
             try:
-                sched = build_schedule(self.policy, self.layout, ids.cpu().numpy(), prefill, self.decoder,
-                                       self.cache, self.tokenizer)
+                if getattr(self.policy, "scores_attention", False):  # refresh_select=attention: chosen on the device
+                    sched = refresh_schedule(self.policy, self.layout, ids.cpu().numpy(), prefill)
+                else:
+                    sched = build_schedule(self.policy, self.layout, ids.cpu().numpy(), prefill, self.decoder,
+                                           self.cache, self.tokenizer)
             except EntropyDependent as exc:
                 if self.layout != "static":
                     raise EntropyDependent(f"{exc}; cache=static runs it online on the graph path") from exc
@@ -150,8 +154,6 @@ class GraphEvaluator:
         self.online = s.online
         self.scored = None
         if s.scored is not None:
-            from streamkv.backends.refresh_graph import RefreshEviction, RefreshPlan
-
             refresh = isinstance(s.scored, RefreshPlan)  # refresh_select=attention: the region chosen on the device
             self.scored = (RefreshEviction if refresh else ScoredEviction)(
                 s.scored, C, L, w.n_heads, D, self.decoder.scale, dev, dt, self.decoder.base.rotary_emb.inv_freq)

@@ -178,10 +178,9 @@ def build_schedule(policy, layout: str, ids: np.ndarray, prefill: int, decoder=N
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
-    if getattr(policy, "scores_attention", False):  # refresh_select=attention: its selection on the device
-        from streamkv.backends.refresh_graph import refresh_schedule
-
-        return refresh_schedule(policy, layout, ids, prefill)
+    if getattr(policy, "scores_attention", False):  # refresh_select=attention: refresh_graph.refresh_schedule
+        raise DataDependent("refresh_select=attention chooses on the device (streamkv.backends.refresh_graph."
+                            "refresh_schedule schedules it)")
     scores = getattr(policy, "device_scores", None)  # tova, h2o: scored on the device (ring layout)
     observes = decoder is not None and getattr(decoder, "attention_observer", None) is not None
     if (observes or isinstance(policy, ScoredPolicy)) and scores is None:
@@ -365,7 +364,7 @@ def _layout(feeds, layout, mode, n, prefill) -> Schedule:
 def online_schedule(policy, n: int, prefill: int) -> Schedule:
     """The tables of an online run (static layout, decisions made by the host after each step): sized
     by the policy's capacity; the decode steps' write slots and positions are filled on the device, the
-    events and visible lengths by the host as the run goes (GraphEvaluator._online_decide)."""
+    events and visible lengths by the host as the run goes (streamkv.backends.online.OnlineDecisions.decide)."""
     mode = getattr(policy, "position_mode", "shift")
     if mode != "shift":
         raise Unschedulable(f"the static layout keeps StreamingLLM positions only; policy "

@@ -110,7 +110,7 @@ class ScoredPolicy(Policy):
     @property
     def side_bound(self) -> int | None:
         """Kept tokens that may need re-rotation at a prune in "shift" mode (every kept token may sit
-        before a gap): the slot managers size their side buffer with it (streamkv.cache.cache_sizes)."""
+        before a gap): the slot managers size their side buffer with it (streamkv.sizing.cache_sizes)."""
         return self.budget if self.position_mode == "shift" else None
 
     @property
