@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streamkv import spikes as SP
+from streamkv.policies.base import knob_defaults
 from streamkv.record import read_result
 
 EARLY = 4  # "right after a prune" = the first EARLY tokens since the last prune
@@ -52,9 +53,7 @@ def label(run: dict) -> str:
     pol = cfg.get("policy") or {}
     if not pol:
         return run["dir"].name
-    from streamkv.policies.base import knob_defaults  # knobs away from their neutral default
-
-    defaults = knob_defaults()
+    defaults = knob_defaults()  # knobs away from their neutral default are shown
     knobs = " ".join(f"{k}={v}" for k, v in pol.items() if k != "name" and v != defaults.get(k, v))
     return (f"{pol.get('name')}{' ' + knobs if knobs else ''} S={cfg.get('n_sink')} W={cfg.get('window')} "
             f"R={cfg.get('compress_every')}")

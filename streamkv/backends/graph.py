@@ -44,6 +44,7 @@ from streamkv.backends.refresh_graph import RefreshEviction, RefreshPlan, refres
 from streamkv.backends.schedule import EntropyDependent, Schedule, Unschedulable, build_schedule, online_schedule
 from streamkv.backends.scored_eviction import ScoredEviction, kept_first  # noqa: F401  (re-exported)
 from streamkv.scoring import score
+from streamkv.decoder import RotaryTable
 from streamkv.evaluate import EvalResult
 from streamkv.timing import capture_stream, sync, timed_decode
 
@@ -169,8 +170,6 @@ class GraphEvaluator:
         # uses; in float32 the rotation itself is exact to ~1e-7 and only the stored key is rounded.
         # Partial rotary (GPT-NeoX): the table has rotary_ndims columns and fn.rope rotates only those dims
         # (the step, the prefill, the sink/refresh re-rotation and the static layout's rotate-at-read).
-        from streamkv.decoder import RotaryTable
-
         rot = self.decoder.base.rotary_emb
         table = RotaryTable(rot.inv_freq, float(getattr(rot, "attention_scaling", 1.0)),
                             self.decoder.rope.max_positions, torch.float32)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from streamkv.bench.measure import kernel_profile
+from streamkv.scoring import score
 from streamkv.timing import sync
 
 
@@ -28,8 +29,6 @@ def hf_seed_style(model, ids: torch.Tensor, prefill: int, decode: int, n_sink: i
     back to n_sink + window by slicing every cache layer. The only code here that touches HF cache
     internals (DynamicCache.layers[i].keys / .values, transformers 5.x)."""
     from transformers import DynamicCache
-
-    from streamkv.scoring import score
 
     device = ids.device
     cache = DynamicCache(config=model.config)
@@ -81,8 +80,6 @@ def hf_static_compile(model, ids: torch.Tensor, prefill: int, decode: int, profi
     """HF StaticCache + torch.compile of the model's forward, dense (no eviction): the cache holds
     prefill + warm-up + decode (+ profile) tokens and the decode attends over that buffer."""
     from transformers import StaticCache
-
-    from streamkv.scoring import score
 
     device = ids.device
     warm = 4

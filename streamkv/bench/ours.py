@@ -8,8 +8,11 @@ from pathlib import Path
 
 import torch
 
+from streamkv.backends import GRAPH, attach_backend
 from streamkv.bench.cases import Case
 from streamkv.bench.measure import kernel_profile, profile_delta
+from streamkv.policies import register_configs
+from streamkv.runner import make_evaluator
 
 ROOT = Path(__file__).resolve().parents[2]
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -17,8 +20,6 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 def compose_run(overrides: list[str]):
     from hydra import compose, initialize_config_dir
-
-    from streamkv.policies import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -31,9 +32,6 @@ def our_evaluator(case: Case, model, tokenizer, n_tokens: int, device, dtype, n_
     graph backends capture on CUDA only) wired by the runner's make_evaluator, its backend attached by
     attach_backend with `gemv` (cudagraph_fused_gemv's GemvOptions; None: their defaults)."""
     from omegaconf import OmegaConf
-
-    from streamkv.backends import GRAPH, attach_backend
-    from streamkv.runner import make_evaluator
 
     capture = [f"backend.capture={str(device.type == 'cuda').lower()}"] if case.backend in GRAPH else []
     cfg = compose_run(["model=tiny_llama", f"cache={case.cache}", f"backend={case.backend}", *capture,

@@ -11,20 +11,19 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from streamkv import bench
+from streamkv.backends.graph import GemvOptions
 from streamkv.bench import baselines  # called through the module: tests wrap its functions
 from streamkv.bench.cases import Case, default_cases
 from streamkv.bench.measure import alive_blocks, copy_bandwidth, device_name, left_resident
 from streamkv.bench.ours import run_ours
 from streamkv.bench.report import Row, markdown, write_results
 from streamkv.bench.shapes import bench_dtype, bench_ids, kv_bytes_per_token, load_bench_model, weight_bytes
-
-if TYPE_CHECKING:
-    from streamkv.backends.graph import GemvOptions
+from streamkv.cache import CACHES
 
 
 @dataclass
@@ -130,8 +129,6 @@ def run_case(run: BenchRun, name: str, case: Case, model, tokenizer, dtype) -> R
 
 def run_model(name: str, run: BenchRun) -> list[Row]:
     """Every case of one model (--only filters them by label); each row joins run.rows as it finishes."""
-    from streamkv.cache import CACHES
-
     dtype = bench_dtype(name, run.device, run.dtype)  # GPT-NeoX (Pythia): float16 on CUDA
     run.meta.setdefault("model_dtypes", {})[name] = str(dtype).replace("torch.", "")
     t_load = time.perf_counter()
@@ -156,8 +153,6 @@ def _dtypes(models, device, dtype) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from streamkv import bench
-
     ap = argparse.ArgumentParser(prog="python -m streamkv.bench", description=bench.__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny random Llama, small window: checks the plumbing")
     ap.add_argument("--models", default=None, help="comma list of smollm2, smollm2-shape (random weights), llama-1.1b, llama-7b, pythia-2.8b (random "
@@ -201,8 +196,6 @@ def main(argv=None) -> int:
         gemv_meta["gemv_configs_added"] = {f"{n}x{k}": list(c) for (n, k), c in added.items()}
         print(f"gemv configs from {args.gemv_configs}: {gemv_meta['gemv_configs_added']}", flush=True)
     if args.gemv_max_mb is not None:
-        from streamkv.backends.graph import GemvOptions
-
         gemv = GemvOptions(max_bytes=None if args.gemv_max_mb == 0 else int(args.gemv_max_mb * 2**20))
         gemv_meta["gemv_max_bytes"] = gemv.max_bytes
     if args.memory_history and device.type == "cuda":

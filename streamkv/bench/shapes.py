@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from streamkv.config import ModelConfig
+from streamkv.corpora import load_text
+from streamkv.models import ByteTokenizer, converted_smollm2_dir, load_model
+
 # Llama shapes for the random-weight models (TinyLlama-1.1B, Llama-2-7B).
 SHAPES = {
     # SmolLM2-135M's shape with random weights: the same TPOT as the real model (timings do not depend on
@@ -51,9 +55,6 @@ def load_bench_model(name: str, device: torch.device, dtype: torch.dtype):
     if name == "smollm2":
         from omegaconf import OmegaConf
 
-        from streamkv.config import ModelConfig
-        from streamkv.models import load_model
-
         loaded = load_model(OmegaConf.structured(ModelConfig(name="smollm2_135m", kind="gguf")), device, dtype)
         return loaded.model, loaded.tokenizer, {"weights": "real (SmolLM2-135M-Instruct GGUF, dequantized)"}
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -80,9 +81,6 @@ def load_neox_model(name: str, device: torch.device, dtype: torch.dtype):
 
 
 def bench_ids(n: int, vocab: int, tokenizer) -> torch.Tensor:
-    from streamkv.corpora import load_text
-    from streamkv.models import ByteTokenizer
-
     tok = tokenizer if tokenizer is not None else _smollm2_tokenizer() or ByteTokenizer()
     ids = tok.encode(load_text("wiki"))
     while len(ids) < n:  # only for very long requests: repeat the text
@@ -93,8 +91,6 @@ def bench_ids(n: int, vocab: int, tokenizer) -> torch.Tensor:
 def _smollm2_tokenizer():
     try:
         from transformers import AutoTokenizer
-
-        from streamkv.models import converted_smollm2_dir
 
         return AutoTokenizer.from_pretrained(str(converted_smollm2_dir()))
     except Exception:  # offline machine without the converted checkpoint: byte ids

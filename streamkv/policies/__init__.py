@@ -9,6 +9,8 @@ subclass of streamkv.config.PolicyConfig); `register_configs` makes each the str
 `policy/<name>_schema` that conf/policy/<name>.yaml lists in its defaults.
 """
 
+from streamkv import config
+from streamkv.errors import ConfigError
 from streamkv.policies.adaptive import AdaptivePolicy
 from streamkv.policies.base import Decision, Policy, StepView
 from streamkv.policies.full import FullPolicy
@@ -26,8 +28,6 @@ POLICIES = {cls.name: cls for cls in (FullPolicy, StreamingPolicy, MaxDropPolicy
 
 def check_policy(cfg) -> None:
     """Raise ConfigError (one line) for an unknown policy or a bad knob combination."""
-    from streamkv.errors import ConfigError
-
     if cfg.policy.name not in POLICIES:
         raise ConfigError(f"policy: '{cfg.policy.name}' is not one of {', '.join(sorted(POLICIES))}")
     POLICIES[cfg.policy.name].check(cfg)
@@ -41,8 +41,6 @@ def register_configs() -> None:
     """Register the run schema (streamkv.config.register_configs) and one structured config per policy."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
-
-    from streamkv import config
 
     config.register_configs()
     cs = ConfigStore.instance()

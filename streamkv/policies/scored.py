@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from streamkv.config import PolicyConfig
+from streamkv.errors import ConfigError
 from streamkv.policies.base import Decision, Policy, check_knobs
 
 POSITIONS = ("original", "shift")
@@ -100,8 +101,6 @@ class ScoredPolicy(Policy):
 
     @classmethod
     def check(cls, cfg) -> None:
-        from streamkv.errors import ConfigError
-
         check_knobs(cls, cfg)
         positions = cls.settings(cfg.policy).positions
         if positions is not None and positions not in POSITIONS:
