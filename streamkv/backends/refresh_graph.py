@@ -30,7 +30,7 @@ import torch
 
 from streamkv.backends.scored_eviction import ScoredEviction
 from streamkv.backends.schedule import (BookkeepingCache, DataDependent, EntropyDependent, Schedule, ScoredPlan,
-                                        _simulate)
+                                        _simulate, device_scored_slots)
 
 
 @dataclass
@@ -82,11 +82,7 @@ def refresh_schedule(policy, layout: str, ids: np.ndarray, prefill: int) -> Sche
             prune[t] = True
         if t + 1 < n:  # the next step: cache index c at position (t + 1) - (len(keep) - c)
             fixes[t + 1] = t + 1 - len(keep) + np.arange(S + r)
-    qpos = np.arange(n, dtype=np.int64)  # ring: true positions (the prefill: both layouts)
-    write_slot = np.full(n, capacity, dtype=np.int64)  # ring: the device writes the lowest free slot
-    if not ring:  # static: the cache length before the step's token, its slot and its StreamingLLM position
-        write_slot[prefill:n - 1] = qpos[prefill:n - 1] = visible[prefill:]
-    write_slot[:prefill] = np.arange(prefill)
+    qpos, write_slot = device_scored_slots(layout, n, prefill, capacity, visible)
     width = min(S0 + B, capacity) if ring else 0
     fix_pos = np.zeros((n, width), dtype=np.int64)
     for t, p in fixes.items():

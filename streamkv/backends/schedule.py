@@ -162,6 +162,19 @@ class Schedule:
                                        self.fix_src, self.fix_pos, self.perms))
 
 
+def device_scored_slots(layout: str, n: int, prefill: int, capacity: int, visible: np.ndarray):
+    """(qpos, write_slot) of a schedule whose evictions are chosen on the device. Ring: true positions, and
+    the write slot = capacity, i.e. the device writes the lowest free slot; static: the cache length before
+    the step's token is its slot and its StreamingLLM position. The prefill fills slots 0..P-1 of an empty
+    cache at positions 0..P-1 in both layouts."""
+    qpos = np.arange(n, dtype=np.int64)
+    write_slot = np.full(n, capacity, dtype=np.int64)
+    if layout == "static":
+        write_slot[prefill:n - 1] = qpos[prefill:n - 1] = visible[prefill:]
+    write_slot[:prefill] = np.arange(prefill)
+    return qpos, write_slot
+
+
 def _pad(rows: list, width: int, fill: int) -> np.ndarray:
     out = np.full((len(rows), max(width, 1)), fill, dtype=np.int64)
     for i, r in enumerate(rows):
@@ -421,11 +434,7 @@ def _scored_schedule(policy, scores: str, n: int, prefill: int, layout: str = "r
         visible[t] = length
         prune[t] = feed(t, 1)
     static = layout == "static"
-    qpos = np.arange(n, dtype=np.int64)  # ring: true positions (the prefill: both layouts)
-    write_slot = np.full(n, capacity, dtype=np.int64)
-    if static:  # the cache length before the step's token: its slot and its StreamingLLM position
-        write_slot[prefill:n - 1] = qpos[prefill:n - 1] = visible[prefill:]
-    write_slot[:prefill] = np.arange(prefill)  # an empty cache: the prefill fills slots 0..P-1
+    qpos, write_slot = device_scored_slots(layout, n, prefill, capacity, visible)
     none = np.zeros((n, 0), dtype=np.int64)
     plan = ScoredPlan(scores=scores, n_sink=S, n_recent=n_recent, n_top=n_top, prune=prune,
                       prefill_prune=prefill_prune, shift=static)
