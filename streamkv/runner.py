@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from streamkv import passkey
-from streamkv.backends import attach_backend
+from streamkv.backends.registry import attach_backend
 from streamkv.cache import build_cache
 from streamkv.corpora import load_text
 from streamkv.decoder import Decoder

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from streamkv.backends import check_backend
+from streamkv.backends.registry import check_backend
 from streamkv.cache import check_cache
 from streamkv.errors import ConfigError
 from streamkv.inputs import check_inputs, check_known_keys

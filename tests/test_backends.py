@@ -59,7 +59,7 @@ def test_cli_cudagraph_on_cpu_fails_at_once():
 
 
 def test_every_backend_has_a_preset():
-    from streamkv.backends import BACKENDS
+    from streamkv.backends.registry import BACKENDS
 
     presets = {p.stem for p in (ROOT / "conf" / "backend").glob("*.yaml")}
     assert presets == set(BACKENDS)
@@ -94,7 +94,7 @@ def test_dense_hook_matches_hf_modules():
 def test_compile_backend_traces_and_matches():
     """The compile backend's functions go through torch.compile (dynamo + AOT autograd here; inductor
     codegen takes ~1 min on a 2-core CPU, it runs in the GPU benchmark) with one graph for all layers."""
-    from streamkv.backends import attach_backend
+    from streamkv.backends.registry import attach_backend
     from streamkv.backends import functional as fn
     from streamkv.backends.compile import compiled_dense
 
@@ -114,7 +114,7 @@ def test_compile_backend_traces_and_matches():
                                         ("cudagraph_fused_gemv", True)])
 def test_graph_backends_wire_their_kernels(name, gemv):
     """attach_backend gives each graph backend its own kernels, and backend_used names it."""
-    from streamkv.backends import attach_backend
+    from streamkv.backends.registry import attach_backend
     from streamkv.backends.graph import GraphEvaluator
 
     cfg, ev = _evaluator(f"backend={name}", "cache=ring", "device=cuda", "window=16", n=40)  # built on the CPU

@@ -5,6 +5,9 @@ and function-level imports alike, read from the source with ast) has no cycle, a
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +43,13 @@ def imported(node: ast.AST, here: str, is_pkg: bool, modules: dict) -> set:
         # `import streamkv.a.b` loads a.b; keep the longest prefix that is a streamkv module
         while name and name not in modules:
             name = name.rpartition(".")[0]
-        if name and name != "streamkv":  # the top package only holds __version__
+        # Python runs each enclosing package's __init__ first, unless the importer sits inside that package
+        # (then the package is already initializing): streamkv.a.b from outside a also loads streamkv.a
+        while name and name != "streamkv":  # the top package only holds __version__
             out.add(name)
+            name = name.rpartition(".")[0]
+            if here == name or here.startswith(name + "."):
+                break
     return out
 
 
@@ -124,9 +132,12 @@ def test_import_mapping():
     def edges(src, here, is_pkg=False):
         return imported(ast.parse(src).body[0], here, is_pkg, modules)
 
-    assert edges("from streamkv.cache import base", "streamkv.errors") == {"streamkv.cache.base"}
+    # from outside the package its __init__ runs first: an edge to it too
+    assert edges("from streamkv.cache import base", "streamkv.errors") == {"streamkv.cache.base", "streamkv.cache"}
     assert edges("from streamkv.cache import CACHES", "streamkv.errors") == {"streamkv.cache"}
-    assert edges("import streamkv.cache.slots as s", "streamkv.errors") == {"streamkv.cache.slots"}
+    assert edges("import streamkv.cache.slots as s", "streamkv.errors") == {"streamkv.cache.slots", "streamkv.cache"}
+    # from inside, only the module
+    assert edges("from streamkv.cache import base", "streamkv.cache.slots") == {"streamkv.cache.base"}
     assert edges("from . import base", "streamkv.cache.slots") == {"streamkv.cache.base"}
     assert edges("from .base import CacheManager", "streamkv.cache", is_pkg=True) == {"streamkv.cache.base"}
     assert edges("from ..errors import ConfigError", "streamkv.cache.slots") == {"streamkv.errors"}
@@ -149,3 +160,24 @@ def test_bottom_layer_imports_only_errors():
     graph = import_graph()
     assert graph["streamkv.errors"] == set()
     assert graph["streamkv.config"] <= {"streamkv.errors"}, sorted(graph["streamkv.config"])
+
+
+def test_every_module_imports_alone():
+    """Each module imports in a fresh interpreter state of streamkv (the order of earlier imports can hide a
+    cycle through a package's __init__ that the graph above does not model, e.g. a name used at import time)."""
+    names = [m for m in all_modules() if not m.endswith("__main__")]
+    script = (
+        "import importlib, sys\n"
+        "bad = []\n"
+        f"for name in {names!r}:\n"
+        "    for m in [m for m in sys.modules if m == 'streamkv' or m.startswith('streamkv.')]:\n"
+        "        del sys.modules[m]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as exc:\n"
+        "        bad.append(f'{name}: {type(exc).__name__}: {exc}')\n"
+        "print('\\n'.join(bad) or 'ok')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout[-3000:] + r.stderr[-3000:]
+

@@ -1,5 +1,5 @@
 """Our paths in the benchmark: an evaluator per case, built as `python run.py` builds one (the runner's
-make_evaluator, then streamkv.backends.attach_backend), timed by its own run()."""
+make_evaluator, then streamkv.backends.registry.attach_backend), timed by its own run()."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from streamkv.backends import GRAPH, attach_backend
+from streamkv.backends.registry import GRAPH, attach_backend
 from streamkv.bench.cases import Case
 from streamkv.bench.measure import kernel_profile, profile_delta
 from streamkv.policies import register_configs
