@@ -29,7 +29,7 @@ class GemvOptions:
     """cudagraph_fused_gemv (`fused_gemv=True`): replace liger's add + RMSNorm and SwiGLU kernels and the
     cuBLAS GEMV after each by one Triton kernel (streamkv/backends/gemv_kernels.py): 3 launches fewer per
     layer (+ the final norm fused into the LM head). Its own backend name, not a change of cudagraph_fused,
-    so that records made with either stay comparable (docs/benchmarks.md has both, measured in one call)."""
+    so that records made with either stay comparable (docs/benchmarks.md has both, measured in one benchmark run)."""
 
     # also fuse the final add + RMSNorm into the LM head GEMV (a large, bandwidth-bound GEMV, where our
     # kernel must match cuBLAS's bandwidth to gain the launch)
