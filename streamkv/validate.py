@@ -76,10 +76,6 @@ def _check_passkey(d) -> None:
             _need(d.get(knob) is not None, f"dataset.{knob}: required for dataset=passkey")
         _need(d.max_tokens is None, f"dataset.max_tokens: dataset=passkey takes dataset.length instead "
                                     f"(got max_tokens={d.max_tokens})")
-    else:  # set on another text they would change the run's identity and nothing else
-        for knob in ("length", "depth", "digits", "filler"):
-            _need(d.get(knob) is None, f"dataset.{knob}: only dataset=passkey takes it (dataset={d.name}; "
-                                       f"got {d.get(knob)})")
     if d.get("length") is not None:
         _need(d.length >= 64, f"dataset.length: must be >= 64 tokens (got {d.length})")
     if d.get("depth") is not None:

@@ -115,10 +115,6 @@ def test_config_validation():
                      ("dataset.max_tokens=100", "dataset.max_tokens: dataset=passkey takes dataset.length")]:
         with pytest.raises(ConfigError, match=msg):
             compose("model=tiny_llama", "dataset=passkey", bad)
-    # on another text the pass-key knobs would change the run's identity and nothing else: refused
-    for knob, value in [("length", 2048), ("depth", 0.5), ("digits", 5), ("filler", "repeat")]:
-        with pytest.raises(ConfigError, match=f"dataset.{knob}: only dataset=passkey takes it"):
-            compose("model=tiny_llama", "dataset=book", f"dataset.{knob}={value}")
 
 
 def test_identity_of_other_datasets_is_unchanged():
