@@ -60,21 +60,27 @@ def check_kernels(dev) -> list[dict]:
         return emb.cos().to(dt), emb.sin().to(dt)
 
     dt = torch.bfloat16
-    for Hq, Hkv, D, C, rot in [(9, 3, 64, 2115, False), (9, 3, 64, 2083, True), (32, 4, 64, 2083, False),
-                               (32, 32, 128, 2083, False), (32, 32, 128, 100, True)]:
+    # (Hq, Hkv, D, C, rotate at read, rotary dims or None = D): Llama-family shapes, then Pythia's partial
+    # rotary (20 of 80 dims) on the default (rows) kernel and on the parts kernel
+    for Hq, Hkv, D, C, rot, R, rows in [(9, 3, 64, 2115, False, None, None), (9, 3, 64, 2083, True, None, None),
+                                        (32, 4, 64, 2083, False, None, None), (32, 32, 128, 2083, False, None, None),
+                                        (32, 32, 128, 100, True, None, None), (32, 32, 80, 2083, False, 20, None),
+                                        (32, 32, 80, 2083, True, 20, None), (32, 32, 80, 2083, False, 20, False),
+                                        (32, 32, 80, 2083, True, 20, False)]:
         q = torch.randn(Hq, D, device=dev, dtype=dt)
         k = torch.randn(Hkv, C + 1, D, device=dev, dtype=dt)
         v = torch.randn(Hkv, C + 1, D, device=dev, dtype=dt)
         valid = torch.rand(C + 1, device=dev) > 0.2
         valid[C] = False
-        cos, sin = tables(C + 1, D, dt)
-        att = DecodeAttention(Hq, Hkv, D, C, dev, dt, rotate_k=rot)
+        cos, sin = tables(C + 1, R or D, dt)
+        att = DecodeAttention(Hq, Hkv, D, C, dev, dt, rotate_k=rot, rotary_dim=R, rows=rows)
         o = att(q, k, v, valid, D ** -0.5, cos if rot else None, sin if rot else None).float()
         kk = rope(k[:, :C], cos[:C], sin[:C]) if rot else k[:, :C]
         s = (q.double().view(Hkv, Hq // Hkv, D) @ kk.double().transpose(1, 2)) * D ** -0.5
         ref = (s.masked_fill(~valid[:C], float("-inf")).softmax(-1) @ v[:, :C].double()).reshape(Hq, D)
         err = float((o.double() - ref).norm() / ref.norm())
-        out.append({"kernel": "decode_attention", "shape": f"Hq={Hq} Hkv={Hkv} D={D} C={C} rotate={rot}",
+        out.append({"kernel": "decode_attention" + ("_rows" if att.rows else ""),
+                    "shape": f"Hq={Hq} Hkv={Hkv} D={D} R={R or D} C={C} rotate={rot}",
                     "splits": att.ns, "rel_err": err, "ok": err < 1e-2})
     # kv_update
     Hq, Hkv, D, C, n, F, S = 9, 3, 64, 50, 40, 4, 6

@@ -49,14 +49,15 @@ def test_neox_kernels_in_interpreter():
             q = torch.randn(Hq, D); k = torch.randn(Hkv, C + 1, D); v = torch.randn(Hkv, C + 1, D)
             valid = torch.rand(C + 1) > 0.3; valid[C] = False; valid[0] = True
             cos, sin = tables(C + 1, R)
-            att = DecodeAttention(Hq, Hkv, D, C, torch.device("cpu"), torch.float32, rotate_k=rot, block_n=16, n_sm=4,
-                                  rotary_dim=R)
-            assert att.ns > 1
-            out = att(q, k, v, valid, D ** -0.5, cos if rot else None, sin if rot else None)
             kk = rope(k[:, :C], cos[:C], sin[:C]) if rot else k[:, :C]
             s = (q.view(Hkv, Hq // Hkv, D) @ kk.transpose(1, 2)) * D ** -0.5
             ref = (s.masked_fill(~valid[:C], float("-inf")).softmax(-1) @ v[:, :C]).reshape(Hq, D)
-            assert ((out - ref).norm() / ref.norm()) < 1e-5, (Hq, Hkv, D, R, C, rot)
+            for rows in (None, False, True):  # the default choice, and each kernel on every case
+                att = DecodeAttention(Hq, Hkv, D, C, torch.device("cpu"), torch.float32, rotate_k=rot, block_n=16,
+                                      n_sm=4, rotary_dim=R, rows=rows)
+                assert att.ns > 1 and att.rows == (R < D if rows is None else rows)
+                out = att(q, k, v, valid, D ** -0.5, cos if rot else None, sin if rot else None)
+                assert ((out - ref).norm() / ref.norm()) < 1e-5, (Hq, Hkv, D, R, C, rot, rows)
         # kv_update: GPT-NeoX's per-head [q k v] layout with a bias, rotary_dim 20 of 80; the grouped layout
         # (Llama's) with full rotary at head dim 80
         n, F_, S, C = 20, 2, 3, 10

@@ -14,7 +14,9 @@
   the keys at their slot index (static layout). The available libraries do not fit:
   SDPA's flash kernel takes no mask, its memory-efficient kernel does not split the keys (one CTA
   per head walks all 2k keys), flash-attn / flashinfer are not installed, liger has no attention.
-  Scores accumulate in float32 (GPT-NeoX overflows float16 otherwise).
+  Scores accumulate in float32 (GPT-NeoX overflows float16 otherwise). Two kernels: the head dim as
+  tensor-core dots over the query heads of one KV head (GQA), and whole rows per query head on CUDA
+  cores for partial rotary (GPT-NeoX's 20 of 80 dims would be three padded dots).
 * `add_layer_norm`, `bias_gelu`: GPT-NeoX's small steps between the cuBLAS GEMVs, one launch each
   (streamkv/backends/fused_neox.py): the residual adds (with the output biases) + one or two
   LayerNorms of the sum; the up projection's bias + exact (erf) GELU.
@@ -237,6 +239,58 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, 
 
 
 @triton.jit
+def _attn_rows_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l_ptr, acc_ptr,
+                      stride_kh, scale, C: tl.constexpr, SPLIT_LEN: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                      DP: tl.constexpr, ROT: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
+                      ROTATE_K: tl.constexpr):
+    # one query head per program, whole key/value rows (one contiguous load each), scores and the weighted
+    # sum on CUDA cores (no tensor-core dot to pad: the partial-rotary head dim, e.g. 80 = 20 + 60, is one
+    # masked row of DP); in the static layout the rotary dims [0, ROT) are rotated at read from a second,
+    # partner load (rotate_half: dim e pairs with e + ROT/2 or e - ROT/2)
+    hq = tl.program_id(0)  # query head
+    sp = tl.program_id(1)  # split of the keys
+    h = hq // G
+    RH: tl.constexpr = ROT // 2
+    e = tl.arange(0, DP)
+    em = e < D
+    q = tl.load(q_ptr + hq * D + e, mask=em, other=0.0).to(tl.float32)
+    m_i = tl.max(tl.full([BLOCK_N], -1.0e30, tl.float32), 0)
+    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+    acc = tl.zeros([DP], tl.float32)
+    start = sp * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, C)
+    for i in range(0, SPLIT_LEN, BLOCK_N):
+        n = start + i + tl.arange(0, BLOCK_N)
+        nm = n < end
+        ok = nm & (tl.load(valid_ptr + n, mask=nm, other=0) != 0)
+        rm = nm[:, None] & em[None, :]
+        rows = h * stride_kh + n[:, None] * D
+        k = tl.load(k_ptr + rows + e[None, :], mask=rm, other=0.0).to(tl.float32)
+        if ROTATE_K:  # static layout: key n sits at position n
+            rot = e < ROT
+            partner = tl.where(e < RH, e + RH, e - RH)
+            sign = tl.where(e < RH, -1.0, 1.0)
+            cm = nm[:, None] & rot[None, :]
+            kp = tl.load(k_ptr + rows + partner[None, :], mask=cm, other=0.0).to(tl.float32)
+            cs = tl.load(cos_ptr + n[:, None] * ROT + e[None, :], mask=cm, other=1.0).to(tl.float32)
+            sn = tl.load(sin_ptr + n[:, None] * ROT + e[None, :], mask=cm, other=0.0).to(tl.float32)
+            k = k * cs + sign[None, :] * kp * sn
+        s = tl.sum(k * q[None, :], 1) * scale
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp(m_i - m_new)
+        pr = tl.exp(s - m_new)
+        l_i = l_i * alpha + tl.sum(pr, 0)
+        v = tl.load(v_ptr + rows + e[None, :], mask=rm, other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(pr[:, None] * v, 0)
+        m_i = m_new
+    row = hq * NS + sp
+    tl.store(m_ptr + row, m_i)
+    tl.store(l_ptr + row, l_i)
+    tl.store(acc_ptr + row * D + e, acc, mask=em)
+
+
+@triton.jit
 def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NS: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr,
                         DP: tl.constexpr):
     hq = tl.program_id(0)
@@ -264,9 +318,11 @@ class DecodeAttention:
     layout's keys (cos/sin of that width); any head_dim (padded blocks)."""
 
     def __init__(self, n_heads: int, n_kv: int, head_dim: int, capacity: int, device, dtype,
-                 rotate_k: bool = False, block_n: int = 32, n_sm: int | None = None, rotary_dim: int | None = None):
-        # (A CUDA-core variant for MHA, G = 1, without the tensor-core dot padded to 16 query rows,
-        # measured 9% slower on the 7B shape on an H100: 733 vs 671 us per token; not kept.)
+                 rotate_k: bool = False, block_n: int | None = None, n_sm: int | None = None,
+                 rotary_dim: int | None = None, rows: bool | None = None):
+        # An earlier CUDA-core variant for MHA (no tensor-core dot padded to 16 query rows) measured 9% slower
+        # than the parts kernel on the 7B shape (full rotary, head dim 128) on an H100: 733 vs 671 us per
+        # token; so by default (rows=None) the rows kernel runs only for partial rotary.
         if n_sm is None:
             n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
         self.G = n_heads // n_kv
@@ -274,9 +330,15 @@ class DecodeAttention:
         self.rot = head_dim if rotary_dim is None else int(rotary_dim)
         if self.rot % 2 or not 0 < self.rot <= head_dim:
             raise ValueError(f"rotary_dim {self.rot} must be even and in (0, {head_dim}]")
+        # Partial rotary (GPT-NeoX: 20 of 80 dims) splits the parts kernel's head dim into three padded
+        # tensor-core dots, mostly padding for one query row per KV head; there the rows kernel runs instead
+        # (one query head per program, whole rows, more and shorter splits).
+        self.rows = self.rot < head_dim if rows is None else bool(rows)
+        block_n = block_n or (64 if self.rows else 32)
         self.block_n = block_n
         n_blocks = triton.cdiv(capacity, block_n)
-        self.ns = max(1, min(n_blocks, triton.cdiv(2 * n_sm, n_kv)))
+        programs = n_heads if self.rows else n_kv
+        self.ns = max(1, min(n_blocks, triton.cdiv((4 if self.rows else 2) * n_sm, programs)))
         self.split_len = triton.cdiv(n_blocks, self.ns) * block_n
         self.ns = triton.cdiv(capacity, self.split_len)
         self.rotate_k = rotate_k
@@ -290,11 +352,17 @@ class DecodeAttention:
         cos = k if cos is None else cos
         sin = k if sin is None else sin
         D, rot = self.D, self.rot
-        _attn_split_kernel[(self.n_kv, self.ns)](
-            q, k, v, valid, cos, sin, self.m, self.l, self.acc, k.stride(0), scale, C=self.C,
-            SPLIT_LEN=self.split_len, G=self.G, GP=_dot_width(self.G), D=D, ROT=rot, RHP=_dot_width(rot // 2),
-            PP=_dot_width(D - rot), BLOCK_N=self.block_n, NS=self.ns,
-            ROTATE_K=self.rotate_k, num_warps=4 if D <= 64 else 8, num_stages=2)
+        if self.rows:
+            _attn_rows_kernel[(self.n_heads, self.ns)](
+                q, k, v, valid, cos, sin, self.m, self.l, self.acc, k.stride(0), scale, C=self.C,
+                SPLIT_LEN=self.split_len, G=self.G, D=D, DP=triton.next_power_of_2(D), ROT=rot,
+                BLOCK_N=self.block_n, NS=self.ns, ROTATE_K=self.rotate_k, num_warps=4)
+        else:
+            _attn_split_kernel[(self.n_kv, self.ns)](
+                q, k, v, valid, cos, sin, self.m, self.l, self.acc, k.stride(0), scale, C=self.C,
+                SPLIT_LEN=self.split_len, G=self.G, GP=_dot_width(self.G), D=D, ROT=rot, RHP=_dot_width(rot // 2),
+                PP=_dot_width(D - rot), BLOCK_N=self.block_n, NS=self.ns,
+                ROTATE_K=self.rotate_k, num_warps=4 if D <= 64 else 8, num_stages=2)
         _attn_reduce_kernel[(self.n_heads,)](self.m, self.l, self.acc, self.out, NS=self.ns,
                                               NSP=triton.next_power_of_2(self.ns), D=D,
                                               DP=triton.next_power_of_2(D), num_warps=1)
