@@ -62,8 +62,7 @@ def bench_shape(name, shape, C, dev, reps, cache_mb) -> list[dict]:
             err = float((att(q, ks[0], vs[0], valid, D ** -0.5, *cs).double() - ref).norm() / ref.norm())
             us = time_graph(lambda i: att(q, ks[i], vs[i], valid, D ** -0.5, *cs), n_copies, reps)
             rows_out.append({"shape": name, "layout": "static (rotate at read)" if rotate else "ring (stored rotated)",
-                             "kernel": "rows" if rows else "parts", "default": att.rows == DecodeAttention(
-                                 Hq, Hkv, D, C, dev, dt, rotate_k=rotate, rotary_dim=rot).rows,
+                             "kernel": "rows" if rows else "parts",
                              "splits": att.ns, "block_n": att.block_n, "us_per_layer": round(us, 2),
                              "kv_mb": round(per_copy / 2**20, 2), "gb_s": round(per_copy / us / 1e3, 1),
                              "rel_err": err})

@@ -333,7 +333,7 @@ class DecodeAttention:
         # Partial rotary (GPT-NeoX: 20 of 80 dims) splits the parts kernel's head dim into three padded
         # tensor-core dots, mostly padding for one query row per KV head; there the rows kernel runs instead
         # (one query head per program, whole rows, more and shorter splits).
-        self.rows = self.rot < head_dim if rows is None else bool(rows)
+        self.rows = (self.rot < head_dim and not rotate_k) if rows is None else bool(rows)
         block_n = block_n or (64 if self.rows else 32)
         self.block_n = block_n
         n_blocks = triton.cdiv(capacity, block_n)
