@@ -35,12 +35,14 @@ def main(cfg) -> str:
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"
     started = utc_now()
-    if multirun and not cfg.rerun:
-        done = sweep.find_finished(Path(hc.sweep.dir), run_identity(plain_config(cfg)))
+    if multirun:
+        identity = run_identity(plain_config(cfg))
+        done = None if cfg.rerun else sweep.find_finished(Path(hc.sweep.dir), identity)
         if done is not None:
             # relative to the sweep dir: records are committed, an absolute path would name this machine
             sweep.write_job_status(run_dir, "skipped", os.path.relpath(done, hc.sweep.dir))
             return "skipped"
+        sweep.displace_foreign_record(run_dir, Path(hc.sweep.dir), identity)
     try:
         sweep.inject_fault(hc.job.get("num") if multirun else None)
         payload = run_job(cfg, run_dir)

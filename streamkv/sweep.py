@@ -2,6 +2,10 @@
 
 - Skip: a job whose identity (streamkv.record.run_identity of the resolved config) already has an
   ok record anywhere under the sweep directory is not run again (`rerun=true` forces).
+- Displace: Hydra names a run dir by job number, so when a sweep's matrix changes (a preset gains a
+  block) job N of the resumed sweep can be another config than the record already in dir N; that record
+  moves to `displaced/<its identity>` under the sweep dir (still found by identity) instead of being
+  overwritten.
 - Status: every job invocation leaves `job-status.json` in its run dir, tagged with the
   invocation id of the command that launched it; the summary counts them at the end.
 - Summary: the `SweepSummary` Hydra callback prints ok / failed / skipped / crashed after a
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -48,6 +53,30 @@ def finished_runs(sweep_dir: Path) -> dict[str, Path]:
 def find_finished(sweep_dir: Path, identity: str) -> Path | None:
     """A run dir under sweep_dir holding an ok record of this identity, or None."""
     return finished_runs(sweep_dir).get(identity)
+
+
+RECORD_FILES = ("result.json", "tokens.parquet", "events.parquet", STATUS_FILE)
+
+
+def displace_foreign_record(run_dir: Path, sweep_dir: Path, identity: str) -> Path | None:
+    """Move the record in run_dir to sweep_dir/displaced/<its identity> when it is another run's than
+    `identity` (module docstring); returns where it went, or None when there was nothing to move. run.log
+    is copied, not moved: Hydra has already opened it for this job."""
+    rec = read_result(run_dir)
+    if rec is None or rec.get("identity") == identity:
+        return None
+    dest = Path(sweep_dir) / "displaced" / str(rec.get("identity") or "unknown")
+    n = 1
+    while dest.exists():
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+        n += 1
+    dest.mkdir(parents=True)
+    for name in RECORD_FILES:
+        if (run_dir / name).is_file():
+            os.replace(run_dir / name, dest / name)
+    if (run_dir / "run.log").is_file():
+        shutil.copy2(run_dir / "run.log", dest / "run.log")
+    return dest
 
 
 def write_job_status(run_dir: Path, status: str, detail: str = "") -> None:

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli
+from streamkv.record import iter_results
 
 TINY_SWEEP = ["-m", "model=tiny_llama", "compress_every=1,4", "window=16,32", "dataset.max_tokens=200",
               "device=cpu", "progress=false"]
@@ -105,6 +106,25 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "2 ok, 0 failed, 2 skipped as complete" in proc.stderr
     assert all(p.stat().st_mtime == t for p, t in mtimes.items())  # finished runs untouched
+
+
+def test_a_changed_matrix_resumes_without_overwriting_other_configs(tmp_path):
+    # Hydra numbers run dirs by job: with a value put in front, job 0 is a new config and job 1 is the
+    # config that ran as job 0 before. The old record moves aside (still found), nothing runs twice.
+    base = ["-m", "model=tiny_llama", "window=16", "dataset.max_tokens=120", "device=cpu", "progress=false",
+            f"hydra.sweep.dir={tmp_path}"]
+    proc = run_cli(*base, "compress_every=1,4")
+    assert proc.returncode == 0 and "2 ok, 0 failed, 0 skipped" in proc.stderr, proc.stderr
+    before = {r["config"]["compress_every"]: r["identity"] for r in _records(tmp_path)}
+    proc = run_cli(*base, "compress_every=2,1,4")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 ok, 0 failed, 2 skipped as complete" in proc.stderr
+    recs = {r["config"]["compress_every"]: r for _, r in iter_results(tmp_path)}
+    assert sorted(recs) == [1, 2, 4] and all(r["status"] == "ok" for r in recs.values())
+    assert {R: recs[R]["identity"] for R in (1, 4)} == before
+    moved = tmp_path / "displaced" / before[1]
+    assert (moved / "result.json").is_file() and (moved / "tokens.parquet").is_file()
+    assert json.loads((tmp_path / "0" / "result.json").read_text())["config"]["compress_every"] == 2
 
 
 def test_default_sweep_dir_is_stable_per_command():
