@@ -83,7 +83,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 # Knobs added after records existed (= streamkv.record.LEGACY_VALUES): dropped at the values that mean
 # what earlier runs did, so records from before the knob and after it fall into the same config group.
-LEGACY_VALUES = {("policy", "positions"): (None, "original")}
+LEGACY_VALUES = {("policy", "positions"): (None, "original"), ("policy", "refresh_keep"): ("fifo",)}
 # Model fields that only shape the random tiny models (streamkv.config.ModelConfig): dropped for
 # other kinds, where they are unused defaults that would read as if they described the model.
 TINY_ONLY = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",

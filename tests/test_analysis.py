@@ -362,3 +362,14 @@ def test_repeats_with_unstable_tpot_are_flagged(tmp_path):
     assert len(flagged) == 1 and "of 1 config " in flagged[0]
     assert "compress_every=4: 24-47 ms" in flagged[0] and "compress_every=1" not in flagged[0]
     assert flagged[0] in (tmp_path / "r" / "summary.md").read_text()
+
+
+def test_knobs_added_later_group_with_records_made_before_them():
+    # records from before policy.positions / policy.refresh_keep existed and records at their old
+    # behaviour fall into one config group; another value stays a column
+    from analysis.collect import flatten_config
+
+    old = flatten_config({"policy": {"name": "snapkv", "obs_window": 8}})
+    for knobs in ({"positions": "original", "refresh_keep": "fifo"}, {"positions": None}):
+        assert flatten_config({"policy": {"name": "snapkv", "obs_window": 8, **knobs}}) == old
+    assert flatten_config({"policy": {"name": "refresh", "refresh_keep": "score"}})["policy.refresh_keep"] == "score"
