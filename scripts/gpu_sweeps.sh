@@ -44,6 +44,10 @@ declare -A STEPS=(
   [passkey_2048]="+sweep=passkey dataset.length=2048"
   [passkey_4096]="+sweep=passkey dataset.length=4096"
   [passkey_8192]="+sweep=passkey dataset.length=8192"
+  # the attention refresh with a larger region at the same KV budget (streaming R = 1 beside it)
+  [passkey_region_2048]="+sweep=passkey_refresh_region dataset.length=2048"
+  [passkey_region_4096]="+sweep=passkey_refresh_region dataset.length=4096"
+  [passkey_region_8192]="+sweep=passkey_refresh_region dataset.length=8192"
   # the regime map (wiki blocks first, then book, then the full-attention references)
   [regime]="+sweep=regime"
 )
@@ -51,7 +55,8 @@ declare -A STEPS=(
 # eager runs decode at ~25-30 ms/token: ~2 minutes per wiki run, ~10 per book run).
 # Phase E with shifted positions runs on the static layout (its args name it).
 declare -A OWN_PATH=([c_wiki]=1 [d_wiki]=1 [e_shift_wiki]=1 [e_shift_book]=1 [b4_wiki_static]=1 [b4_book_static]=1
-                     [passkey_2048]=1 [passkey_4096]=1 [passkey_8192]=1)
+                     [passkey_2048]=1 [passkey_4096]=1 [passkey_8192]=1
+                     [passkey_region_2048]=1 [passkey_region_4096]=1 [passkey_region_8192]=1)
 # Phase C's baseline block (concat x eager streaming R=1/32) is Phase D's: a step also skips the runs
 # finished by the step named here (copied under _from_STEP, left out of its tar: no duplicate records).
 declare -A SHARES=([c_wiki]=d_wiki)

@@ -132,3 +132,17 @@ def test_regime_preset_prechecks_and_skips_invalid_combinations():
             assert streaming == {1, W // 16, W // 4, W}
     full = {(c.dataset.name, c.dataset.max_tokens, c.repeat) for c in cfgs if c.policy.name == "full"}
     assert full == {("wiki", 4096, 0), ("wiki", 4096, 1), ("book", 8000, 0), ("book", 8000, 1)}
+
+
+def test_passkey_refresh_region_preset_keeps_the_passkey_budget():
+    assert len(_job_overrides("passkey_refresh_region")) == 3 * 3 * 3 * 3
+    jobs = jobs_of("passkey_refresh_region", "dataset.length=2048", "dataset.depth=0.1", "seed=0")
+    assert [(c.window, c.compress_every) for c in jobs if c.policy.name == "streaming"] == [(1020, 1)]
+    cfgs = [c for c in jobs if c.policy.name == "refresh"]
+    assert sorted((c.policy.refresh_budget, c.window) for c in cfgs) == [(64, 972), (128, 908)]
+    ref = jobs_of("passkey", "dataset.length=2048", "dataset.depth=0.1", "seed=0")
+    budget = {c.n_sink + c.policy.refresh_budget + c.window for c in ref if c.policy.name == "refresh"}
+    assert {c.n_sink + c.policy.refresh_budget + c.window for c in cfgs} == budget == {1040}
+    assert {(c.policy.refresh_select, c.policy.refresh_keep, c.compress_every, c.cache.name, c.backend.name,
+             c.dataset.name, c.device) for c in cfgs} == {("attention", "score", 32, "ring", "cudagraph_fused",
+                                                          "passkey", "cuda")}
