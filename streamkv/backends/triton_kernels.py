@@ -166,6 +166,14 @@ def kv_update(qkv, q_out, k, v, side, cos, sin, step, qpos, ws, sw, fslot, fsrc,
 
 
 @triton.jit
+def _key_block(valid_ptr, start, end, i, BLOCK_N: tl.constexpr):
+    """Block i of a split [start, end) of the keys: slot indices, in-split mask, and in-split and valid."""
+    n = start + i + tl.arange(0, BLOCK_N)
+    nm = n < end
+    return n, nm, nm & (tl.load(valid_ptr + n, mask=nm, other=0) != 0)
+
+
+@triton.jit
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l_ptr, acc_ptr,
                        stride_kh, scale, C: tl.constexpr, SPLIT_LEN: tl.constexpr,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, RHP: tl.constexpr,
@@ -195,9 +203,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, 
     start = sp * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, C)
     for i in range(0, SPLIT_LEN, BLOCK_N):
-        n = start + i + tl.arange(0, BLOCK_N)
-        nm = n < end
-        ok = nm & (tl.load(valid_ptr + n, mask=nm, other=0) != 0)
+        n, nm, ok = _key_block(valid_ptr, start, end, i, BLOCK_N)
         km = nm[:, None] & dm[None, :]
         kp = k_ptr + h * stride_kh + n[:, None] * D + d[None, :]
         k1 = tl.load(kp, mask=km, other=0.0)
@@ -260,9 +266,7 @@ def _attn_rows_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l
     start = sp * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, C)
     for i in range(0, SPLIT_LEN, BLOCK_N):
-        n = start + i + tl.arange(0, BLOCK_N)
-        nm = n < end
-        ok = nm & (tl.load(valid_ptr + n, mask=nm, other=0) != 0)
+        n, nm, ok = _key_block(valid_ptr, start, end, i, BLOCK_N)
         rm = nm[:, None] & em[None, :]
         rows = h * stride_kh + n[:, None] * D
         k = tl.load(k_ptr + rows + e[None, :], mask=rm, other=0.0).to(tl.float32)
