@@ -25,6 +25,7 @@ from gemv_bench import time_graph  # noqa: E402  (scripts/ is the script's own d
 
 from streamkv.backends.functional import rope  # noqa: E402
 from streamkv.backends.triton_kernels import DecodeAttention  # noqa: E402
+from streamkv.decoder import RotaryTable  # noqa: E402
 
 # name: (n_heads, n_kv_heads, head_dim, rotary_dim, dtype); capacity = n_sink 4 + window 2048 + R 32
 SHAPES = {"pythia-2.8b": (32, 32, 80, 20, torch.float16),
@@ -34,10 +35,9 @@ SMOKE = {"tiny-neox": (3, 3, 80, 20, torch.float32)}
 
 
 def tables(n: int, rot: int, dev, dt):
-    pos = torch.arange(n, dtype=torch.float64, device=dev)
-    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, dtype=torch.float64, device=dev) / rot))
-    emb = torch.cat([torch.outer(pos, inv)] * 2, -1)
-    return emb.cos().to(dt), emb.sin().to(dt)
+    """cos/sin [n, rot] as the decode step's (base 10000)."""
+    t = RotaryTable(1.0 / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float64, device=dev) / rot), 1.0, n, dt)
+    return t.cos, t.sin
 
 
 def bench_shape(name, shape, C, dev, reps, cache_mb) -> list[dict]:

@@ -65,11 +65,10 @@ def displace_foreign_record(run_dir: Path, sweep_dir: Path, identity: str) -> Pa
     rec = read_result(run_dir)
     if rec is None or rec.get("identity") == identity:
         return None
-    dest = Path(sweep_dir) / "displaced" / str(rec.get("identity") or "unknown")
-    n = 1
-    while dest.exists():
-        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
-        n += 1
+    base = Path(sweep_dir) / "displaced" / str(rec.get("identity") or "unknown")
+    dest, n = base, 1
+    while dest.exists():  # the same record displaced before: keep both
+        dest, n = base.with_name(f"{base.name}.{n}"), n + 1
     dest.mkdir(parents=True)
     for name in RECORD_FILES:
         if (run_dir / name).is_file():

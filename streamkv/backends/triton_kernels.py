@@ -16,7 +16,8 @@
   per head walks all 2k keys), flash-attn / flashinfer are not installed, liger has no attention.
   Scores accumulate in float32 (GPT-NeoX overflows float16 otherwise). Two kernels: the head dim as
   tensor-core dots over the query heads of one KV head (GQA), and whole rows per query head on CUDA
-  cores for partial rotary (GPT-NeoX's 20 of 80 dims would be three padded dots).
+  cores for partial rotary with the keys stored rotated (GPT-NeoX's 20 of 80 dims would be three padded
+  dots).
 * `add_layer_norm`, `bias_gelu`: GPT-NeoX's small steps between the cuBLAS GEMVs, one launch each
   (streamkv/backends/fused_neox.py): the residual adds (with the output biases) + one or two
   LayerNorms of the sum; the up projection's bias + exact (erf) GELU.
@@ -335,8 +336,9 @@ class DecodeAttention:
         if self.rot % 2 or not 0 < self.rot <= head_dim:
             raise ValueError(f"rotary_dim {self.rot} must be even and in (0, {head_dim}]")
         # Partial rotary (GPT-NeoX: 20 of 80 dims) splits the parts kernel's head dim into three padded
-        # tensor-core dots, mostly padding for one query row per KV head; there the rows kernel runs instead
-        # (one query head per program, whole rows, more and shorter splits).
+        # tensor-core dots, mostly padding for one query row per KV head; with the keys stored rotated (ring
+        # layout) the rows kernel runs instead (one query head per program, whole rows, more and shorter
+        # splits). Rotating at read (static layout) costs it a second load: measured slower there.
         self.rows = (self.rot < head_dim and not rotate_k) if rows is None else bool(rows)
         block_n = block_n or (64 if self.rows else 32)
         self.block_n = block_n
