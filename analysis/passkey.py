@@ -134,10 +134,19 @@ def by_config(pk: pd.DataFrame, mcols: list[str], acc_min: float = DEFAULT_ACC_M
 SAME_AS_STREAMING = ("model", "device_name", "n_sink", "window", "cache", "backend", "backend_used")
 
 
+def _slots(t: pd.DataFrame, i) -> float:
+    """window + refresh region of row i (the slots besides the sinks that a config keeps)."""
+    region = pd.to_numeric(pd.Series([t.at[i, "policy.refresh_budget"] if "policy.refresh_budget" in t else 0]),
+                           errors="coerce").fillna(0).iloc[0]
+    return float(pd.to_numeric(pd.Series([t.at[i, "window"]]), errors="coerce").iloc[0]) + float(region)
+
+
 def _streaming_reference(t: pd.DataFrame, mcols: list[str]) -> None:
     """streaming_ref / streaming_tpot_ms / tpot_vs_streaming: the policy=streaming config on the same
     model, device, decode path, sinks and window; the one with the same compress_every if it ran, else
-    the smallest compress_every."""
+    the smallest compress_every. A config whose window no streaming run shares (a refresh region carved
+    out of the window at a fixed KV budget) gets the streaming window closest to its window + refresh
+    region."""
     keys = [c for c in SAME_AS_STREAMING if c in mcols]
     pol = norm_series(t["policy"]) if "policy" in t else pd.Series(NA, index=t.index)
     ref, ref_tpot = [], []
@@ -148,7 +157,15 @@ def _streaming_reference(t: pd.DataFrame, mcols: list[str]) -> None:
             continue
         cand = t[(pol == "streaming")]
         for k in keys:
-            cand = cand[norm_series(cand[k]) == norm(t.at[i, k])]
+            if k != "window":
+                cand = cand[norm_series(cand[k]) == norm(t.at[i, k])]
+        if "window" in keys and not cand.empty:
+            same = cand[norm_series(cand["window"]) == norm(t.at[i, "window"])]
+            if same.empty:  # the closest window to window + refresh region (ties: the smaller)
+                gap = (pd.to_numeric(cand["window"], errors="coerce") - _slots(t, i)).abs()
+                same = cand[gap == gap.min()] if gap.notna().any() else same
+                same = same[pd.to_numeric(same["window"]) == pd.to_numeric(same["window"]).min()] if len(same) else same
+            cand = same
         if cand.empty:
             ref.append("")
             ref_tpot.append(math.nan)

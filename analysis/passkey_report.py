@@ -53,7 +53,8 @@ def section(runs: pd.DataFrame, group_cols: list[str], out: Path, acc_min: float
                           "seeds; `count` = runs). `reach` = n_sink + window; `acc_beyond` / `acc_within`: mean "
                           "accuracy over the runs whose key is older than that (`n_beyond` runs) / not; "
                           "`tpot_vs_streaming`: TPOT relative to `streaming_ref`, the streaming config with the "
-                          "same window, sinks and decode path (same R if it ran).")]
+                          "same window, sinks and decode path (same R if it ran; else the window closest to window + refresh "
+                          "region).")]
     blocks += [("ul", pkm.findings(t, acc_min))]
     blocks += [("table", view, devices_caption(pk) + note)]
     for png, cap in zip(pngs, caps):

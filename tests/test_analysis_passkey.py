@@ -132,6 +132,22 @@ def test_passkey_by_config_beyond_the_window(pk_table):
                                                     "streaming": False}
 
 
+def test_streaming_reference_at_the_same_kv_budget():
+    """A refresh region carved out of the window (window 908 + region 128) has no streaming run at its own
+    window: its reference is the streaming window closest to window + region (1020 of 1020 / 2048)."""
+    rows = [("streaming", 1020, 0, 1, 1.0), ("streaming", 2048, 0, 1, 3.0), ("refresh", 908, 128, 32, 1.2),
+            ("refresh", 1020, 16, 32, 1.1)]
+    pk = pd.DataFrame([{"config": f"{p} w{w} b{b}", "policy": p, "window": w, "policy.refresh_budget": b,
+                        "compress_every": R, "n_sink": 4, "model": "m", "answer_acc": 1.0, "answer_nll": 0.1,
+                        "key_distance": 2000, "tpot_ms": tp} for p, w, b, R, tp in rows])
+    mcols = ["policy", "window", "policy.refresh_budget", "compress_every", "n_sink", "model"]
+    t = pkm.by_config(pk, mcols).set_index("config")
+    assert t.at["refresh w908 b128", "streaming_ref"] == "streaming w1020 b0"
+    assert t.at["refresh w908 b128", "tpot_vs_streaming"] == pytest.approx(1.2)
+    assert t.at["refresh w1020 b16", "streaming_ref"] == "streaming w1020 b0"  # the same window wins
+    assert t.at["streaming w2048 b0", "streaming_ref"] == ""
+
+
 def test_passkey_findings_text_from_numbers(pk_table, pk_result):
     _, t = pk_table
     text = " ".join(pkm.findings(t))
