@@ -159,13 +159,9 @@ def test_fused_neox_stack_in_interpreter():
     """)
 
 
-@needs_triton
-def test_fused_neox_scored_and_online_policies_in_interpreter():
-    """The fused GPT-NeoX step goes through the graph evaluator's shared attention (kv_update in the per-head
-    layout with partial rotary, the scored policies' observation): tova / h2o / snapkv (original positions in
-    the ring, shifted in the static layout) and the entropy-driven policies online (static) reproduce concat x
-    eager: same events and visible lengths, NLL to 2e-5."""
-    _interpret("""
+# the scored-policy tests' script head: a tiny random GPT-NeoX (head dim 80, 20 rotary dims, parallel
+# residual, biases perturbed away from zero) and n random byte ids
+TINY_NEOX_SCORED = """
         import numpy as np, torch
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
         from conftest import compose
@@ -174,7 +170,7 @@ def test_fused_neox_scored_and_online_policies_in_interpreter():
         from streamkv.runner import make_evaluator
         torch.set_num_threads(1)
         torch.manual_seed(0)
-        ids = torch.randint(0, ByteTokenizer.vocab_size, (60,))
+        ids = torch.randint(0, ByteTokenizer.vocab_size, ({n},))
         P = 20
         cfg = GPTNeoXConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=160, intermediate_size=256,
                             num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256, rotary_pct=0.25,
@@ -183,7 +179,16 @@ def test_fused_neox_scored_and_online_policies_in_interpreter():
         with torch.no_grad():
             for prm in model.parameters():
                 if prm.dim() == 1:
-                    prm.add_(torch.randn_like(prm) * 0.2)
+                    prm.add_(torch.randn_like(prm) * 0.2)"""
+
+
+@needs_triton
+def test_fused_neox_scored_and_online_policies_in_interpreter():
+    """The fused GPT-NeoX step goes through the graph evaluator's shared attention (kv_update in the per-head
+    layout with partial rotary, the scored policies' observation): tova / h2o / snapkv (original positions in
+    the ring, shifted in the static layout) and the entropy-driven policies online (static) reproduce concat x
+    eager: same events and visible lengths, NLL to 2e-5."""
+    _interpret(TINY_NEOX_SCORED.format(n=60) + """
         def ev(*ov):
             c = compose("model=tiny_neox", "progress=false", f"prefill_tokens={P}", "n_sink=4", "window=12", *ov)
             return make_evaluator(c, model, len(ids), torch.device("cpu"))
@@ -289,3 +294,53 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         build(tk._bias_gelu_kernel, ty, dict(BLOCK=1024, HAS_BIAS=True), 4)
         print("ok")
     """, interpret=False)
+
+
+@needs_triton
+def test_fused_step_stages_the_query_ring_in_interpreter():
+    """The fused step writes each layer's rotated query into the query ring's stage, and a step without
+    scoring moves all layers' rows into the ring at once (ScoredEviction.commit_queries): the attention
+    refresh (keep score) and SnapKV on the fused path equal concat x eager (events, NLL to 2e-5), and the
+    ring after the run equals the torch graph step's, which copies layer by layer."""
+    _interpret(TINY_NEOX_SCORED.format(n=64) + """
+        def ev(*ov):
+            c = compose("model=tiny_neox", "progress=false", f"prefill_tokens={P}", "n_sink=4", "window=12",
+                        "compress_every=8", *ov)
+            return make_evaluator(c, model, len(ids), torch.device("cpu"))
+        attention = ("policy=refresh", "policy.refresh_budget=4", "policy.refresh_select=attention",
+                     "policy.refresh_keep=score", "policy.obs_window=4")
+        cases = [("ring", attention), ("static", attention), ("ring", ("policy=snapkv", "policy.obs_window=4"))]
+        for layout, pol in cases:
+            ref = ev(*pol).run(ids, P)
+            assert len(ref.events) > 3, pol
+            fused = GraphEvaluator(ev(*pol), layout, fused=True, capture=False)
+            r = fused.run(ids, P)
+            assert fused.scored.staged and r.events == ref.events, (layout, pol)
+            assert np.abs(r.nll - ref.nll).max() < 2e-5, (layout, pol, np.abs(r.nll - ref.nll).max())
+            plain = GraphEvaluator(ev(*pol), layout, capture=False)
+            plain.run(ids, P)
+            assert not plain.scored.staged
+            assert torch.allclose(fused.scored.qring, plain.scored.qring, atol=1e-5), (layout, pol)
+            assert fused.scored.qring.abs().sum() > 0
+        print("ok")
+    """)
+
+
+@needs_triton
+def test_attn_bench_smoke_and_tune_in_interpreter(tmp_path):
+    """scripts/attn_bench.py (timed on the GPU) in Triton's interpreter: both kernels at the tiny shape agree
+    with the float64 reference in both layouts, and --tune runs every launch shape of its grid."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_INTERPRET": "1"}
+    for extra, name in (([], "bench.json"), (["--tune"], "tune.json")):
+        cmd = [sys.executable, "scripts/attn_bench.py", "--smoke", *extra, "--out", str(tmp_path / name)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    kinds = {(a, b) for a in ("ring", "stat") for b in ("rows", "parts")}
+    assert {(r["layout"][:4], r["kernel"]) for r in rows} == kinds
+    tune = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    assert [(r["kernel"], r["block_n"], r["waves"], r["num_warps"]) for r in tune] == [
+        ("rows", 16, 2, 1), ("rows", 32, 4, 2), ("parts", 16, 2, 4)]
+    assert all(r["rel_err"] < 1e-5 and r["us_per_layer"] > 0 for r in rows + tune)

@@ -265,14 +265,15 @@ class GraphEvaluator:
         """One token, entirely from device memory (capturable)."""
         t, w, c = self.t, self.w, self.slots
         if self.scored is not None:
-            ws = self.scored.begin_step(t, c.valid, c.qpos, c.write_slot)
-        elif self.online:  # static layout, compacted: the write slot and the query's position = the cache length
-            ws = (~c.valid[:c.capacity]).to(torch.uint8).argmax().view(1)
-            c.write_slot.index_copy_(0, t, ws)
-            c.qpos.index_copy_(0, t, ws)
+            ws = self.scored.begin_step(t, c.valid, c.qpos, c.write_slot)  # (marks ws valid)
         else:
-            ws = c.write_slot.index_select(0, t)
-        c.valid.index_fill_(0, ws, True)
+            if self.online:  # static layout, compacted: the write slot and the query's position = the cache length
+                ws = (~c.valid[:c.capacity]).to(torch.uint8).argmax().view(1)
+                c.write_slot.index_copy_(0, t, ws)
+                c.qpos.index_copy_(0, t, ws)
+            else:
+                ws = c.write_slot.index_select(0, t)
+            c.valid.index_fill_(0, ws, True)
         x = w.embed.index_select(0, self.ids.index_select(0, t)).unsqueeze(0)  # [1, 1, hidden]
         logits = self.layers(x, t, ws)
         nll, ent, top1 = score(logits, self.ids.index_select(0, t + 1), top1=True)
@@ -280,6 +281,7 @@ class GraphEvaluator:
         self.entropy.index_copy_(0, t, ent)
         self.top1.index_copy_(0, t, top1)
         if self.scored is not None:
+            self.scored.commit_queries()
             self.scored.evict(t, c.valid, c.qpos)
         else:
             evicted = self.evict.index_select(0, self.evict_row.index_select(0, t)).view(-1)

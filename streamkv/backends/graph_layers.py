@@ -91,6 +91,8 @@ class LayerStack:
             self.attn = DecodeAttention(w.n_heads, w.n_kv_heads, w.head_dim, slots.capacity, k.device, k.dtype,
                                         rotate_k=not slots.rotate_stored, rotary_dim=slots.cos.shape[-1])
             self.q_rot = torch.empty(w.n_heads, w.head_dim, device=k.device, dtype=k.dtype)
+            if scored is not None and scored.window:  # kv_update writes each layer's query into its ring stage
+                scored.staged = True
         if kind == "fused" and w.family.norm == "layer":  # GPT-NeoX: LayerNorm + GELU kernels (fused_neox.py)
             kind = "fused_neox"
         self.forward = {"torch": self._torch, "fused": self._fused, "fused_neox": self._fused_neox,
@@ -217,14 +219,15 @@ class LayerStack:
         from streamkv.backends.triton_kernels import kv_update
 
         w, c = self.w, self.c
-        kv_update(qkv, self.q_rot, c.k[i], c.v[i], c.side[i] if c.has_side else None,
+        q_rot = self.scored.qstage[i] if self.scored is not None and self.scored.staged else self.q_rot
+        kv_update(qkv, q_rot, c.k[i], c.v[i], c.side[i] if c.has_side else None,
                   c.cos, c.sin, t, c.qpos, c.write_slot, c.side_write,
                   c.fix_slot if c.n_fix else None, c.fix_src, c.fix_pos,
                   n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=c.rotate_stored, has_side=c.has_side,
                   rotary_dim=w.rotary_ndims, qkv_layout=w.family.qkv_layout, bias=bias)
         if self.scored is not None:  # the Triton attention exposes no probabilities: a torch softmax
-            self._observe(i, self.q_rot.view(1, w.n_heads, 1, -1), lambda: c.observed_keys(i))
-        return self.attn(self.q_rot, c.k[i], c.v[i], c.valid, self.scale,
+            self._observe(i, q_rot.view(1, w.n_heads, 1, -1), lambda: c.observed_keys(i))
+        return self.attn(q_rot, c.k[i], c.v[i], c.valid, self.scale,
                          None if c.rotate_stored else c.cos, None if c.rotate_stored else c.sin)
 
     def _observe(self, i: int, q, keys) -> None:

@@ -44,7 +44,9 @@ class ScoredEviction:
     TOVA's and SnapKV's scores are read only by a prune, so they are computed only on prune steps
     (`lazy`): the graph evaluator captures a step with scoring and one without (`scoring`, a Python
     flag fixed at capture) and replays the one the host schedule asks for. SnapKV's query ring is kept
-    on every step; H2O accumulates every step.
+    on every step; H2O accumulates every step. On the fused paths (`staged`) the Triton kv_update writes
+    each layer's rotated query into its row of `qstage`, and a step without scoring moves all layers' rows
+    into the ring with one copy at its end (`commit_queries`) instead of one copy per layer.
     """
 
     MAX_POS = 2**31 - 1
@@ -60,9 +62,11 @@ class ScoredEviction:
         self.lazy = plan.scores != "accumulated"
         self.prune_steps = np.asarray(plan.prune, dtype=bool)  # host copy: which step graph to replay
         self.scoring = True
+        self.staged = False  # set by the fused LayerStack: the step's queries are written into qstage
         if self.window:  # SnapKV: each layer's last w queries (rotated) in a ring, and their positions
             w = plan.n_recent
             self.qring = torch.zeros(n_layers, w, n_heads, head_dim, device=device, dtype=dtype)
+            self.qstage = torch.zeros(n_layers, n_heads, head_dim, device=device, dtype=dtype)  # this step's
             self.qring_pos = torch.full((w,), self.MAX_POS, device=device, dtype=torch.int64)
             self.qring_rope = torch.zeros(w, device=device, dtype=torch.int64)  # RoPE position when rotated
             self.ar_w, self.ar_c = torch.arange(w, device=device), torch.arange(capacity, device=device)
@@ -87,7 +91,7 @@ class ScoredEviction:
         self.slot_pos.index_copy_(0, ws, pos)
         if self.plan.scores == "accumulated":
             self.acc.index_fill_(0, ws, 0.0)
-        else:
+        elif self.scoring:  # TOVA, SnapKV: only a scoring step fills (and a prune reads) the scores
             self.acc.zero_()
         if self.window:
             self.ring_row = torch.remainder(t, self.plan.n_recent)
@@ -102,15 +106,21 @@ class ScoredEviction:
         return ws
 
     def record_query(self, i: int, q) -> None:
-        """SnapKV, every decode step: layer i's rotated query q [1, H, 1, D] into its ring."""
-        if self.window:
+        """SnapKV, every decode step: layer i's rotated query q [1, H, 1, D] into its ring (staged and not
+        scoring: left in qstage for commit_queries; a scoring step needs it in the ring before observe)."""
+        if self.window and (self.scoring or not self.staged):
             self.qring[i].index_copy_(0, self.ring_row, q[0].transpose(0, 1))
+
+    def commit_queries(self) -> None:
+        """End of a staged step without scoring: every layer's query into the ring at once."""
+        if self.window and self.staged and not self.scoring:
+            self.qring.index_copy_(1, self.ring_row, self.qstage.unsqueeze(1))
 
     def observe(self, i: int, q, keys, valid) -> None:
         """Layer i of a scoring decode step (after record_query): q [1, H, 1, D] rotated, keys [Hkv, C, D]
         (rotated, slot order)."""
         if self.window:
-            return self._window_scores(i, keys, valid[:self.C])
+            return self._window_scores(i, keys)
         w = attention_weights(q, keys[None], valid[:self.C].view(1, -1), self.scale)  # [Hkv, G, 1, C]
         if self.plan.scores == "last":
             self.acc[:self.C] += tova_scores(w)
@@ -156,7 +166,7 @@ class ScoredEviction:
             r, row = self.prefill_rows
             self.qring[i].index_copy_(0, row, q[0].index_select(1, r).transpose(0, 1))
             if plan.prefill_prune:
-                self._window_scores(i, keys, self.prefill_valid)
+                self._window_scores(i, keys)
             return
         if plan.scores == "last":  # the last query row sees every key
             if plan.prefill_prune:
@@ -192,6 +202,9 @@ class ScoredEviction:
         self.qorder = torch.remainder(newest + 1 + self.ar_w, w)
         self.order = torch.where(valid, self.slot_pos[:self.C], self.MAX_POS).sort().indices
         self.scored_n = self.ar_c < valid.sum() - w
+        # which slots each window query sees (causal by position): the same for every layer of the step
+        qpos = self.qring_pos.index_select(0, self.qorder)
+        self.qmask = valid[None, :] & (self.slot_pos[None, :self.C] <= qpos[:, None])
 
     def _window_delta(self, newest, rope) -> None:
         """Shift positions (SnapKV as the eager policy): each window query at the position its token
@@ -201,14 +214,13 @@ class ScoredEviction:
         qp = self.qring_pos.index_select(0, self.qorder)
         self.qdelta = (rope - (newest - qp)) - self.qring_rope.index_select(0, self.qorder)
 
-    def _window_scores(self, i: int, keys, valid) -> None:
+    def _window_scores(self, i: int, keys) -> None:
         """snapkv_scores over the slots: queries oldest first, keys gathered into cache order (the
         window and the empty slots zeroed: the eager pooling's zero padding), scattered back."""
         C, plan = self.C, self.plan
         qs = self.qring[i].index_select(0, self.qorder).transpose(0, 1)[None]  # [1, H, w, D]
         if plan.shift:
             qs = rotate_by(qs, self.qdelta, self.inv_freq)
-        mask = valid[None, :] & (self.slot_pos[None, :C] <= self.qring_pos.index_select(0, self.qorder)[:, None])
-        attn = attention_weights(qs, keys[None], mask, self.scale)  # [Hkv, G, w, C]
+        attn = attention_weights(qs, keys[None], self.qmask, self.scale)  # [Hkv, G, w, C]
         x = torch.where(self.scored_n, attn.mean(2).index_select(-1, self.order), 0.0)  # [Hkv, G, C]
         self.acc.index_add_(0, self.order, pooled_scores(x, plan.kernel_size, plan.pooling))

@@ -324,7 +324,8 @@ class DecodeAttention:
 
     def __init__(self, n_heads: int, n_kv: int, head_dim: int, capacity: int, device, dtype,
                  rotate_k: bool = False, block_n: int | None = None, n_sm: int | None = None,
-                 rotary_dim: int | None = None, rows: bool | None = None):
+                 rotary_dim: int | None = None, rows: bool | None = None, waves: int | None = None,
+                 num_warps: int | None = None):
         # An earlier CUDA-core variant for MHA (no tensor-core dot padded to 16 query rows) measured 9% slower
         # than the parts kernel on the 7B shape (full rotary, head dim 128) on an H100: 733 vs 671 us per
         # token; so by default (rows=None) the rows kernel runs only for partial rotary.
@@ -340,11 +341,15 @@ class DecodeAttention:
         # layout) the rows kernel runs instead (one query head per program, whole rows, more and shorter
         # splits). Rotating at read (static layout) costs it a second load: measured slower there.
         self.rows = (self.rot < head_dim and not rotate_k) if rows is None else bool(rows)
+        # launch shape (scripts/attn_bench.py --tune times the alternatives): keys per block, the
+        # programs aimed at per SM (`waves`: the splits of the keys follow from it), warps per program
         block_n = block_n or (64 if self.rows else 32)
         self.block_n = block_n
+        self.num_warps = num_warps or (4 if self.rows or head_dim <= 64 else 8)
         n_blocks = triton.cdiv(capacity, block_n)
         programs = n_heads if self.rows else n_kv
-        self.ns = max(1, min(n_blocks, triton.cdiv((4 if self.rows else 2) * n_sm, programs)))
+        self.waves = waves or (4 if self.rows else 2)
+        self.ns = max(1, min(n_blocks, triton.cdiv(self.waves * n_sm, programs)))
         self.split_len = triton.cdiv(n_blocks, self.ns) * block_n
         self.ns = triton.cdiv(capacity, self.split_len)
         self.rotate_k = rotate_k
@@ -362,13 +367,13 @@ class DecodeAttention:
             _attn_rows_kernel[(self.n_heads, self.ns)](
                 q, k, v, valid, cos, sin, self.m, self.l, self.acc, k.stride(0), scale, C=self.C,
                 SPLIT_LEN=self.split_len, G=self.G, D=D, DP=triton.next_power_of_2(D), ROT=rot,
-                BLOCK_N=self.block_n, NS=self.ns, ROTATE_K=self.rotate_k, num_warps=4)
+                BLOCK_N=self.block_n, NS=self.ns, ROTATE_K=self.rotate_k, num_warps=self.num_warps)
         else:
             _attn_split_kernel[(self.n_kv, self.ns)](
                 q, k, v, valid, cos, sin, self.m, self.l, self.acc, k.stride(0), scale, C=self.C,
                 SPLIT_LEN=self.split_len, G=self.G, GP=_dot_width(self.G), D=D, ROT=rot, RHP=_dot_width(rot // 2),
                 PP=_dot_width(D - rot), BLOCK_N=self.block_n, NS=self.ns,
-                ROTATE_K=self.rotate_k, num_warps=4 if D <= 64 else 8, num_stages=2)
+                ROTATE_K=self.rotate_k, num_warps=self.num_warps, num_stages=2)
         _attn_reduce_kernel[(self.n_heads,)](self.m, self.l, self.acc, self.out, NS=self.ns,
                                               NSP=triton.next_power_of_2(self.ns), D=D,
                                               DP=triton.next_power_of_2(D), num_warps=1)
