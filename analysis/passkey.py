@@ -134,13 +134,6 @@ def by_config(pk: pd.DataFrame, mcols: list[str], acc_min: float = DEFAULT_ACC_M
 SAME_AS_STREAMING = ("model", "device_name", "n_sink", "window", "cache", "backend", "backend_used")
 
 
-def _slots(t: pd.DataFrame, i) -> float:
-    """window + refresh region of row i (the slots besides the sinks that a config keeps)."""
-    region = pd.to_numeric(pd.Series([t.at[i, "policy.refresh_budget"] if "policy.refresh_budget" in t else 0]),
-                           errors="coerce").fillna(0).iloc[0]
-    return float(pd.to_numeric(pd.Series([t.at[i, "window"]]), errors="coerce").iloc[0]) + float(region)
-
-
 def _streaming_reference(t: pd.DataFrame, mcols: list[str]) -> None:
     """streaming_ref / streaming_tpot_ms / tpot_vs_streaming: the policy=streaming config on the same
     model, device, decode path, sinks and window; the one with the same compress_every if it ran, else
@@ -149,6 +142,10 @@ def _streaming_reference(t: pd.DataFrame, mcols: list[str]) -> None:
     region."""
     keys = [c for c in SAME_AS_STREAMING if c in mcols]
     pol = norm_series(t["policy"]) if "policy" in t else pd.Series(NA, index=t.index)
+    window = pd.to_numeric(t["window"], errors="coerce") if "window" in t else pd.Series(np.nan, index=t.index)
+    has_region = "policy.refresh_budget" in t
+    region = pd.to_numeric(t["policy.refresh_budget"], errors="coerce").fillna(0) if has_region else 0
+    slots = window + region  # the slots besides the sinks
     ref, ref_tpot = [], []
     for i in t.index:
         if pol[i] in ("streaming", "full"):
@@ -162,9 +159,9 @@ def _streaming_reference(t: pd.DataFrame, mcols: list[str]) -> None:
         if "window" in keys and not cand.empty:
             same = cand[norm_series(cand["window"]) == norm(t.at[i, "window"])]
             if same.empty:  # the closest window to window + refresh region (ties: the smaller)
-                gap = (pd.to_numeric(cand["window"], errors="coerce") - _slots(t, i)).abs()
-                same = cand[gap == gap.min()] if gap.notna().any() else same
-                same = same[pd.to_numeric(same["window"]) == pd.to_numeric(same["window"]).min()] if len(same) else same
+                gap = (window[cand.index] - slots[i]).abs()
+                near = window[cand.index][gap == gap.min()]
+                same = cand.loc[near.index[near == near.min()]]
             cand = same
         if cand.empty:
             ref.append("")

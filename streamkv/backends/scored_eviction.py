@@ -202,17 +202,17 @@ class ScoredEviction:
         self.qorder = torch.remainder(newest + 1 + self.ar_w, w)
         self.order = torch.where(valid, self.slot_pos[:self.C], self.MAX_POS).sort().indices
         self.scored_n = self.ar_c < valid.sum() - w
-        # which slots each window query sees (causal by position): the same for every layer of the step
-        qpos = self.qring_pos.index_select(0, self.qorder)
-        self.qmask = valid[None, :] & (self.slot_pos[None, :self.C] <= qpos[:, None])
+        # the window queries' positions, oldest first, and which slots each one sees (causal by position):
+        # the same for every layer of the step
+        self.qorder_pos = self.qring_pos.index_select(0, self.qorder)
+        self.qmask = valid[None, :] & (self.slot_pos[None, :self.C] <= self.qorder_pos[:, None])
 
     def _window_delta(self, newest, rope) -> None:
         """Shift positions (SnapKV as the eager policy): each window query at the position its token
         holds in the cache now, i.e. rotated by delta = (rope - (newest - its text position)) - the
         position it was rotated at (prunes since its step moved it towards the front); ring rows in
         qorder (oldest first)."""
-        qp = self.qring_pos.index_select(0, self.qorder)
-        self.qdelta = (rope - (newest - qp)) - self.qring_rope.index_select(0, self.qorder)
+        self.qdelta = (rope - (newest - self.qorder_pos)) - self.qring_rope.index_select(0, self.qorder)
 
     def _window_scores(self, i: int, keys) -> None:
         """snapkv_scores over the slots: queries oldest first, keys gathered into cache order (the
