@@ -297,6 +297,24 @@ def test_graph_scores_only_on_prune_steps(policy, lazy, monkeypatch):
     assert g.scored.lazy == lazy and len(calls) == n_layers * steps and 0 < prune.sum() < len(ids) // 4
 
 
+@pytest.mark.parametrize("policy", ["snapkv_R8", "snapkv_R8_prefill_max3"])
+def test_graph_snapkv_scores_all_layers_at_once(policy, monkeypatch):
+    """SnapKV's window scores run once per scoring step (prefill prune included), over every layer's keys
+    together, not once per layer."""
+    from streamkv.backends.graph import ScoredEviction
+
+    calls = []
+    scores = ScoredEviction._window_scores
+    monkeypatch.setattr(ScoredEviction, "_window_scores",
+                        lambda self, keys: calls.append(keys.shape) or scores(self, keys))
+    ids = text_ids(KIND, n=160)
+    cfg, g = _graph("ring", "n_sink=4", "window=24", *SCORED[policy], n=len(ids))
+    g.run(ids, cfg.prefill_tokens)
+    n_prunes = int(g.s.scored.prune[:len(ids) - 1].sum()) + int(g.s.scored.prefill_prune)
+    assert len(calls) == n_prunes > 3
+    assert all(shape[0] == len(g.w.layers) for shape in calls)
+
+
 def _scored_matches_concat_eager(layout, args):
     ids = text_ids(KIND, n=160)
     cfg, ev = _evaluator(*args, n=len(ids))

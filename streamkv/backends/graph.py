@@ -306,7 +306,7 @@ class GraphEvaluator:
             c.k[i].index_copy_(1, slots, (k_rot if c.rotate_stored else k)[0])
             c.v[i].index_copy_(1, slots, v[0])
             if self.scored is not None:
-                self.scored.observe_prefill(i, q, k_rot, c.observed_keys(i))
+                self.scored.observe_prefill(i, q, k_rot, c.observed_keys)
             a = fn.attend(q, k_rot, v, self.scale, causal=True, gqa=w.n_kv_heads != w.n_heads)
             x = dense.out(i, x, a.transpose(1, 2).reshape(1, P, -1))
         h = fn.final_norm(x, w)[0]

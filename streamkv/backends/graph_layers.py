@@ -68,8 +68,9 @@ class SlotCache:
     def has_side(self) -> bool:
         return self.side is not None
 
-    def observed_keys(self, i: int):
-        """Layer i's keys as the scored policies observe them: rotated (static: at the slot index)."""
+    def observed_keys(self, i):
+        """Layer i's keys [Hkv, C, D] as the scored policies observe them: rotated (static: at the slot
+        index); i = slice(None): every layer's, [L, Hkv, C, D]."""
         keys = self.k[i, :, :self.capacity]
         if self.rotate_stored:
             return keys
@@ -134,7 +135,7 @@ class LayerStack:
             if not c.rotate_stored:  # static: StreamingLLM positions = slot index
                 keys = fn.rope(keys, c.cos[:C], c.sin[:C]).to(keys.dtype)
             if self.scored is not None:
-                self._observe(i, q, lambda: keys)
+                self._observe(i, q, lambda layer: keys if layer == i else c.observed_keys(layer))
             qg = q.reshape(1, w.n_kv_heads, G, w.head_dim)  # GQA: a KV head's query heads as rows
             a = fn.attend(qg, keys.unsqueeze(0), c.v[i, :, :C].unsqueeze(0), self.scale, mask=mask)
             x = dense.out(i, x, a.reshape(1, 1, -1))
@@ -226,13 +227,13 @@ class LayerStack:
                   n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=c.rotate_stored, has_side=c.has_side,
                   rotary_dim=w.rotary_ndims, qkv_layout=w.family.qkv_layout, bias=bias)
         if self.scored is not None:  # the Triton attention exposes no probabilities: a torch softmax
-            self._observe(i, q_rot.view(1, w.n_heads, 1, -1), lambda: c.observed_keys(i))
+            self._observe(i, q_rot.view(1, w.n_heads, 1, -1), c.observed_keys)
         return self.attn(q_rot, c.k[i], c.v[i], c.valid, self.scale,
                          None if c.rotate_stored else c.cos, None if c.rotate_stored else c.sin)
 
     def _observe(self, i: int, q, keys) -> None:
-        """The scored policy's view of layer i's decode attention; `keys()` gives the rotated slot keys
-        (built only when this step scores)."""
+        """The scored policy's view of layer i's decode attention; `keys(layer)` gives a layer's rotated slot
+        keys (`slice(None)`: all layers), built only when this step scores."""
         self.scored.record_query(i, q)
         if self.scored.scoring:
-            self.scored.observe(i, q, keys(), self.c.valid)
+            self.scored.observe(i, q, keys, self.c.valid)

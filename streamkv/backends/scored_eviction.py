@@ -117,11 +117,14 @@ class ScoredEviction:
             self.qring.index_copy_(1, self.ring_row, self.qstage.unsqueeze(1))
 
     def observe(self, i: int, q, keys, valid) -> None:
-        """Layer i of a scoring decode step (after record_query): q [1, H, 1, D] rotated, keys [Hkv, C, D]
-        (rotated, slot order)."""
+        """Layer i of a scoring decode step (after record_query): q [1, H, 1, D] rotated; keys(layer) gives
+        a layer's slot keys [Hkv, C, D] (rotated, slot order; keys(slice(None)): all layers, [L, Hkv, C, D]).
+        SnapKV scores every layer at once after the last one (its queries are in the ring by then)."""
         if self.window:
-            return self._window_scores(i, keys)
-        w = attention_weights(q, keys[None], valid[:self.C].view(1, -1), self.scale)  # [Hkv, G, 1, C]
+            if i == self.n_layers - 1:
+                self._window_scores(keys(slice(None)))
+            return
+        w = attention_weights(q, keys(i)[None], valid[:self.C].view(1, -1), self.scale)  # [Hkv, G, 1, C]
         if self.plan.scores == "last":
             self.acc[:self.C] += tova_scores(w)
         else:
@@ -159,14 +162,14 @@ class ScoredEviction:
                 self._window_delta(P - 1, P - 1)
 
     def observe_prefill(self, i: int, q, k, keys) -> None:
-        """Layer i of the prefill: q [1, H, P, D], k [1, Hkv, P, D] rotated (keys: the same in the slots,
-        [Hkv, C, D]); H2O: the causal rows in its chunks; TOVA, SnapKV: only if a prune follows."""
+        """Layer i of the prefill: q [1, H, P, D], k [1, Hkv, P, D] rotated (keys(layer): the slot keys, as
+        in observe); H2O: the causal rows in its chunks; TOVA, SnapKV: only if a prune follows."""
         P, plan = q.shape[2], self.plan
         if self.window:
             r, row = self.prefill_rows
             self.qring[i].index_copy_(0, row, q[0].index_select(1, r).transpose(0, 1))
-            if plan.prefill_prune:
-                self._window_scores(i, keys)
+            if plan.prefill_prune and i == self.n_layers - 1:
+                self._window_scores(keys(slice(None)))
             return
         if plan.scores == "last":  # the last query row sees every key
             if plan.prefill_prune:
@@ -214,13 +217,21 @@ class ScoredEviction:
         qorder (oldest first)."""
         self.qdelta = (rope - (newest - self.qorder_pos)) - self.qring_rope.index_select(0, self.qorder)
 
-    def _window_scores(self, i: int, keys) -> None:
-        """snapkv_scores over the slots: queries oldest first, keys gathered into cache order (the
-        window and the empty slots zeroed: the eager pooling's zero padding), scattered back."""
+    def _window_scores(self, keys) -> None:
+        """snapkv_scores over the slots for all layers at once (keys [L, Hkv, C, D]; a few large kernels
+        instead of a dozen per layer): queries oldest first, keys gathered into cache order (the window and
+        the empty slots zeroed: the eager pooling's zero padding), scattered back. The layers' scores add
+        up one layer after the other, in the order of the eager policy's sum."""
         C, plan = self.C, self.plan
-        qs = self.qring[i].index_select(0, self.qorder).transpose(0, 1)[None]  # [1, H, w, D]
+        L, Hkv = keys.shape[:2]
+        qs = self.qring.index_select(1, self.qorder).transpose(1, 2)  # [L, H, w, D]
         if plan.shift:
             qs = rotate_by(qs, self.qdelta, self.inv_freq)
-        attn = attention_weights(qs, keys[None], self.qmask, self.scale)  # [Hkv, G, w, C]
-        x = torch.where(self.scored_n, attn.mean(2).index_select(-1, self.order), 0.0)  # [Hkv, G, C]
-        self.acc.index_add_(0, self.order, pooled_scores(x, plan.kernel_size, plan.pooling))
+        H, w, D = qs.shape[1:]
+        # the layers' KV heads as one head axis: query head (l, h) attends KV head (l, h // G)
+        attn = attention_weights(qs.reshape(1, L * H, w, D), keys.reshape(1, L * Hkv, C, D), self.qmask, self.scale)
+        attn = attn.view(L, Hkv, H // Hkv, w, C)
+        x = torch.where(self.scored_n, attn.mean(3).index_select(-1, self.order), 0.0)  # [L, Hkv, G, C]
+        pooled = pooled_scores(x, plan.kernel_size, plan.pooling)  # [L, C]
+        for layer in range(L):
+            self.acc.index_add_(0, self.order, pooled[layer])

@@ -14,14 +14,15 @@ POOLINGS = ("avg", "max")
 
 
 def pooled_scores(x: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
-    """SnapKV's score of one layer from the observation queries' mean attention x [Hkv, G, n] (keys in cache
-    order; keys not scored zeroed): 1D pooling along the keys (stride 1, same length), mean over the G
-    query heads of each KV group, then (one decision for all heads) mean over the KV heads -> [n]. Summed
-    over the layers by the caller (the host QueryWindow, and the graph's ScoredEviction)."""
-    Hkv, G, n = x.shape
+    """SnapKV's score of one layer from the observation queries' mean attention x [..., Hkv, G, n] (keys in
+    cache order; keys not scored zeroed): 1D pooling along the keys (stride 1, same length), mean over the
+    G query heads of each KV group, then (one decision for all heads) mean over the KV heads -> [..., n]
+    (leading dims: e.g. the layers, scored together). Summed over the layers by the caller (the host
+    QueryWindow, and the graph's ScoredEviction)."""
+    *lead, Hkv, G, n = x.shape
     pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
-    x = pool(x.reshape(Hkv * G, 1, n), kernel_size, stride=1, padding=kernel_size // 2)
-    return x.reshape(Hkv, G, n).mean(1).mean(0)
+    x = pool(x.reshape(-1, 1, n), kernel_size, stride=1, padding=kernel_size // 2)
+    return x.reshape(*lead, Hkv, G, n).mean(-2).mean(-2)
 
 
 def snapkv_scores(attn: torch.Tensor, n_window: int, kernel_size: int, pooling: str) -> torch.Tensor:
