@@ -701,3 +701,20 @@ def test_fused_graph_step_in_interpreter():
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
                        cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_step_ops_counts_the_scoring_on_prune_steps_only():
+    """scripts/step_ops.py on the tiny model: SnapKV's steps without a prune all dispatch the same number of
+    operators, and the prune steps more (the scoring runs only there)."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "scripts/step_ops.py", "model=tiny_llama", "policy=snapkv", "window=24",
+                        "compress_every=8"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    found = dict(re.findall(r"steps (with|without) a prune: \d+, operators per step (\S+)", r.stdout))
+    assert set(found) == {"with", "without"} and found["without"].isdigit() and found["with"].isdigit(), r.stdout
+    assert int(found["with"]) > int(found["without"])
