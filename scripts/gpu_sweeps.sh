@@ -48,6 +48,9 @@ declare -A STEPS=(
   [passkey_region_2048]="+sweep=passkey_refresh_region dataset.length=2048"
   [passkey_region_4096]="+sweep=passkey_refresh_region dataset.length=4096"
   [passkey_region_8192]="+sweep=passkey_refresh_region dataset.length=8192"
+  # book / wiki PPL at the pass-key budget, the 128-token attention refresh beside streaming, SnapKV, TOVA
+  [refresh_ppl_wiki]="+sweep=refresh_region_ppl dataset=wiki"
+  [refresh_ppl_book]="+sweep=refresh_region_ppl dataset=book repeat=0"
   # the regime map (wiki blocks first, then book, then the full-attention references)
   [regime]="+sweep=regime"
 )
@@ -56,7 +59,8 @@ declare -A STEPS=(
 # Phase E with shifted positions runs on the static layout (its args name it).
 declare -A OWN_PATH=([c_wiki]=1 [d_wiki]=1 [e_shift_wiki]=1 [e_shift_book]=1 [b4_wiki_static]=1 [b4_book_static]=1
                      [passkey_2048]=1 [passkey_4096]=1 [passkey_8192]=1
-                     [passkey_region_2048]=1 [passkey_region_4096]=1 [passkey_region_8192]=1)
+                     [passkey_region_2048]=1 [passkey_region_4096]=1 [passkey_region_8192]=1
+                     [refresh_ppl_wiki]=1 [refresh_ppl_book]=1)
 # Phase C's baseline block (concat x eager streaming R=1/32) is Phase D's: a step also skips the runs
 # finished by the step named here (copied under _from_STEP, left out of its tar: no duplicate records).
 declare -A SHARES=([c_wiki]=d_wiki)

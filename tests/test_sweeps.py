@@ -146,3 +146,15 @@ def test_passkey_refresh_region_preset_keeps_the_passkey_budget():
     assert {(c.policy.refresh_select, c.policy.refresh_keep, c.compress_every, c.cache.name, c.backend.name,
              c.dataset.name, c.device) for c in cfgs} == {("attention", "score", 32, "ring", "cudagraph_fused",
                                                           "passkey", "cuda")}
+
+
+def test_refresh_region_ppl_preset_matches_the_passkey_budget():
+    jobs = jobs_of("refresh_region_ppl", "dataset=book", "repeat=0")
+    got = sorted((c.policy.name, c.compress_every, c.n_sink + (c.policy.refresh_budget or 0) + c.window,
+                  c.cache.name) for c in jobs)
+    assert got == [("refresh", 32, 1040, "ring"), ("refresh", 32, 1040, "ring"), ("snapkv", 32, 1024, "static"),
+                   ("streaming", 1, 1024, "ring"), ("streaming", 32, 1024, "ring"), ("tova", 32, 1024, "static")]
+    assert {c.policy.positions for c in jobs if c.policy.name in ("snapkv", "tova")} == {"shift"}
+    assert {(c.policy.refresh_budget, c.window, c.policy.refresh_select, c.policy.refresh_keep)
+            for c in jobs if c.policy.name == "refresh"} == {(16, 1020, "attention", "score"),
+                                                             (128, 908, "attention", "score")}

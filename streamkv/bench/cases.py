@@ -25,6 +25,9 @@ class Case:
 SCHEDULED_POLICIES = ((("policy=max_drop", "policy.max_drop=8"), "max_drop (8)"),
                       (("policy=refresh", "policy.refresh_budget=64"), "refresh (uniform, 64)"))
 
+REFRESH_ATTENTION = ("policy=refresh", "policy.refresh_select=attention", "policy.refresh_budget=128",
+                     "policy.refresh_keep=score")
+
 
 def default_cases(model: str, smoke: bool, managers: set) -> list[Case]:
     if is_neox_bench(model):
@@ -66,6 +69,9 @@ def default_cases(model: str, smoke: bool, managers: set) -> list[Case]:
             for pol in ("tova", "h2o", "snapkv"):
                 cases.append(Case(f"ring x {backend}", "ours", "ring", backend, R=32, policy=(f"policy={pol}",),
                                   policy_name=pol))
+        # the attention refresh (SnapKV's scoring of the segment about to go, a region kept by score)
+        cases.append(Case("ring x cudagraph_fused", "ours", "ring", "cudagraph_fused", R=32,
+                          policy=REFRESH_ATTENTION, policy_name="refresh (attention, 128, keep score)"))
         for pol in ("tova", "h2o", "snapkv"):
             cases.append(Case("static x cudagraph_fused", "ours", "static", "cudagraph_fused", R=32,
                               policy=(f"policy={pol}", "policy.positions=shift"), policy_name=f"{pol} (shift)"))
