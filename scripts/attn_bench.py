@@ -45,9 +45,7 @@ def tables(n: int, rot: int, dev, dt):
 
 
 # --tune: (block_n, waves, num_warps) per kernel; the parts kernel's tensor-core dots need block_n >= 16
-# (rows_split: the rows kernel with the head dim in power-of-two parts and V loaded with K)
 TUNE_GRID = {"rows": [(b, w, n) for b in (16, 32, 64, 128) for w in (2, 4, 8, 16) for n in (1, 2, 4, 8)],
-             "rows_split": [(b, w, n) for b in (16, 32, 64, 128) for w in (2, 4, 8, 16) for n in (1, 2, 4, 8)],
              "parts": [(b, w, n) for b in (16, 32, 64) for w in (1, 2, 4, 8) for n in (2, 4, 8)]}
 SMOKE_GRID = {"rows": [(16, 2, 1), (32, 4, 2)], "parts": [(16, 2, 4)]}
 
@@ -77,11 +75,10 @@ def tune_shape(name, shape, C, dev, reps, cache_mb, grid) -> list[dict]:
     ref = (s.masked_fill(~valid[:C], float("-inf")).softmax(-1) @ vs[0][:, :C].double()).reshape(Hq, D)
     out = []
     for kernel, shapes in grid.items():
-        kind = dict(rows=kernel != "parts", split_d=kernel == "rows_split")
-        default = DecodeAttention(Hq, Hkv, D, C, dev, dt, rotary_dim=rot, **kind)
+        default = DecodeAttention(Hq, Hkv, D, C, dev, dt, rotary_dim=rot, rows=kernel == "rows")
         for block_n, waves, warps in shapes:
-            att = DecodeAttention(Hq, Hkv, D, C, dev, dt, rotary_dim=rot, block_n=block_n, waves=waves,
-                                  num_warps=warps, **kind)
+            att = DecodeAttention(Hq, Hkv, D, C, dev, dt, rotary_dim=rot, rows=kernel == "rows", block_n=block_n,
+                                  waves=waves, num_warps=warps)
             err = float((att(q, ks[0], vs[0], valid, D ** -0.5).double() - ref).norm() / ref.norm())
             us = time_graph(lambda i: att(q, ks[i], vs[i], valid, D ** -0.5), n_copies, reps)
             out.append({"shape": name, "kernel": kernel, "block_n": block_n, "waves": waves, "num_warps": warps,

@@ -296,57 +296,6 @@ def _attn_rows_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l
 
 
 @triton.jit
-def _attn_rows_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr, stride_kh, scale,
-                            C: tl.constexpr, SPLIT_LEN: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                            DA: tl.constexpr, DBP: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr):
-    # the rows kernel for keys stored rotated, the head dim in a power-of-two part [0, DA) and the rest
-    # [DA, D) padded to DBP (80 = 64 + 16: no idle lanes, where one padded row of 128 leaves 48 idle), and
-    # the block's values loaded with its keys (both requests in flight before the scores need the keys)
-    hq = tl.program_id(0)  # query head
-    sp = tl.program_id(1)  # split of the keys
-    h = hq // G
-    HAS_B: tl.constexpr = DA < D
-    a = tl.arange(0, DA)
-    b = DA + tl.arange(0, DBP)
-    bm = b < D
-    qa = tl.load(q_ptr + hq * D + a).to(tl.float32)
-    acc_a = tl.zeros([DA], tl.float32)
-    if HAS_B:
-        qb = tl.load(q_ptr + hq * D + b, mask=bm, other=0.0).to(tl.float32)
-        acc_b = tl.zeros([DBP], tl.float32)
-    m_i = tl.max(tl.full([BLOCK_N], -1.0e30, tl.float32), 0)
-    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
-    start = sp * SPLIT_LEN
-    end = tl.minimum(start + SPLIT_LEN, C)
-    for i in range(0, SPLIT_LEN, BLOCK_N):
-        n, nm, ok = _key_block(valid_ptr, start, end, i, BLOCK_N)
-        rows = h * stride_kh + n[:, None] * D
-        ka = tl.load(k_ptr + rows + a[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
-        va = tl.load(v_ptr + rows + a[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(ka * qa[None, :], 1)
-        if HAS_B:
-            bmask = nm[:, None] & bm[None, :]
-            kb = tl.load(k_ptr + rows + b[None, :], mask=bmask, other=0.0).to(tl.float32)
-            vb = tl.load(v_ptr + rows + b[None, :], mask=bmask, other=0.0).to(tl.float32)
-            s += tl.sum(kb * qb[None, :], 1)
-        s = tl.where(ok, s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        alpha = tl.exp(m_i - m_new)
-        pr = tl.exp(s - m_new)
-        l_i = l_i * alpha + tl.sum(pr, 0)
-        acc_a = acc_a * alpha + tl.sum(pr[:, None] * va, 0)
-        if HAS_B:
-            acc_b = acc_b * alpha + tl.sum(pr[:, None] * vb, 0)
-        m_i = m_new
-    row = hq * NS + sp
-    tl.store(m_ptr + row, m_i)
-    tl.store(l_ptr + row, l_i)
-    tl.store(acc_ptr + row * D + a, acc_a)
-    if HAS_B:
-        tl.store(acc_ptr + row * D + b, acc_b, mask=bm)
-
-
-@triton.jit
 def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NS: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr,
                         DP: tl.constexpr):
     hq = tl.program_id(0)
@@ -363,11 +312,6 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NS: tl.constexpr, NSP: tl.
     tl.store(o_ptr + hq * D + d, o.to(o_ptr.dtype.element_ty), mask=dm)
 
 
-def _pow2_floor(n: int) -> int:
-    """The largest power of two <= n."""
-    return 1 << (n.bit_length() - 1)
-
-
 def _dot_width(n: int) -> int:
     """A tl.dot operand's padded width: a power of two, at least 16 (the tensor-core minimum)."""
     return max(16, triton.next_power_of_2(max(n, 1)))
@@ -381,7 +325,7 @@ class DecodeAttention:
     def __init__(self, n_heads: int, n_kv: int, head_dim: int, capacity: int, device, dtype,
                  rotate_k: bool = False, block_n: int | None = None, n_sm: int | None = None,
                  rotary_dim: int | None = None, rows: bool | None = None, waves: int | None = None,
-                 num_warps: int | None = None, split_d: bool | None = None):
+                 num_warps: int | None = None):
         # An earlier CUDA-core variant for MHA (no tensor-core dot padded to 16 query rows) measured 9% slower
         # than the parts kernel on the 7B shape (full rotary, head dim 128) on an H100: 733 vs 671 us per
         # token; so by default (rows=None) the rows kernel runs only for partial rotary.
@@ -397,16 +341,16 @@ class DecodeAttention:
         # layout) the rows kernel runs instead (one query head per program, whole rows, more and shorter
         # splits). Rotating at read (static layout) costs it a second load: measured slower there.
         self.rows = (self.rot < head_dim and not rotate_k) if rows is None else bool(rows)
-        # the rows kernel with the head dim in power-of-two parts and V loaded with K (keys stored rotated)
-        self.split_d = self.rows and not rotate_k and (False if split_d is None else bool(split_d))
         # launch shape (scripts/attn_bench.py --tune times the alternatives): keys per block, the
         # programs aimed at per SM (`waves`: the splits of the keys follow from it), warps per program
+        # (rows: one warp per program and ~8 programs per SM measured fastest on Pythia-2.8B's shape, 11.5
+        # against 21.0 us per layer for 4 warps at ~4 per SM: many small programs keep more loads in flight)
         block_n = block_n or (64 if self.rows else 32)
         self.block_n = block_n
-        self.num_warps = num_warps or (4 if self.rows or head_dim <= 64 else 8)
+        self.num_warps = num_warps or (1 if self.rows else 4 if head_dim <= 64 else 8)
         n_blocks = triton.cdiv(capacity, block_n)
         programs = n_heads if self.rows else n_kv
-        self.waves = waves or (4 if self.rows else 2)
+        self.waves = waves or (8 if self.rows else 2)
         self.ns = max(1, min(n_blocks, triton.cdiv(self.waves * n_sm, programs)))
         self.split_len = triton.cdiv(n_blocks, self.ns) * block_n
         self.ns = triton.cdiv(capacity, self.split_len)
@@ -421,13 +365,7 @@ class DecodeAttention:
         cos = k if cos is None else cos
         sin = k if sin is None else sin
         D, rot = self.D, self.rot
-        if self.split_d:
-            da = _pow2_floor(D)
-            _attn_rows_split_kernel[(self.n_heads, self.ns)](
-                q, k, v, valid, self.m, self.l, self.acc, k.stride(0), scale, C=self.C, SPLIT_LEN=self.split_len,
-                G=self.G, D=D, DA=da, DBP=triton.next_power_of_2(max(D - da, 1)), BLOCK_N=self.block_n,
-                NS=self.ns, num_warps=self.num_warps)
-        elif self.rows:
+        if self.rows:
             _attn_rows_kernel[(self.n_heads, self.ns)](
                 q, k, v, valid, cos, sin, self.m, self.l, self.acc, k.stride(0), scale, C=self.C,
                 SPLIT_LEN=self.split_len, G=self.G, D=D, DP=triton.next_power_of_2(D), ROT=rot,
