@@ -1,7 +1,7 @@
 """GPU microbenchmark of the fused-prologue decode GEMVs (streamkv/backends/gemv_kernels.py) against
-the path they replace, one activation row, bf16 weights [N, K], one CUDA graph of `--reps` calls
-over distinct weight copies (enough copies that they do not fit in L2: the real step reads every
-layer's weights once), timed with CUDA events:
+the path they replace, one activation row, bf16 weights [N, K] (pythia-2.8b: float16, its GEMVs plain),
+one CUDA graph of `--reps` calls over distinct weight copies (enough copies that they do not fit in L2:
+the real step reads every layer's weights once), timed with CUDA events:
 
   (a) liger fused add + RMSNorm, then cuBLAS F.linear      vs  (b) add_rmsnorm_gemv
   (c) liger SwiGLU, then cuBLAS F.linear (down)            vs  (d) swiglu_gemv
@@ -40,7 +40,10 @@ from streamkv.backends.gemv_kernels import _n_sm, add_rmsnorm_gemv, gemv, gemv_c
 # name: (hidden, intermediate, n_heads, n_kv_heads, head_dim, vocab)
 MODELS = {"smollm2": (576, 1536, 9, 3, 64, 49152),
           "llama-1.1b": (2048, 5632, 32, 4, 64, 32000),
-          "llama-7b": (4096, 11008, 32, 32, 128, 32000)}
+          "llama-7b": (4096, 11008, 32, 32, 128, 32000),
+          # GPT-NeoX (no norm or SwiGLU prologue here: its four GEMVs and the LM head as plain GEMVs, float16)
+          "pythia-2.8b": (2560, 10240, 32, 32, 80, 50304)}
+NEOX = {"pythia-2.8b"}
 # --smoke (CPU, TRITON_INTERPRET=1): the script's plumbing on tiny shapes, timings meaningless
 SMOKE = {"tiny": (96, 160, 3, 1, 32, 300)}
 EPS = 1e-5
@@ -140,14 +143,20 @@ def main(argv=None) -> int:
         shapes = [("qkv", "norm", (H + 2 * Hkv) * D, hidden), ("gate_up", "norm", 2 * inter, hidden),
                   ("lm_head", "norm", vocab, hidden), ("down", "swiglu", hidden, inter),
                   ("o_proj", "plain", hidden, H * D)]
+        dt = torch.bfloat16
+        if model in NEOX:
+            shapes = [("query_key_value", "plain", 3 * H * D, hidden), ("dense", "plain", hidden, H * D),
+                      ("dense_h_to_4h", "plain", inter, hidden), ("dense_4h_to_h", "plain", hidden, inter),
+                      ("embed_out", "plain", vocab, hidden)]
+            dt = torch.float16
         for name, kind, N, K in shapes:
             wbytes = N * K * 2
             n_copies = max(1, min(args.reps, math.ceil(args.l2_bytes / wbytes)))
-            Ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K ** 0.5 for _ in range(n_copies)]
-            gamma = (torch.rand(K, device=dev) + 0.5).to(torch.bfloat16)
-            x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
-            r = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
-            gu = torch.randn(1, 2 * K, device=dev, dtype=torch.bfloat16)
+            Ws = [torch.randn(N, K, device=dev, dtype=dt) / K ** 0.5 for _ in range(n_copies)]
+            gamma = (torch.rand(K, device=dev) + 0.5).to(dt)
+            x = torch.randn(1, K, device=dev, dtype=dt)
+            r = torch.randn(1, K, device=dev, dtype=dt)
+            gu = torch.randn(1, 2 * K, device=dev, dtype=dt)
             act_bytes = ({"norm": 4 * K, "swiglu": 2 * K, "plain": K}[kind] + N) * 2  # x, r, gamma, s; y
             heur = gemv_config(N, K, n_sm)
             row = {"model": model, "gemv": name, "kind": kind, "N": N, "K": K, "weight_mb": wbytes / 2**20,
