@@ -108,6 +108,39 @@ def test_neox_kernels_in_interpreter():
 
 
 @needs_triton
+def test_decode_attention_default_launch_in_interpreter():
+    # the launch shapes chosen by default (no block_n / waves / warps given): MHA head dim 128 on the parts
+    # kernel (block_n 16, ~8 programs per SM, 2 warps), both layouts, and partial rotary on the ring (rows)
+    _interpret("""
+        import torch
+        from streamkv.backends.triton_kernels import DecodeAttention
+        from streamkv.backends.functional import rope
+        torch.manual_seed(0)
+        torch.set_num_threads(1)
+        def tables(n, R):
+            pos = torch.arange(n, dtype=torch.float64)
+            inv = 1.0 / (10000 ** (torch.arange(0, R, 2, dtype=torch.float64) / R))
+            emb = torch.cat([torch.outer(pos, inv)] * 2, -1)
+            return emb.cos().float(), emb.sin().float()
+        for Hq, Hkv, D, R, C, rot, launch in [(2, 2, 128, 128, 70, False, (False, 16, 8, 2)),
+                                             (2, 2, 128, 128, 70, True, (False, 16, 8, 2)),
+                                             (2, 2, 80, 20, 150, False, (True, 64, 8, 1))]:
+            q = torch.randn(Hq, D); k = torch.randn(Hkv, C + 1, D); v = torch.randn(Hkv, C + 1, D)
+            valid = torch.rand(C + 1) > 0.3; valid[C] = False; valid[0] = True
+            cos, sin = tables(C + 1, R)
+            kk = rope(k[:, :C], cos[:C], sin[:C]) if rot else k[:, :C]
+            s = (q.view(Hkv, Hq // Hkv, D) @ kk.transpose(1, 2)) * D ** -0.5
+            ref = (s.masked_fill(~valid[:C], float("-inf")).softmax(-1) @ v[:, :C]).reshape(Hq, D)
+            att = DecodeAttention(Hq, Hkv, D, C, torch.device("cpu"), torch.float32, rotate_k=rot, n_sm=2,
+                                  rotary_dim=R)
+            assert (att.rows, att.block_n, att.waves, att.num_warps) == launch and att.ns > 1, (D, rot)
+            out = att(q, k, v, valid, D ** -0.5, cos if rot else None, sin if rot else None)
+            assert ((out - ref).norm() / ref.norm()) < 1e-5, (D, rot)
+        print("ok")
+    """)
+
+
+@needs_triton
 def test_fused_neox_stack_in_interpreter():
     """The fused GPT-NeoX decode step (cudagraph_fused, un-captured) on tiny GPT-NeoX models with head dim 80:
     with everything kept (policy=full) it reproduces the HF model's own forward per token; under streaming
