@@ -152,9 +152,12 @@ def test_refresh_region_ppl_preset_matches_the_passkey_budget():
     jobs = jobs_of("refresh_region_ppl", "dataset=book", "repeat=0")
     got = sorted((c.policy.name, c.compress_every, c.n_sink + (c.policy.refresh_budget or 0) + c.window,
                   c.cache.name) for c in jobs)
-    assert got == [("refresh", 32, 1040, "ring"), ("refresh", 32, 1040, "ring"), ("snapkv", 32, 1024, "static"),
-                   ("streaming", 1, 1024, "ring"), ("streaming", 32, 1024, "ring"), ("tova", 32, 1024, "static")]
-    assert {c.policy.positions for c in jobs if c.policy.name in ("snapkv", "tova")} == {"shift"}
-    assert {(c.policy.refresh_budget, c.window, c.policy.refresh_select, c.policy.refresh_keep)
-            for c in jobs if c.policy.name == "refresh"} == {(16, 1020, "attention", "score"),
-                                                             (128, 908, "attention", "score")}
+    assert got == [("h2o", 32, 1024, "static")] + [("refresh", 32, 1040, "ring")] * 4 + [
+        ("refresh", 32, 1040, "static"), ("snapkv", 32, 1024, "static"), ("streaming", 1, 1024, "ring"),
+        ("streaming", 32, 1024, "ring"), ("tova", 32, 1024, "static")]
+    assert {c.policy.positions for c in jobs if c.policy.name in ("snapkv", "tova", "h2o")} == {"shift"}
+    assert {(c.policy.refresh_budget, c.window, c.policy.refresh_select, c.policy.refresh_keep, c.cache.name)
+            for c in jobs if c.policy.name == "refresh"} == {
+        (16, 1020, "attention", "score", "ring"), (128, 908, "attention", "score", "ring"),
+        (16, 1020, "uniform", "fifo", "ring"), (16, 1020, "structural", "fifo", "ring"),
+        (16, 1020, "entropy", "fifo", "static")}
