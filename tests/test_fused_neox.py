@@ -35,23 +35,14 @@ def test_neox_kernels_in_interpreter():
         import torch, torch.nn.functional as F
         from streamkv.backends.triton_kernels import DecodeAttention, add_layer_norm, bias_gelu, kv_update
         from streamkv.backends.functional import rope
+        from attention_ref import attention_case, rope_tables as tables
         torch.manual_seed(0)
         torch.set_num_threads(1)
-        def tables(n, R):
-            pos = torch.arange(n, dtype=torch.float64)
-            inv = 1.0 / (10000 ** (torch.arange(0, R, 2, dtype=torch.float64) / R))
-            emb = torch.cat([torch.outer(pos, inv)] * 2, -1)
-            return emb.cos().float(), emb.sin().float()
         # decode attention: head dim 80 (not a power of two), partial rotary at read (static) or none (ring),
         # GQA with full rotary, and a tiny head whose rotary halves are narrower than a tensor-core dot
         for Hq, Hkv, D, R, C, rot in [(3, 3, 80, 20, 70, True), (3, 3, 80, 20, 45, False), (4, 2, 80, 80, 40, True),
                                       (2, 2, 16, 4, 30, True)]:
-            q = torch.randn(Hq, D); k = torch.randn(Hkv, C + 1, D); v = torch.randn(Hkv, C + 1, D)
-            valid = torch.rand(C + 1) > 0.3; valid[C] = False; valid[0] = True
-            cos, sin = tables(C + 1, R)
-            kk = rope(k[:, :C], cos[:C], sin[:C]) if rot else k[:, :C]
-            s = (q.view(Hkv, Hq // Hkv, D) @ kk.transpose(1, 2)) * D ** -0.5
-            ref = (s.masked_fill(~valid[:C], float("-inf")).softmax(-1) @ v[:, :C]).reshape(Hq, D)
+            q, k, v, valid, cos, sin, ref = attention_case(Hq, Hkv, D, R, C, rot)
             for rows in (None, False, True):  # the default choice, and each kernel on every case
                 att = DecodeAttention(Hq, Hkv, D, C, torch.device("cpu"), torch.float32, rotate_k=rot, block_n=16,
                                       n_sm=4, rotary_dim=R, rows=rows)
@@ -114,23 +105,13 @@ def test_decode_attention_default_launch_in_interpreter():
     _interpret("""
         import torch
         from streamkv.backends.triton_kernels import DecodeAttention
-        from streamkv.backends.functional import rope
+        from attention_ref import attention_case
         torch.manual_seed(0)
         torch.set_num_threads(1)
-        def tables(n, R):
-            pos = torch.arange(n, dtype=torch.float64)
-            inv = 1.0 / (10000 ** (torch.arange(0, R, 2, dtype=torch.float64) / R))
-            emb = torch.cat([torch.outer(pos, inv)] * 2, -1)
-            return emb.cos().float(), emb.sin().float()
         for Hq, Hkv, D, R, C, rot, launch in [(2, 2, 128, 128, 70, False, (False, 16, 8, 2)),
                                              (2, 2, 128, 128, 70, True, (False, 16, 8, 2)),
                                              (2, 2, 80, 20, 150, False, (True, 64, 8, 1))]:
-            q = torch.randn(Hq, D); k = torch.randn(Hkv, C + 1, D); v = torch.randn(Hkv, C + 1, D)
-            valid = torch.rand(C + 1) > 0.3; valid[C] = False; valid[0] = True
-            cos, sin = tables(C + 1, R)
-            kk = rope(k[:, :C], cos[:C], sin[:C]) if rot else k[:, :C]
-            s = (q.view(Hkv, Hq // Hkv, D) @ kk.transpose(1, 2)) * D ** -0.5
-            ref = (s.masked_fill(~valid[:C], float("-inf")).softmax(-1) @ v[:, :C]).reshape(Hq, D)
+            q, k, v, valid, cos, sin, ref = attention_case(Hq, Hkv, D, R, C, rot)
             att = DecodeAttention(Hq, Hkv, D, C, torch.device("cpu"), torch.float32, rotate_k=rot, n_sm=2,
                                   rotary_dim=R)
             assert (att.rows, att.block_n, att.waves, att.num_warps) == launch and att.ns > 1, (D, rot)
