@@ -48,7 +48,7 @@ declare -A STEPS=(
   [passkey_region_2048]="+sweep=passkey_refresh_region dataset.length=2048"
   [passkey_region_4096]="+sweep=passkey_refresh_region dataset.length=4096"
   [passkey_region_8192]="+sweep=passkey_refresh_region dataset.length=8192"
-  # book / wiki PPL at the pass-key budget, the 128-token attention refresh beside streaming, SnapKV, TOVA
+  # book / wiki PPL at the pass-key budget: the 128-token attention refresh beside the pass-key sweep's policies
   [refresh_ppl_wiki]="+sweep=refresh_region_ppl dataset=wiki"
   [refresh_ppl_book]="+sweep=refresh_region_ppl dataset=book repeat=0"
   # the regime map (wiki blocks first, then book, then the full-attention references)
