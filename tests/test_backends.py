@@ -449,22 +449,13 @@ def test_triton_kernels_in_interpreter():
         import torch
         from streamkv.backends.triton_kernels import DecodeAttention, kv_update
         from streamkv.backends.functional import rope
+        from attention_ref import attention_case, rope_tables as tables
         torch.manual_seed(0)
-        def tables(n, D):
-            pos = torch.arange(n, dtype=torch.float64)
-            inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
-            emb = torch.cat([torch.outer(pos, inv)] * 2, -1)
-            return emb.cos().float(), emb.sin().float()
         for Hq, Hkv, D, C, rot in [(9, 3, 64, 70, False), (4, 4, 32, 40, True), (8, 2, 64, 33, False)]:
-            q = torch.randn(Hq, D); k = torch.randn(Hkv, C + 1, D); v = torch.randn(Hkv, C + 1, D)
-            valid = torch.rand(C + 1) > 0.3; valid[C] = False; valid[0] = True
-            cos, sin = tables(C + 1, D)
+            q, k, v, valid, cos, sin, ref = attention_case(Hq, Hkv, D, D, C, rot)
             att = DecodeAttention(Hq, Hkv, D, C, torch.device("cpu"), torch.float32, rotate_k=rot, block_n=16, n_sm=4)
             assert att.ns > 1
             out = att(q, k, v, valid, D ** -0.5, cos if rot else None, sin if rot else None)
-            kk = rope(k[:, :C], cos[:C], sin[:C]) if rot else k[:, :C]
-            s = (q.view(Hkv, Hq // Hkv, D) @ kk.transpose(1, 2)) * D ** -0.5
-            ref = (s.masked_fill(~valid[:C], float("-inf")).softmax(-1) @ v[:, :C]).reshape(Hq, D)
             assert ((out - ref).norm() / ref.norm()) < 1e-5, (Hq, Hkv, D, C, rot)
         Hq, Hkv, D, C, n, F, S = 6, 2, 32, 10, 20, 2, 3
         qkv = torch.randn((Hq + 2 * Hkv) * D)
@@ -486,7 +477,7 @@ def test_triton_kernels_in_interpreter():
             assert torch.allclose(K[:, fslot[5, f]], rope(src, cos[fpos[5, f]], sin[fpos[5, f]]), atol=1e-6)
         print("ok")
     """)
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

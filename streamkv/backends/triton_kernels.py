@@ -341,18 +341,18 @@ class DecodeAttention:
         # layout) the rows kernel runs instead (one query head per program, whole rows, more and shorter
         # splits). Rotating at read (static layout) costs it a second load: measured slower there.
         self.rows = (self.rot < head_dim and not rotate_k) if rows is None else bool(rows)
-        # launch shape: keys per block, the programs aimed at per SM (`waves`: the splits of the keys follow
-        # from it), warps per program (measured on an H200 with scripts/attn_bench.py --tune: many small
+        # launch shape (block_n, waves, num_warps): keys per block, the programs aimed at per SM (the splits
+        # of the keys follow from it), warps per program (measured on an H200 with scripts/attn_bench.py --tune: many small
         # programs keep more loads in flight. rows: one warp, ~8 programs per SM, Pythia-2.8B 11.5 against
         # 21.0 us per layer at 4 warps, ~4 per SM; parts with head_dim > 64: block_n 16, ~8 per SM, 2 warps,
         # Llama-7B 14.3 against 21.4 us at block_n 32, 8 warps, ~2 per SM; SmolLM2's head dim 64 was
         # already within 2 % of its best)
-        block_n = block_n or (64 if self.rows else 32 if head_dim <= 64 else 16)
-        self.block_n = block_n
-        self.num_warps = num_warps or (1 if self.rows else 4 if head_dim <= 64 else 2)
+        launch = (64, 8, 1) if self.rows else (32, 2, 4) if head_dim <= 64 else (16, 8, 2)
+        self.block_n = block_n = block_n or launch[0]
+        self.waves = waves or launch[1]
+        self.num_warps = num_warps or launch[2]
         n_blocks = triton.cdiv(capacity, block_n)
         programs = n_heads if self.rows else n_kv
-        self.waves = waves or (8 if self.rows or head_dim > 64 else 2)
         self.ns = max(1, min(n_blocks, triton.cdiv(self.waves * n_sm, programs)))
         self.split_len = triton.cdiv(n_blocks, self.ns) * block_n
         self.ns = triton.cdiv(capacity, self.split_len)
