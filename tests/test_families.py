@@ -320,7 +320,7 @@ def test_unsupported_family_fails_before_loading(hf_dirs, tmp_path):
     (["backend=eager", "backend.capture=false"], "backend.capture: only the graph backends"),
     (["backend=fused", "model=tiny_neox", "device=cuda"], "backend=eager or compile or cudagraph"),
     (["backend=cudagraph_fused", "model=tiny_qwen3", "device=cuda", "cache=ring"], "is 'qwen3'"),
-    (["backend=cudagraph_fused_gemv", "model=tiny_neox", "device=cuda", "cache=ring"], "is 'gpt_neox'"),
+    (["backend=cudagraph_fused_gemv", "model=tiny_qwen3", "device=cuda", "cache=ring"], "is 'qwen3'"),
     (["model=tiny_llama", "model.rotary_pct=0.5"], "model.rotary_pct: only model=tiny_neox"),
     (["model=tiny_neox", "model.rotary_pct=0"], "model.rotary_pct: must be in (0, 1]"),
     (["model=pythia", "model.dtype=float64"], "model.dtype: 'float64'"),
@@ -344,7 +344,7 @@ def test_graph_backend_on_cpu_composes_uncaptured():
 
 
 def test_gather_weights_checks_neox_on_the_fused_backends():
-    """GPT-NeoX on cudagraph_fused: the family-neutral weights (biases, LayerNorm biases, partial rotary
+    """GPT-NeoX on cudagraph_fused(_gemv): the family-neutral weights (biases, LayerNorm biases, partial rotary
     accepted: its fused step applies them); an activation other than the exact GELU, or a Llama-only fused
     backend, fails in one line."""
     import dataclasses
@@ -355,9 +355,9 @@ def test_gather_weights_checks_neox_on_the_fused_backends():
     w = families.gather_weights(model, "cudagraph_fused")
     assert w.family.name == "gpt_neox" and w.layers[0].bo is not None and w.rotary_ndims < w.head_dim
     assert w.layers[0].wqkv.data_ptr() == model.gpt_neox.layers[0].attention.query_key_value.weight.data_ptr()
-    for backend in ("fused", "cudagraph_fused_gemv"):
-        with pytest.raises(NotImplementedError, match="Llama family only"):
-            families.gather_weights(model, backend)
+    assert families.gather_weights(model, "cudagraph_fused_gemv").family.name == "gpt_neox"
+    with pytest.raises(NotImplementedError, match="Llama family only"):
+        families.gather_weights(model, "fused")
     tanh = dataclasses.replace(w.family, hidden_act="gelu_new")
     with pytest.raises(NotImplementedError, match="exact \\(erf\\) GELU only") as err:
         families.check_backend_model(tanh, w, "cudagraph_fused")
@@ -424,7 +424,7 @@ def test_pythia_preset_is_checked_before_loading():
     from streamkv.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        compose("model=pythia", "backend=cudagraph_fused_gemv", "cache=ring", "device=cuda")
+        compose("model=pythia", "backend=fused", "device=cuda")
     assert "'gpt_neox'" in str(err.value) and "\n" not in str(err.value)
     cfg = compose("model=pythia", "backend=cudagraph_fused", "cache=ring", "device=cuda", "window=2048", "n_sink=4")
     assert "context of 2048" in (context_warning(cfg) or "")

@@ -173,6 +173,83 @@ def test_fused_neox_stack_in_interpreter():
     """)
 
 
+@needs_triton
+def test_neox_gemv_kernels_in_interpreter():
+    """The GEMV prologue/epilogues the GPT-NeoX step uses (streamkv/backends/gemv_kernels.py): LayerNorm before
+    the dot (with a masked K tail and several K chunks), bias + exact GELU and up to two residual rows after it,
+    against PyTorch in float32."""
+    _interpret("""
+        import torch, torch.nn.functional as F
+        from streamkv.backends.gemv_kernels import gemv, layer_norm_gemv
+        torch.manual_seed(0)
+        torch.set_num_threads(1)
+        for N, K, cfg in [(40, 160, (4, 32, 1)), (37, 100, (8, 64, 2)), (64, 256, None)]:
+            x = torch.randn(1, K) * 2 + 0.7  # a mean away from 0: the centring counts
+            g, b, W, bias = torch.randn(K), torch.randn(K), torch.randn(N, K), torch.randn(N)
+            h = F.layer_norm(x, (K,), g, b, 1e-5)
+            assert torch.allclose(layer_norm_gemv(x, g, b, W, 1e-5, config=cfg), h @ W.T, atol=1e-4, rtol=1e-4)
+            y = layer_norm_gemv(x, g, b, W, 1e-5, bias, gelu=True, config=cfg)
+            assert torch.allclose(y, F.gelu(h @ W.T + bias), atol=1e-4, rtol=1e-4), (N, K)
+            e1, e2 = torch.randn(1, N), torch.randn(1, N)
+            for adds in [(), (e1,), (e1, e2)]:
+                ref = x @ W.T + bias + sum(adds, torch.zeros(1, N))
+                assert torch.allclose(gemv(x, W, bias, adds=adds, config=cfg), ref, atol=1e-4, rtol=1e-4), len(adds)
+        print("ok")
+    """)
+
+
+@needs_triton
+def test_fused_neox_gemv_stack_in_interpreter():
+    """cudagraph_fused_gemv on GPT-NeoX (un-captured): the LayerNorms in the GEMV prologues, GELU and the
+    residual adds in the epilogues reproduce the HF model's forward (policy=full) and concat x eager under
+    streaming with prunes, for both residuals and rotary_pct 0.25 / 1.0; with GemvOptions.max_bytes=0 (every
+    GEMV back on the unfused kernels) too."""
+    _interpret("""
+        import numpy as np, torch
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+        from conftest import compose
+        from streamkv.backends.graph import GemvOptions, GraphEvaluator
+        from streamkv.models import ByteTokenizer
+        from streamkv.runner import make_evaluator
+        import streamkv.backends.gemv_kernels as gk
+        gk.gemv_config = lambda N, K, n_sm=132: (256, 64, 4)  # few programs (the interpreter's speed), a K tail
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        ids = torch.randint(0, ByteTokenizer.vocab_size, (44,))
+        P = 20
+        for rotary_pct, parallel in [(0.25, True), (0.25, False), (1.0, True)]:
+            cfg = GPTNeoXConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=160, intermediate_size=256,
+                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256,
+                                rotary_pct=rotary_pct, use_parallel_residual=parallel, tie_word_embeddings=False,
+                                initializer_range=0.1)
+            model = GPTNeoXForCausalLM(cfg).eval()
+            with torch.no_grad():  # HF initialises biases to 0 and LayerNorms to identity: make them count
+                for prm in model.parameters():
+                    if prm.dim() == 1:
+                        prm.add_(torch.randn_like(prm) * 0.2)
+            with torch.inference_mode():
+                logp = model(ids[None]).logits[0].float().log_softmax(-1)
+            hf = (-logp[:-1].gather(-1, ids[1:, None])[:, 0]).numpy()
+            def ev(*ov):
+                c = compose("model=tiny_neox", "progress=false", f"prefill_tokens={P}", *ov)
+                return make_evaluator(c, model, len(ids), torch.device("cpu"))
+            full = ("policy=full", "n_sink=4", "window=64")
+            stream = ("policy=streaming", "n_sink=4", "window=8", "compress_every=4")
+            ref = ev(*stream).run(ids, P)
+            assert len(ref.events) > 3
+            for layout, opts in [("ring", GemvOptions()), ("static", GemvOptions()), ("ring", GemvOptions(max_bytes=0))]:
+                g = GraphEvaluator(ev(*full), layout, fused=True, fused_gemv=True, capture=False, gemv=opts)
+                assert g.backend_used == "cudagraph_fused_gemv"
+                err = np.abs(g.run(ids, P).nll - hf).max()
+                assert err < 2e-5, (rotary_pct, parallel, layout, opts, "full", err)
+                r = GraphEvaluator(ev(*stream), layout, fused=True, fused_gemv=True, capture=False, gemv=opts).run(ids, P)
+                err = np.abs(r.nll - ref.nll).max()
+                assert err < 2e-5, (rotary_pct, parallel, layout, opts, "streaming", err)
+                assert r.events == ref.events and (r.visible_kv == ref.visible_kv).all()
+        print("ok")
+    """)
+
+
 # the scored-policy tests' script head: a tiny random GPT-NeoX (head dim 80, 20 rotary dims, parallel
 # residual, biases perturbed away from zero) and n random byte ids
 TINY_NEOX_SCORED = """

@@ -85,7 +85,7 @@ BACKEND_FAMILIES = {
     "cudagraph": tuple(FAMILIES),
     "fused": ("llama", "mistral", "qwen2", "qwen3"),
     "cudagraph_fused": ("llama", "mistral", "qwen2", "gpt_neox"),  # gpt_neox: its step in fused_neox.py
-    "cudagraph_fused_gemv": ("llama", "mistral", "qwen2"),
+    "cudagraph_fused_gemv": ("llama", "mistral", "qwen2", "gpt_neox"),
 }
 
 
@@ -97,7 +97,8 @@ def family_error(model_type: str, backend: Optional[str], what: str) -> Optional
     """One line if `backend` (None: any) cannot run a `model_type` model, else None."""
     if model_type not in FAMILIES:
         return (f"model: {what} is a '{model_type}' model; streamkv runs the families {', '.join(FAMILIES)} "
-                f"(backends eager, compile, cudagraph; fused kernels: llama, mistral, qwen2; cudagraph_fused also gpt_neox)")
+                f"(backends eager, compile, cudagraph; fused kernels: llama, mistral, qwen2; cudagraph_fused and "
+                f"cudagraph_fused_gemv also gpt_neox)")
     if backend is not None and model_type not in BACKEND_FAMILIES.get(backend, tuple(FAMILIES)):
         fams = BACKEND_FAMILIES[backend]
         label = "the Llama family only" if set(fams) <= {"llama", "mistral", "qwen2", "qwen3"} else "the families"
@@ -203,7 +204,7 @@ def _param(module, attr: str) -> Optional[torch.Tensor]:
 def check_backend_model(fam: Family, w: "ModelWeights", backend: str) -> None:
     """What the config-time check cannot see. The Llama family's fused kernels need a SiLU-gated MLP,
     full rotary (graph paths) and no output/MLP biases (they are not applied there); GPT-NeoX's fused step
-    (a LayerNorm family on cudagraph_fused, streamkv/backends/fused_neox.py) applies every bias and
+    (a LayerNorm family on cudagraph_fused / cudagraph_fused_gemv, streamkv/backends/fused_neox.py) applies every bias and
     partial rotary but fuses only the exact (erf) GELU."""
     if backend not in ("fused", "cudagraph_fused", "cudagraph_fused_gemv"):
         return

@@ -24,6 +24,20 @@ weights, streamkv/backends/gemv_kernels.py), and no liger kernel is needed (it h
 a fused residual add nor an exact GELU). Which GPT-NeoX models this step takes (exact GELU) is checked
 when the weights are gathered (families.check_backend_model).
 
+`cudagraph_fused_gemv` (`neox_layers_fused_gemv`) folds the small kernels into our Triton GEMVs
+(streamkv/backends/gemv_kernels.py): each LayerNorm into the GEMV after it (prologue), the h_to_4h bias +
+GELU and the residual adds into the GEMV before them (epilogue, on the N outputs only). Per layer, 7
+launches with either residual:
+
+  query_key_value  LayerNorm(x; ln1) prologue, no bias (kv_update adds it)
+  kv_update, attention (2 launches) as above
+  dense            + bias (parallel residual); sequential: + bias + x, i.e. the residual after attention
+  dense_h_to_4h    LayerNorm(x; ln2) prologue, + bias, exact GELU epilogue
+  dense_4h_to_h    + bias + the dense output + x (parallel) or + x (sequential): the next residual x
+
+and the final LayerNorm is embed_out's prologue. Weights above `GemvOptions.max_bytes` keep the unfused
+kernels (add_layer_norm / cuBLAS / bias_gelu) for that GEMV.
+
 The attention is the fused LayerStack's (`attend_fused`: kv_update in the family's q/k/v layout and
 rotary dims, the score-based policies' observation, decode attention), so every policy the graph path
 runs for the Llama family runs here too: the scheduled ones, tova / h2o / snapkv, and the entropy-driven
@@ -59,3 +73,39 @@ def neox_layers_fused(stack, x, t):
         pending = [(o, lw.bo), (m, lw.bd)] if fam.parallel_residual else [(m, lw.bd)]
     _, h, _ = add_layer_norm(x, pending, (w.norm, w.norm_b), None, w.eps, write_x=False)
     return h
+
+
+def neox_layers_fused_gemv(stack, x, t):
+    """`neox_layers_fused` on the fused-prologue/epilogue GEMVs (module docstring): from the token's embedding
+    x [1, 1, hidden] to the logits [1, vocab]."""
+    from streamkv.backends.gemv_kernels import gemv, layer_norm_gemv
+    from streamkv.backends.triton_kernels import add_layer_norm, bias_gelu
+
+    w = stack.w
+    limit = stack.gemv.max_bytes
+
+    def ln_gemv(x, ln, ln_b, W, bias=None, gelu=False):  # (gelu of) W @ LayerNorm(x) + bias
+        if limit is None or W.numel() * W.element_size() <= limit:
+            return layer_norm_gemv(x, ln, ln_b, W, w.eps, bias, gelu=gelu)
+        _, h, _ = add_layer_norm(x, None, (ln, ln_b), None, w.eps, write_x=False)
+        return bias_gelu(F.linear(h, W), bias) if gelu else F.linear(h, W, bias)
+
+    def gemv_add(a, W, bias, adds):  # W @ a + bias + sum(adds)
+        if limit is None or W.numel() * W.element_size() <= limit:
+            return gemv(a, W, bias, adds=adds)
+        y = F.linear(a, W, bias)
+        for r in adds:
+            y = y + r
+        return y
+
+    x = x.reshape(1, -1)
+    for i, lw in enumerate(w.layers):
+        a = stack.attend_fused(i, ln_gemv(x, lw.ln1, lw.ln1_b, lw.wqkv), t, bias=lw.bqkv).view(1, -1)
+        if w.family.parallel_residual:  # x + attention(ln1(x)) + mlp(ln2(x))
+            o = gemv_add(a, lw.wo, lw.bo, ())
+            act = ln_gemv(x, lw.ln2, lw.ln2_b, lw.wgu, lw.bgu, gelu=True)
+            x = gemv_add(act, lw.wd, lw.bd, (o, x))
+        else:  # x1 = x + attention(ln1(x)); x1 + mlp(ln2(x1))
+            x = gemv_add(a, lw.wo, lw.bo, (x,))
+            x = gemv_add(ln_gemv(x, lw.ln2, lw.ln2_b, lw.wgu, lw.bgu, gelu=True), lw.wd, lw.bd, (x,))
+    return ln_gemv(x, w.norm, w.norm_b, w.lm_head, w.lm_head_b)

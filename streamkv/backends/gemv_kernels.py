@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-_PRO_NONE, _PRO_ADD_RMSNORM, _PRO_SWIGLU = 0, 1, 2
+_PRO_NONE, _PRO_ADD_RMSNORM, _PRO_SWIGLU, _PRO_LAYERNORM = 0, 1, 2, 3
 
 
 @triton.jit
@@ -64,14 +64,32 @@ def _load_s(x_ptr, r_ptr, k2, km2, HAS_R: tl.constexpr):
 
 
 @triton.jit
-def _chunk(c, acc, ss, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
+def _chunk(c, acc, ss, mean, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, beta_ptr, s_ptr, kk, zero, first_row,
            K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr, WRITE_S: tl.constexpr,
            BLOCK_K: tl.constexpr):
     """One K chunk c. MODE 0: plain GEMV; 1: norm pass 1 (sum of squares, residual write); 2: norm
-    pass 2 (exact casts, rstd given); 3: one-pass norm; 4: SwiGLU."""
+    pass 2 (exact casts, rstd given); 3: one-pass norm; 4: SwiGLU; LayerNorm: 5 (sum), 6 (centred sum
+    of squares, mean given), 7 (the weighted pass, mean and rstd given)."""
     act_ty = x_ptr.dtype.element_ty
     k2 = c * BLOCK_K + kk[None, :] + zero
     km2 = k2 < K
+    if MODE >= 5:  # LayerNorm of x (no residual add: GPT-NeoX's adds happen in the GEMV epilogues)
+        s = tl.load(x_ptr + k2, mask=km2, other=0.0).to(tl.float32)
+        if MODE == 5:
+            ss += s
+        elif MODE == 6:
+            d = tl.where(km2, s - mean, 0.0)
+            ss += d * d
+        else:
+            if K % BLOCK_K == 0:
+                w = tl.load(wrow + k2, mask=rmask[:, None], other=0.0)
+            else:
+                w = tl.load(wrow + k2, mask=rmask[:, None] & km2, other=0.0)
+            g = tl.load(gamma_ptr + k2, mask=km2, other=0.0).to(tl.float32)
+            b = tl.load(beta_ptr + k2, mask=km2, other=0.0).to(tl.float32)
+            h = ((s - mean) * rstd * g + b).to(act_ty)  # the LayerNorm's output as the unfused kernel stores it
+            acc += w.to(tl.float32) * h.to(tl.float32)
+        return acc, ss
     if MODE != 1:
         if K % BLOCK_K == 0:
             w = tl.load(wrow + k2, mask=rmask[:, None], other=0.0)
@@ -102,7 +120,7 @@ def _chunk(c, acc, ss, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, ze
 
 
 @triton.jit
-def _k_loop(acc, ss, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
+def _k_loop(acc, ss, mean, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, beta_ptr, s_ptr, kk, zero, first_row,
             K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr, WRITE_S: tl.constexpr,
             BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
     """All K chunks: groups of UNROLL chunks unrolled (their loads issued together: bytes in flight
@@ -111,19 +129,19 @@ def _k_loop(acc, ss, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero
     NO: tl.constexpr = NK // UNROLL
     for o in range(NO):
         for j in tl.static_range(UNROLL):
-            acc, ss = _chunk(o * UNROLL + j, acc, ss, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero,
-                             first_row, K, MODE, HAS_R, WRITE_S, BLOCK_K)
+            acc, ss = _chunk(o * UNROLL + j, acc, ss, mean, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, beta_ptr,
+                             s_ptr, kk, zero, first_row, K, MODE, HAS_R, WRITE_S, BLOCK_K)
     for c in tl.static_range(NO * UNROLL, NK):
-        acc, ss = _chunk(c, acc, ss, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
-                         K, MODE, HAS_R, WRITE_S, BLOCK_K)
+        acc, ss = _chunk(c, acc, ss, mean, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, beta_ptr, s_ptr, kk, zero,
+                         first_row, K, MODE, HAS_R, WRITE_S, BLOCK_K)
     return acc, ss
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, r_ptr, gamma_ptr, w_ptr, b_ptr, y_ptr, s_ptr, eps, N, stride_wn,
+def _gemv_kernel(x_ptr, r_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, e1_ptr, e2_ptr, y_ptr, s_ptr, eps, N, stride_wn,
                  K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_R: tl.constexpr, WRITE_S: tl.constexpr,
-                 EXACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 UNROLL: tl.constexpr):
+                 EXACT: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, N_ADD: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
     # The activation is loaded as a [BLOCK_N, BLOCK_K] tile (every row of the block reads the same K
     # values: L1 hits) in the weight tile's layout, and the norm's sum of squares is reduced along the
     # same axis as the dot products: no layout conversion through shared memory, hence no barrier
@@ -140,22 +158,42 @@ def _gemv_kernel(x_ptr, r_ptr, gamma_ptr, w_ptr, b_ptr, y_ptr, s_ptr, eps, N, st
     ss = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if PROLOGUE == 1:
         if EXACT:  # pass 1: rstd of s = x + r (+ the residual write); pass 2: h = bf16(gamma * bf16(s * rstd))
-            acc, ss = _k_loop(acc, ss, 0.0, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
-                              K, 1, HAS_R, WRITE_S, BLOCK_K, UNROLL)
+            acc, ss = _k_loop(acc, ss, 0.0, 0.0, wrow, rmask, x_ptr, r_ptr, gamma_ptr, beta_ptr, s_ptr, kk, zero,
+                              first_row, K, 1, HAS_R, WRITE_S, BLOCK_K, UNROLL)
             rstd = tl.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]
-            acc, ss = _k_loop(acc, ss, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
-                              K, 2, HAS_R, WRITE_S, BLOCK_K, UNROLL)
+            acc, ss = _k_loop(acc, ss, 0.0, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, beta_ptr, s_ptr, kk, zero,
+                              first_row, K, 2, HAS_R, WRITE_S, BLOCK_K, UNROLL)
             y = tl.sum(acc, 1)
         else:  # one pass: y = rstd * (W @ (s * gamma)); the weight loads do not wait for the norm
-            acc, ss = _k_loop(acc, ss, 0.0, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
-                              K, 3, HAS_R, WRITE_S, BLOCK_K, UNROLL)
+            acc, ss = _k_loop(acc, ss, 0.0, 0.0, wrow, rmask, x_ptr, r_ptr, gamma_ptr, beta_ptr, s_ptr, kk, zero,
+                              first_row, K, 3, HAS_R, WRITE_S, BLOCK_K, UNROLL)
             y = tl.sum(acc, 1) * tl.rsqrt(tl.sum(ss, 1) / K + eps)
-    else:
-        acc, ss = _k_loop(acc, ss, 0.0, wrow, rmask, x_ptr, r_ptr, gamma_ptr, s_ptr, kk, zero, first_row,
-                          K, 4 if PROLOGUE == 2 else 0, HAS_R, WRITE_S, BLOCK_K, UNROLL)
+    elif PROLOGUE == 3:  # LayerNorm: mean, then the centred variance (as the unfused kernel), then the weights
+        acc, ss = _k_loop(acc, ss, 0.0, 0.0, wrow, rmask, x_ptr, r_ptr, gamma_ptr, beta_ptr, s_ptr, kk, zero,
+                          first_row, K, 5, HAS_R, WRITE_S, BLOCK_K, UNROLL)
+        mean = (tl.sum(ss, 1) / K)[:, None]
+        ss = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc, ss = _k_loop(acc, ss, mean, 0.0, wrow, rmask, x_ptr, r_ptr, gamma_ptr, beta_ptr, s_ptr, kk, zero,
+                          first_row, K, 6, HAS_R, WRITE_S, BLOCK_K, UNROLL)
+        rstd = (1.0 / tl.sqrt(tl.sum(ss, 1) / K + eps))[:, None]
+        acc, ss = _k_loop(acc, ss, mean, rstd, wrow, rmask, x_ptr, r_ptr, gamma_ptr, beta_ptr, s_ptr, kk, zero,
+                          first_row, K, 7, HAS_R, WRITE_S, BLOCK_K, UNROLL)
         y = tl.sum(acc, 1)
+    else:
+        acc, ss = _k_loop(acc, ss, 0.0, 0.0, wrow, rmask, x_ptr, r_ptr, gamma_ptr, beta_ptr, s_ptr, kk, zero,
+                          first_row, K, 4 if PROLOGUE == 2 else 0, HAS_R, WRITE_S, BLOCK_K, UNROLL)
+        y = tl.sum(acc, 1)
+    # epilogue, on the N outputs only: bias, exact GELU of the biased output rounded as a biased GEMV's
+    # (bias_gelu's arithmetic), residual adds summed in float32 and rounded once
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    if GELU:
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    if N_ADD >= 1:
+        y += tl.load(e1_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    if N_ADD >= 2:
+        y += tl.load(e2_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -227,18 +265,22 @@ def gemv_unroll(K: int, block_n: int, block_k: int, num_warps: int) -> int:
     return nk if nk <= 2 * u else u
 
 
-def _launch(x, r, gamma, w, bias, s_out, eps, prologue, exact, K, config, out_dtype):
+def _launch(x, w, K, prologue, *, r=None, gamma=None, beta=None, bias=None, adds=(), gelu=False, s_out=None,
+            eps=0.0, exact=True, config=None, out_dtype=None):
     N = w.shape[0]
     assert w.stride(1) == 1 and w.shape[1] == K, (tuple(w.shape), K)
+    assert len(adds) <= 2 and all(a.numel() == N and a.is_contiguous() for a in adds), "epilogue adds: <= 2 [N] rows"
     block_n, block_k, num_warps = config or gemv_config(N, K, _n_sm(w.device))
     unroll = gemv_unroll(K, block_n, block_k, num_warps)
     y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=out_dtype or x.dtype)
     assert x.numel() == (2 * K if prologue == _PRO_SWIGLU else K), "decode GEMV: one activation row"
+    e1, e2 = (list(adds) + [x, x])[:2]
     _gemv_kernel[(triton.cdiv(N, block_n),)](
-        x, r if r is not None else x, gamma if gamma is not None else x, w, bias if bias is not None else w, y,
-        s_out if s_out is not None else x, float(eps), N, w.stride(0),
+        x, r if r is not None else x, gamma if gamma is not None else x, beta if beta is not None else x, w,
+        bias if bias is not None else w, e1, e2, y, s_out if s_out is not None else x, float(eps), N, w.stride(0),
         K=K, PROLOGUE=prologue, HAS_R=r is not None, WRITE_S=s_out is not None, EXACT=exact,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=unroll, num_warps=num_warps)
+        HAS_BIAS=bias is not None, GELU=gelu, N_ADD=len(adds), BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=unroll,
+        num_warps=num_warps)
     return y
 
 
@@ -250,16 +292,26 @@ def add_rmsnorm_gemv(x, r, gamma, w, eps: float, bias=None, *, exact: bool = Tru
     when r is None, None when not `write_residual`."""
     K = x.shape[-1]
     s = torch.empty_like(x) if r is not None and write_residual else (x if r is None else None)
-    y = _launch(x, r, gamma, w, bias, s if r is not None else None, eps, _PRO_ADD_RMSNORM, exact, K, config,
-                out_dtype)
+    y = _launch(x, w, K, _PRO_ADD_RMSNORM, r=r, gamma=gamma, bias=bias, s_out=s if r is not None else None,
+                eps=eps, exact=exact, config=config, out_dtype=out_dtype)
     return y, s
+
+
+def layer_norm_gemv(x, gamma, beta, w, eps: float, bias=None, *, gelu: bool = False, config=None, out_dtype=None):
+    """y = w @ layer_norm(x; gamma, beta) (+ bias), then the exact GELU if `gelu`, for one row x [..., K]
+    (GPT-NeoX's ln1 + query_key_value, ln2 + dense_h_to_4h + GELU, final norm + embed_out). The norm is
+    computed as `triton_kernels.add_layer_norm` does (float32 mean, centred variance, output rounded to
+    x's dtype before the dot)."""
+    return _launch(x, w, x.shape[-1], _PRO_LAYERNORM, gamma=gamma, beta=beta, bias=bias, gelu=gelu, eps=eps,
+                   config=config, out_dtype=out_dtype)
 
 
 def swiglu_gemv(gu, w, *, config=None, out_dtype=None):
     """y = w @ (silu(g) * u) for gu = [g | u] of one row [..., 2 I] (contiguous); w: [N, I]."""
-    return _launch(gu, None, None, w, None, None, 0.0, _PRO_SWIGLU, True, gu.shape[-1] // 2, config, out_dtype)
+    return _launch(gu, w, gu.shape[-1] // 2, _PRO_SWIGLU, config=config, out_dtype=out_dtype)
 
 
-def gemv(x, w, bias=None, *, config=None, out_dtype=None):
-    """y = w @ x (+ bias) for one row x [..., K]: the plain kernel (benchmark reference)."""
-    return _launch(x, None, None, w, bias, None, 0.0, _PRO_NONE, True, x.shape[-1], config, out_dtype)
+def gemv(x, w, bias=None, *, adds=(), config=None, out_dtype=None):
+    """y = w @ x (+ bias) (+ the rows in `adds`, up to two [N] tensors: GPT-NeoX's residual adds, summed in
+    float32 with the biased output and rounded once) for one row x [..., K]."""
+    return _launch(x, w, x.shape[-1], _PRO_NONE, bias=bias, adds=tuple(adds), config=config, out_dtype=out_dtype)

@@ -94,10 +94,10 @@ class LayerStack:
             self.q_rot = torch.empty(w.n_heads, w.head_dim, device=k.device, dtype=k.dtype)
             if scored is not None and scored.window:  # kv_update writes each layer's query into its ring stage
                 scored.staged = True
-        if kind == "fused" and w.family.norm == "layer":  # GPT-NeoX: LayerNorm + GELU kernels (fused_neox.py)
-            kind = "fused_neox"
+        if kind != "torch" and w.family.norm == "layer":  # GPT-NeoX: LayerNorm + GELU kernels (fused_neox.py)
+            kind += "_neox"
         self.forward = {"torch": self._torch, "fused": self._fused, "fused_neox": self._fused_neox,
-                        "fused_gemv": self._fused_gemv}[kind]
+                        "fused_gemv": self._fused_gemv, "fused_gemv_neox": self._fused_gemv_neox}[kind]
 
     def __call__(self, x, t, ws):
         return self.forward(x, t, ws)
@@ -164,6 +164,11 @@ class LayerStack:
         from streamkv.backends.fused_neox import neox_layers_fused
 
         return fn.lm_head(neox_layers_fused(self, x, t).view(1, -1), self.w)
+
+    def _fused_gemv_neox(self, x, t, ws):
+        from streamkv.backends.fused_neox import neox_layers_fused_gemv
+
+        return neox_layers_fused_gemv(self, x, t)
 
     def _fused_gemv(self, x, t, ws):
         """`_fused` with the GEMV prologues fused: per layer add+RMSNorm+qkv GEMV, kv_update, attention (2),
