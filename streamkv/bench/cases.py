@@ -96,13 +96,15 @@ def default_cases(model: str, smoke: bool, managers: set) -> list[Case]:
 def neox_cases(smoke: bool) -> list[Case]:
     """The GPT-NeoX (Pythia) models: the seed-style baseline (HF eager + DynamicCache + lazy prune by slicing,
     exactly as for the Llama shapes: HF's own positions, no re-rotation), HF StaticCache + torch.compile dense,
-    and our graph step at streaming R=32 (ring x cudagraph, ring x cudagraph_fused =
-    streamkv/backends/fused_neox.py, and static x cudagraph_fused)."""
+    and our graph step at streaming R=32 (ring x cudagraph; ring and static x cudagraph_fused and
+    cudagraph_fused_gemv, both streamkv/backends/fused_neox.py)."""
     cases = [Case("seed-style (HF eager + DynamicCache)", "seed", profile=True),
              Case("HF StaticCache + torch.compile (dense)", "hf_static", profile=not smoke),
              Case("concat x eager", "ours", profile=False)]
     if smoke:  # un-captured graph step; the Triton kernels need TRITON_INTERPRET=1 on the CPU
         return cases + [Case("ring x cudagraph_fused (uncaptured on CPU)", "ours", "ring", "cudagraph_fused")]
     return cases + [Case("ring x cudagraph_fused", "ours", "ring", "cudagraph_fused", R=32, profile=True),
+                    Case("ring x cudagraph_fused_gemv", "ours", "ring", "cudagraph_fused_gemv", R=32, profile=True),
                     Case("ring x cudagraph", "ours", "ring", "cudagraph", R=32, profile=True),
-                    Case("static x cudagraph_fused", "ours", "static", "cudagraph_fused", R=32)]
+                    Case("static x cudagraph_fused", "ours", "static", "cudagraph_fused", R=32),
+                    Case("static x cudagraph_fused_gemv", "ours", "static", "cudagraph_fused_gemv", R=32)]
