@@ -36,7 +36,10 @@ launches with either residual:
   dense_4h_to_h    + bias + the dense output + x (parallel) or + x (sequential): the next residual x
 
 and the final LayerNorm is embed_out's prologue. Weights above `GemvOptions.max_bytes` keep the unfused
-kernels (add_layer_norm / cuBLAS / bias_gelu) for that GEMV.
+kernels (add_layer_norm / cuBLAS / bias_gelu) for that GEMV. `GemvOptions.exact=False` computes each
+LayerNorm GEMV in one pass, rstd * (W @ (x * gamma) - mean * W @ gamma) + W @ beta, with W @ gamma and
+W @ beta folded once when the step is built (`fold_norms`): the weight loads then start before the norm's
+statistics.
 
 The attention is the fused LayerStack's (`attend_fused`: kv_update in the family's q/k/v layout and
 rotary dims, the score-based policies' observation, decode attention), so every policy the graph path
@@ -75,6 +78,20 @@ def neox_layers_fused(stack, x, t):
     return h
 
 
+def fold_norms(w, gemv) -> dict:
+    """For GemvOptions.exact=False: (W @ gamma, W @ beta) of every LayerNorm GEMV on our kernel, keyed by the
+    weight's data pointer (built once, outside the captured step); {} otherwise."""
+    from streamkv.backends.gemv_kernels import fold_layer_norm
+
+    if gemv.exact:
+        return {}
+    pairs = [(lw.wqkv, lw.ln1, lw.ln1_b) for lw in w.layers] + [(lw.wgu, lw.ln2, lw.ln2_b) for lw in w.layers]
+    pairs.append((w.lm_head, w.norm, w.norm_b))
+    limit = gemv.max_bytes
+    return {W.data_ptr(): fold_layer_norm(W, g, b) for W, g, b in pairs
+            if limit is None or W.numel() * W.element_size() <= limit}
+
+
 def neox_layers_fused_gemv(stack, x, t):
     """`neox_layers_fused` on the fused-prologue/epilogue GEMVs (module docstring): from the token's embedding
     x [1, 1, hidden] to the logits [1, vocab]."""
@@ -86,7 +103,7 @@ def neox_layers_fused_gemv(stack, x, t):
 
     def ln_gemv(x, ln, ln_b, W, bias=None, gelu=False):  # (gelu of) W @ LayerNorm(x) + bias
         if limit is None or W.numel() * W.element_size() <= limit:
-            return layer_norm_gemv(x, ln, ln_b, W, w.eps, bias, gelu=gelu)
+            return layer_norm_gemv(x, ln, ln_b, W, w.eps, bias, gelu=gelu, folded=stack.folds.get(W.data_ptr()))
         _, h, _ = add_layer_norm(x, None, (ln, ln_b), None, w.eps, write_x=False)
         return bias_gelu(F.linear(h, W), bias) if gelu else F.linear(h, W, bias)
 
