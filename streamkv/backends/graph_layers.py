@@ -96,10 +96,6 @@ class LayerStack:
                 scored.staged = True
         if kind != "torch" and w.family.norm == "layer":  # GPT-NeoX: LayerNorm + GELU kernels (fused_neox.py)
             kind += "_neox"
-        if kind == "fused_gemv_neox":  # the one-pass LayerNorm GEMVs' folded vectors (exact=False), built here
-            from streamkv.backends.fused_neox import fold_norms
-
-            self.folds = fold_norms(w, gemv)
         self.forward = {"torch": self._torch, "fused": self._fused, "fused_neox": self._fused_neox,
                         "fused_gemv": self._fused_gemv, "fused_gemv_neox": self._fused_gemv_neox}[kind]
 

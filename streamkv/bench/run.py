@@ -169,8 +169,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "scripts/gemv_bench.py (its --out), added to gemv_kernels.MEASURED for this run")
     ap.add_argument("--gemv-max-mb", type=float, default=None, help="cudagraph_fused_gemv: fuse GEMVs with "
                     "weights up to this many MiB (default: GemvOptions.max_bytes, 4; 0 = no limit)")
-    ap.add_argument("--gemv-one-pass", action="store_true", help="cudagraph_fused_gemv: GemvOptions.exact=False "
-                    "(the norm prologues in one pass, streamkv/backends/gemv_kernels.py)")
     ap.add_argument("--memory-history", action="store_true", help="CUDA: record allocation call sites and list, "
                     "per case, what it left allocated (the process's one-time overheads)")
     ap.add_argument("--out", default="bench-out")
@@ -197,11 +195,9 @@ def main(argv=None) -> int:
         added = gemv_kernels.load_measured(args.gemv_configs)
         gemv_meta["gemv_configs_added"] = {f"{n}x{k}": list(c) for (n, k), c in added.items()}
         print(f"gemv configs from {args.gemv_configs}: {gemv_meta['gemv_configs_added']}", flush=True)
-    if args.gemv_max_mb is not None or args.gemv_one_pass:
-        limit = GemvOptions().max_bytes if args.gemv_max_mb is None else \
-            (None if args.gemv_max_mb == 0 else int(args.gemv_max_mb * 2**20))
-        gemv = GemvOptions(max_bytes=limit, exact=not args.gemv_one_pass)
-        gemv_meta.update(gemv_max_bytes=gemv.max_bytes, gemv_exact=gemv.exact)
+    if args.gemv_max_mb is not None:
+        gemv = GemvOptions(max_bytes=None if args.gemv_max_mb == 0 else int(args.gemv_max_mb * 2**20))
+        gemv_meta["gemv_max_bytes"] = gemv.max_bytes
     if args.memory_history and device.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     import transformers
