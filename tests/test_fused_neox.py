@@ -202,8 +202,8 @@ def test_neox_gemv_kernels_in_interpreter():
 def test_fused_neox_gemv_stack_in_interpreter():
     """cudagraph_fused_gemv on GPT-NeoX (un-captured): the LayerNorms in the GEMV prologues, GELU and the
     residual adds in the epilogues reproduce the HF model's forward (policy=full) and concat x eager under
-    streaming with prunes, for both residuals and rotary_pct 0.25 / 1.0; with GemvOptions.max_bytes=0 (every
-    GEMV back on the unfused kernels) too."""
+    streaming with prunes, for both residuals and rotary_pct 0.25 / 1.0; with the GEMV size limit (every GEMV
+    or some of them back on the unfused kernels) and the LM head unfused too."""
     _interpret("""
         import numpy as np, torch
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -237,7 +237,10 @@ def test_fused_neox_gemv_stack_in_interpreter():
             stream = ("policy=streaming", "n_sink=4", "window=8", "compress_every=4")
             ref = ev(*stream).run(ids, P)
             assert len(ref.events) > 3
-            for layout, opts in [("ring", GemvOptions()), ("static", GemvOptions()), ("ring", GemvOptions(max_bytes=0))]:
+            # max_bytes 0: every GEMV over the limit (cudagraph_fused's step); 150 kB: only dense under it (the
+            # fallback per GEMV); lm_head=False: embed_out unfused
+            for layout, opts in [("ring", GemvOptions()), ("static", GemvOptions()), ("ring", GemvOptions(max_bytes=0)),
+                                 ("ring", GemvOptions(max_bytes=150_000)), ("static", GemvOptions(lm_head=False))]:
                 g = GraphEvaluator(ev(*full), layout, fused=True, fused_gemv=True, capture=False, gemv=opts)
                 assert g.backend_used == "cudagraph_fused_gemv"
                 err = np.abs(g.run(ids, P).nll - hf).max()
