@@ -24,22 +24,23 @@ weights, streamkv/backends/gemv_kernels.py), and no liger kernel is needed (it h
 a fused residual add nor an exact GELU). Which GPT-NeoX models this step takes (exact GELU) is checked
 when the weights are gathered (families.check_backend_model).
 
-`cudagraph_fused_gemv` (`neox_layers_fused_gemv`) folds the small kernels into our Triton GEMVs
-(streamkv/backends/gemv_kernels.py): each LayerNorm into the GEMV after it (prologue), the h_to_4h bias +
-GELU and the residual adds into the GEMV before them (epilogue, on the N outputs only). Per layer, 7
-launches with either residual:
+`cudagraph_fused_gemv` (`neox_layers_fused_gemv`) puts the two GEMVs after the attention on our Triton
+kernel (streamkv/backends/gemv_kernels.py) with the residual adds in their epilogues, and the final
+LayerNorm into embed_out's prologue. Per layer, 9 launches with the parallel residual (10 with the
+sequential one), as above, but no residual add left for the norm kernel and no cuBLAS split-K reduce:
 
-  query_key_value  LayerNorm(x; ln1) prologue, no bias (kv_update adds it)
-  kv_update, attention (2 launches) as above
-  dense            + bias (parallel residual); sequential: + bias + x, i.e. the residual after attention
-  dense_h_to_4h    LayerNorm(x; ln2) prologue, + bias, exact GELU epilogue
-  dense_4h_to_h    + bias + the dense output + x (parallel) or + x (sequential): the next residual x
+  add_layer_norm   ln1 and ln2 of x (nothing to add: the previous layer's dense_4h_to_h wrote x)
+  query_key_value  cuBLAS GEMV, no bias; kv_update, attention (2 launches) as above
+  dense            our GEMV + bias (parallel residual); sequential: + bias + x, the residual after attention
+  dense_h_to_4h    cuBLAS GEMV, then bias_gelu
+  dense_4h_to_h    our GEMV + bias + the dense output + x (parallel) or + x (sequential): the next x
 
-and the final LayerNorm is embed_out's prologue. Weights above `GemvOptions.max_bytes` keep the unfused
-kernels (add_layer_norm / cuBLAS / bias_gelu) for that GEMV; when every layer GEMV is over it (Pythia-2.8B
-at the default 4 MiB) the step is cudagraph_fused's. Measured on an H200 with every GEMV on our kernels
-(docs/benchmarks.md): on par with cudagraph_fused (2.610 vs 2.592 ms/token): the 97 launches fewer per
-token are paid back by our GEMVs running ~15 % below cuBLAS's bandwidth inside the captured step.
+Measured on an H200 (docs/benchmarks.md): 2.405 vs 2.598 ms/token for cudagraph_fused on Pythia-2.8B's
+shape. The LayerNorm as the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran
+at 2.605: inside the captured step our GEMV with a norm prologue (x, gamma and beta loaded with every
+weight tile) is slower than cuBLAS + one norm kernel by more than the launches saved. Weights above
+`GemvOptions.max_bytes` keep cuBLAS; when every layer's dense and dense_4h_to_h are over it (Pythia-2.8B at
+the default 4 MiB: the bench passes `--gemv-max-mb 0`) the step is cudagraph_fused's.
 
 The attention is the fused LayerStack's (`attend_fused`: kv_update in the family's q/k/v layout and
 rotary dims, the score-based policies' observation, decode attention), so every policy the graph path
@@ -79,8 +80,8 @@ def neox_layers_fused(stack, x, t):
 
 
 def neox_layers_fused_gemv(stack, x, t):
-    """`neox_layers_fused` on the fused-prologue/epilogue GEMVs (module docstring): from the token's embedding
-    x [1, 1, hidden] to the logits [1, vocab]."""
+    """`cudagraph_fused_gemv`'s GPT-NeoX step (module docstring): from the token's embedding x [1, 1, hidden] to
+    the logits [1, vocab]."""
     from streamkv.backends.gemv_kernels import gemv, layer_norm_gemv
     from streamkv.backends.triton_kernels import add_layer_norm, bias_gelu
 
@@ -90,32 +91,29 @@ def neox_layers_fused_gemv(stack, x, t):
     def small(W):
         return limit is None or W.numel() * W.element_size() <= limit
 
-    if not any(small(W) for lw in w.layers for W in (lw.wqkv, lw.wo, lw.wgu, lw.wd)):
-        # every layer GEMV over the size limit: cudagraph_fused's step (fewer launches than a fallback per GEMV)
+    if not any(small(W) for lw in w.layers for W in (lw.wo, lw.wd)):
+        # both GEMVs of every layer over the size limit: cudagraph_fused's step (fewer launches than the fallback)
         return F.linear(neox_layers_fused(stack, x, t).view(1, -1), w.lm_head, w.lm_head_b)
 
-    def ln_gemv(x, ln, ln_b, W, bias=None, gelu=False, fuse=True):  # (gelu of) W @ LayerNorm(x) + bias
-        if fuse and small(W):
-            return layer_norm_gemv(x, ln, ln_b, W, w.eps, bias, gelu=gelu)
-        _, h, _ = add_layer_norm(x, None, (ln, ln_b), None, w.eps, write_x=False)
-        return bias_gelu(F.linear(h, W), bias) if gelu else F.linear(h, W, bias)
-
-    def gemv_add(a, W, bias, adds):  # W @ a + bias + sum(adds)
+    def gemv_add(a, W, bias, adds):  # W @ a + bias + sum(adds): the residual adds in our GEMV's epilogue
         if small(W):
             return gemv(a, W, bias, adds=adds)
-        y = F.linear(a, W, bias)
-        for r in adds:
-            y = y + r
-        return y
+        return sum(adds, F.linear(a, W, bias))
 
     x = x.reshape(1, -1)
+    parallel = w.family.parallel_residual
     for i, lw in enumerate(w.layers):
-        a = stack.attend_fused(i, ln_gemv(x, lw.ln1, lw.ln1_b, lw.wqkv), t, bias=lw.bqkv).view(1, -1)
-        if w.family.parallel_residual:  # x + attention(ln1(x)) + mlp(ln2(x))
+        _, h1, h2 = add_layer_norm(x, None, (lw.ln1, lw.ln1_b), (lw.ln2, lw.ln2_b) if parallel else None, w.eps,
+                                   write_x=False)
+        a = stack.attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv).view(1, -1)  # kv_update adds the bias
+        if parallel:  # x + attention(ln1(x)) + mlp(ln2(x))
             o = gemv_add(a, lw.wo, lw.bo, ())
-            act = ln_gemv(x, lw.ln2, lw.ln2_b, lw.wgu, lw.bgu, gelu=True)
-            x = gemv_add(act, lw.wd, lw.bd, (o, x))
+            x = gemv_add(bias_gelu(F.linear(h2, lw.wgu), lw.bgu), lw.wd, lw.bd, (o, x))
         else:  # x1 = x + attention(ln1(x)); x1 + mlp(ln2(x1))
             x = gemv_add(a, lw.wo, lw.bo, (x,))
-            x = gemv_add(ln_gemv(x, lw.ln2, lw.ln2_b, lw.wgu, lw.bgu, gelu=True), lw.wd, lw.bd, (x,))
-    return ln_gemv(x, w.norm, w.norm_b, w.lm_head, w.lm_head_b, fuse=stack.gemv.lm_head)
+            _, h2, _ = add_layer_norm(x, None, (lw.ln2, lw.ln2_b), None, w.eps, write_x=False)
+            x = gemv_add(bias_gelu(F.linear(h2, lw.wgu), lw.bgu), lw.wd, lw.bd, (x,))
+    if stack.gemv.lm_head and small(w.lm_head):
+        return layer_norm_gemv(x, w.norm, w.norm_b, w.lm_head, w.eps, w.lm_head_b)
+    _, h, _ = add_layer_norm(x, None, (w.norm, w.norm_b), None, w.eps, write_x=False)
+    return F.linear(h, w.lm_head, w.lm_head_b)
