@@ -176,8 +176,8 @@ def test_fused_neox_stack_in_interpreter():
 @needs_triton
 def test_neox_gemv_kernels_in_interpreter():
     """The GEMV prologue/epilogues the GPT-NeoX step uses (streamkv/backends/gemv_kernels.py): LayerNorm before
-    the dot (with a masked K tail and several K chunks), bias and up to two residual rows after it, against
-    PyTorch in float32."""
+    the dot (with a masked K tail and several K chunks), bias, exact GELU and up to two residual rows after it,
+    against PyTorch in float32."""
     _interpret("""
         import torch, torch.nn.functional as F
         from streamkv.backends.gemv_kernels import gemv, layer_norm_gemv
@@ -190,6 +190,8 @@ def test_neox_gemv_kernels_in_interpreter():
             assert torch.allclose(layer_norm_gemv(x, g, b, W, 1e-5, config=cfg), h @ W.T, atol=1e-4, rtol=1e-4)
             y = layer_norm_gemv(x, g, b, W, 1e-5, bias, config=cfg)
             assert torch.allclose(y, h @ W.T + bias, atol=1e-4, rtol=1e-4), (N, K)
+            y = gemv(h, W, bias, gelu=True, config=cfg)
+            assert torch.allclose(y, F.gelu(h @ W.T + bias), atol=1e-4, rtol=1e-4), (N, K, "gelu")
             e1, e2 = torch.randn(1, N), torch.randn(1, N)
             for adds in [(), (e1,), (e1, e2)]:
                 ref = x @ W.T + bias + sum(adds, torch.zeros(1, N))
