@@ -77,6 +77,9 @@ class BackendConfig:
     # graph backends: capture the step as a CUDA graph; false = the same step run un-captured (any
     # device: `backend=cudagraph backend.capture=false device=cpu`)
     capture: bool = True
+    # cudagraph_fused_gemv: our fused GEMVs for weights up to this many MiB (0: every weight), cuBLAS above;
+    # None: GemvOptions.max_bytes (4 MiB). Pythia-2.8B's weights are all larger (docs/benchmarks.md, GPT-NeoX)
+    gemv_max_mb: Optional[float] = None
 
 
 @dataclass

@@ -34,7 +34,7 @@ def utc_now() -> str:
 # Knobs added after records existed, left out of the identity at the values that mean what runs did
 # before the knob (so finished runs of earlier commits are still found): (group, knob) -> values.
 LEGACY_VALUES = {("policy", "positions"): (None, "original"), ("policy", "refresh_keep"): ("fifo",),
-                 ("backend", "capture"): (True,),
+                 ("backend", "capture"): (True,), ("backend", "gemv_max_mb"): (None,),
                  ("model", "dtype"): (None,), ("model", "family"): (None,), ("model", "context"): (None,), ("model", "rotary_pct"): (None,), ("model", "parallel_residual"): (None,),
                  **{("dataset", knob): (None,) for knob in ("length", "depth", "digits", "filler")}}
 

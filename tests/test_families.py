@@ -321,6 +321,8 @@ def test_unsupported_family_fails_before_loading(hf_dirs, tmp_path):
     (["backend=fused", "model=tiny_neox", "device=cuda"], "backend=eager or compile or cudagraph"),
     (["backend=cudagraph_fused", "model=tiny_qwen3", "device=cuda", "cache=ring"], "is 'qwen3'"),
     (["backend=cudagraph_fused_gemv", "model=tiny_qwen3", "device=cuda", "cache=ring"], "is 'qwen3'"),
+    (["backend=cudagraph_fused", "backend.gemv_max_mb=0", "device=cuda", "cache=ring"], "backend.gemv_max_mb: only"),
+    (["backend=cudagraph_fused_gemv", "backend.gemv_max_mb=-1", "device=cuda", "cache=ring"], "is negative"),
     (["model=tiny_llama", "model.rotary_pct=0.5"], "model.rotary_pct: only model=tiny_neox"),
     (["model=tiny_neox", "model.rotary_pct=0"], "model.rotary_pct: must be in (0, 1]"),
     (["model=pythia", "model.dtype=float64"], "model.dtype: 'float64'"),
@@ -365,6 +367,20 @@ def test_gather_weights_checks_neox_on_the_fused_backends():
     families.check_backend_model(tanh, w, "cudagraph")  # the PyTorch step runs any activation module
 
 
+def test_gemv_size_limit_from_the_run_config():
+    """backend.gemv_max_mb reaches cudagraph_fused_gemv's GemvOptions (0: every GEMV on our kernels, as the
+    Pythia benchmark runs; unset: the default limit)."""
+    from streamkv.backends.graph_layers import GemvOptions
+    from streamkv.runner import make_evaluator
+
+    model = _load("neox").model
+    for mb, expected in [("0", None), ("2.5", int(2.5 * 2**20)), (None, GemvOptions().max_bytes)]:
+        ov = [f"backend.gemv_max_mb={mb}"] if mb is not None else []
+        cfg = compose("model=tiny_neox", "backend=cudagraph_fused_gemv", "cache=ring", "device=cuda", *ov)
+        ev = make_evaluator(cfg, model, 64, torch.device("cpu"))
+        assert ev.backend_name == "cudagraph_fused_gemv" and ev.gemv.max_bytes == expected, (mb, ev.gemv)
+
+
 def test_pythia_preset_dtype():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -400,6 +416,7 @@ def test_identity_of_earlier_records_unchanged():
     for knob in ("dtype", "rotary_pct", "parallel_residual"):
         del old["model"][knob]
     del old["backend"]["capture"]
+    del old["backend"]["gemv_max_mb"]
     assert run_identity(d) == run_identity(old)
     d["backend"]["capture"] = False
     assert run_identity(d) != run_identity(old)

@@ -24,22 +24,24 @@ weights, streamkv/backends/gemv_kernels.py), and no liger kernel is needed (it h
 a fused residual add nor an exact GELU). Which GPT-NeoX models this step takes (exact GELU) is checked
 when the weights are gathered (families.check_backend_model).
 
-`cudagraph_fused_gemv` (`neox_layers_fused_gemv`) puts the MLP's GEMVs and the attention's output GEMV on
-our Triton kernel (streamkv/backends/gemv_kernels.py), with the bias + GELU and the residual adds in their
-epilogues, and the final LayerNorm into embed_out's prologue. Per layer, 8 launches with the parallel
-residual (9 with the sequential one), no residual add left for the norm kernel and no cuBLAS split-K reduce:
+`cudagraph_fused_gemv` (`neox_layers_fused_gemv`) puts the two GEMVs after the attention on our Triton
+kernel (streamkv/backends/gemv_kernels.py) with the residual adds in their epilogues, and the final
+LayerNorm into embed_out's prologue. Per layer, 9 launches with the parallel residual (10 with the
+sequential one), as above, but no residual add left for the norm kernel and no cuBLAS split-K reduce:
 
   add_layer_norm   ln1 and ln2 of x (nothing to add: the previous layer's dense_4h_to_h wrote x)
   query_key_value  cuBLAS GEMV, no bias; kv_update, attention (2 launches) as above
   dense            our GEMV + bias (parallel residual); sequential: + bias + x, the residual after attention
-  dense_h_to_4h    our GEMV + bias + exact GELU
+  dense_h_to_4h    cuBLAS GEMV, then bias_gelu
   dense_4h_to_h    our GEMV + bias + the dense output + x (parallel) or + x (sequential): the next x
 
-The LayerNorm as the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) measured
-slower on an H200 (docs/benchmarks.md): inside the captured step our GEMV with a norm prologue (x, gamma and
-beta loaded with every weight tile) lost more than the launches saved. Weights above `GemvOptions.max_bytes`
-keep cuBLAS; when the MLP and output GEMVs of every layer are over it (Pythia-2.8B at the default 4 MiB:
-the bench passes `--gemv-max-mb 0`) the step is cudagraph_fused's.
+Measured on an H200 (docs/benchmarks.md): 2.405 vs 2.598 ms/token for cudagraph_fused on Pythia-2.8B's
+shape. The LayerNorm as the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran
+at 2.605: inside the captured step our GEMV with a norm prologue (x, gamma and beta loaded with every
+weight tile) is slower than cuBLAS + one norm kernel by more than the launches saved. Weights above
+`GemvOptions.max_bytes` keep cuBLAS; when every layer's dense and dense_4h_to_h are over it (Pythia-2.8B at
+the default 4 MiB; `backend.gemv_max_mb=0` lifts the limit, as the bench's `--gemv-max-mb 0`) the step is
+cudagraph_fused's.
 
 The attention is the fused LayerStack's (`attend_fused`: kv_update in the family's q/k/v layout and
 rotary dims, the score-based policies' observation, decode attention), so every policy the graph path
@@ -90,17 +92,14 @@ def neox_layers_fused_gemv(stack, x, t):
     def small(W):
         return limit is None or W.numel() * W.element_size() <= limit
 
-    if not any(small(W) for lw in w.layers for W in (lw.wo, lw.wgu, lw.wd)):
-        # the MLP and output GEMVs of every layer over the size limit: cudagraph_fused's step (fewer launches than the fallback)
+    if not any(small(W) for lw in w.layers for W in (lw.wo, lw.wd)):
+        # both GEMVs of every layer over the size limit: cudagraph_fused's step (fewer launches than the fallback)
         return F.linear(neox_layers_fused(stack, x, t).view(1, -1), w.lm_head, w.lm_head_b)
 
     def gemv_add(a, W, bias, adds):  # W @ a + bias + sum(adds): the residual adds in our GEMV's epilogue
         if small(W):
             return gemv(a, W, bias, adds=adds)
         return sum(adds, F.linear(a, W, bias))
-
-    def mlp_in(h, lw):  # gelu(W @ h + bias): dense_h_to_4h with bias + GELU in our GEMV's epilogue
-        return gemv(h, lw.wgu, lw.bgu, gelu=True) if small(lw.wgu) else bias_gelu(F.linear(h, lw.wgu), lw.bgu)
 
     x = x.reshape(1, -1)
     parallel = w.family.parallel_residual
@@ -110,11 +109,11 @@ def neox_layers_fused_gemv(stack, x, t):
         a = stack.attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv).view(1, -1)  # kv_update adds the bias
         if parallel:  # x + attention(ln1(x)) + mlp(ln2(x))
             o = gemv_add(a, lw.wo, lw.bo, ())
-            x = gemv_add(mlp_in(h2, lw), lw.wd, lw.bd, (o, x))
+            x = gemv_add(bias_gelu(F.linear(h2, lw.wgu), lw.bgu), lw.wd, lw.bd, (o, x))
         else:  # x1 = x + attention(ln1(x)); x1 + mlp(ln2(x1))
             x = gemv_add(a, lw.wo, lw.bo, (x,))
             _, h2, _ = add_layer_norm(x, None, (lw.ln2, lw.ln2_b), None, w.eps, write_x=False)
-            x = gemv_add(mlp_in(h2, lw), lw.wd, lw.bd, (x,))
+            x = gemv_add(bias_gelu(F.linear(h2, lw.wgu), lw.bgu), lw.wd, lw.bd, (x,))
     if stack.gemv.lm_head and small(w.lm_head):
         return layer_norm_gemv(x, w.norm, w.norm_b, w.lm_head, w.eps, w.lm_head_b)
     _, h, _ = add_layer_norm(x, None, (w.norm, w.norm_b), None, w.eps, write_x=False)

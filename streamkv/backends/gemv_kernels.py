@@ -5,9 +5,9 @@
   projection, the gate/up projection, the LM head after the final norm).
 * `swiglu_gemv`: y = Wd @ (silu(g) * u) for gu = [g | u] (the fused gate/up output): replaces
   liger's SwiGLU and the down projection.
-* GPT-NeoX (streamkv/backends/fused_neox.py): `gemv(..., gelu=True)` is dense_h_to_4h + bias + GELU,
-  `gemv(..., adds=)` adds up to two residual rows to the biased output (the parallel residual's
-  x + attention + MLP in dense_4h_to_h's epilogue), and `layer_norm_gemv` is the final LayerNorm + embed_out.
+* GPT-NeoX (streamkv/backends/fused_neox.py): `gemv(..., adds=)` adds up to two residual rows to the
+  biased output (the parallel residual's x + attention + MLP in dense_4h_to_h's epilogue), and
+  `layer_norm_gemv` is the final LayerNorm + embed_out.
 
 Why our own kernel: the captured decode step of a small model is launch/latency-bound, not
 bandwidth-bound (SmolLM2-135M reads 270 MB per token, 92 us at H100 bandwidth, but runs 321 kernels
@@ -146,7 +146,7 @@ def _ln_stats(x_ptr, eps, K: tl.constexpr, K_POW2: tl.constexpr):
 @triton.jit
 def _gemv_kernel(x_ptr, r_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, e1_ptr, e2_ptr, y_ptr, s_ptr, eps, N, stride_wn,
                  K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_R: tl.constexpr, WRITE_S: tl.constexpr,
-                 EXACT: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, N_ADD: tl.constexpr,
+                 EXACT: tl.constexpr, HAS_BIAS: tl.constexpr, N_ADD: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, K_POW2: tl.constexpr):
     # The activation is loaded as a [BLOCK_N, BLOCK_K] tile (every row of the block reads the same K
     # values: L1 hits) in the weight tile's layout, and the norm's sum of squares is reduced along the
@@ -187,13 +187,9 @@ def _gemv_kernel(x_ptr, r_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, e1_ptr, e2_ptr
         acc, ss = _k_loop(acc, ss, 0.0, 0.0, wrow, rmask, x_ptr, r_ptr, gamma_ptr, beta_ptr, s_ptr, kk, zero,
                           first_row, K, 4 if PROLOGUE == 2 else 0, HAS_R, WRITE_S, BLOCK_K, UNROLL)
         y = tl.sum(acc, 1)
-    # epilogue, on the N outputs only: bias; exact GELU of the biased output rounded as a biased GEMV's
-    # (bias_gelu's arithmetic); residual adds summed in float32 and rounded once
+    # epilogue, on the N outputs only: bias and residual adds summed in float32, rounded once
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    if GELU:
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
-        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
     if N_ADD >= 1:
         y += tl.load(e1_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     if N_ADD >= 2:
@@ -275,8 +271,8 @@ def gemv_unroll(K: int, block_n: int, block_k: int, num_warps: int) -> int:
     return nk if nk <= 2 * u else u
 
 
-def _launch(x, w, K, prologue, *, r=None, gamma=None, beta=None, bias=None, gelu=False, adds=(), s_out=None,
-            eps=0.0, exact=True, config=None, out_dtype=None):
+def _launch(x, w, K, prologue, *, r=None, gamma=None, beta=None, bias=None, adds=(), s_out=None, eps=0.0,
+            exact=True, config=None, out_dtype=None):
     N = w.shape[0]
     assert w.stride(1) == 1 and w.shape[1] == K, (tuple(w.shape), K)
     assert len(adds) <= 2 and all(a.numel() == N and a.is_contiguous() for a in adds), "epilogue adds: <= 2 [N] rows"
@@ -289,7 +285,7 @@ def _launch(x, w, K, prologue, *, r=None, gamma=None, beta=None, bias=None, gelu
         x, r if r is not None else x, gamma if gamma is not None else x, beta if beta is not None else x, w,
         bias if bias is not None else w, e1, e2, y, s_out if s_out is not None else x, float(eps), N, w.stride(0),
         K=K, PROLOGUE=prologue, HAS_R=r is not None, WRITE_S=s_out is not None, EXACT=exact,
-        HAS_BIAS=bias is not None, GELU=gelu, N_ADD=len(adds), BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=unroll,
+        HAS_BIAS=bias is not None, N_ADD=len(adds), BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=unroll,
         K_POW2=triton.next_power_of_2(K) if prologue == _PRO_LAYERNORM else 1, num_warps=num_warps)
     return y
 
@@ -320,9 +316,7 @@ def swiglu_gemv(gu, w, *, config=None, out_dtype=None):
     return _launch(gu, w, gu.shape[-1] // 2, _PRO_SWIGLU, config=config, out_dtype=out_dtype)
 
 
-def gemv(x, w, bias=None, *, gelu: bool = False, adds=(), config=None, out_dtype=None):
-    """y = w @ x (+ bias), then the exact (erf) GELU if `gelu` (GPT-NeoX's dense_h_to_4h), (+ the rows in
-    `adds`, up to two [N] tensors: GPT-NeoX's residual adds, summed in float32 with the biased output and
-    rounded once) for one row x [..., K]."""
-    return _launch(x, w, x.shape[-1], _PRO_NONE, bias=bias, gelu=gelu, adds=tuple(adds), config=config,
-                   out_dtype=out_dtype)
+def gemv(x, w, bias=None, *, adds=(), config=None, out_dtype=None):
+    """y = w @ x (+ bias) (+ the rows in `adds`, up to two [N] tensors: GPT-NeoX's residual adds, summed in
+    float32 with the biased output and rounded once) for one row x [..., K]."""
+    return _launch(x, w, x.shape[-1], _PRO_NONE, bias=bias, adds=tuple(adds), config=config, out_dtype=out_dtype)

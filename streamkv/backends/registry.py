@@ -29,6 +29,12 @@ def check_backend(cfg) -> None:
     name = cfg.backend.name
     if name not in BACKENDS:
         raise ConfigError(f"backend: '{name}' is not one of {', '.join(BACKENDS)}")
+    mb = cfg.backend.get("gemv_max_mb")
+    if mb is not None and name != "cudagraph_fused_gemv":
+        raise ConfigError(f"backend.gemv_max_mb: only backend=cudagraph_fused_gemv has fused GEMVs; "
+                          f"backend={name} takes none")
+    if mb is not None and mb < 0:
+        raise ConfigError(f"backend.gemv_max_mb: {mb} is negative (0 = every GEMV fused)")
     capture = cfg.backend.get("capture", True)
     if not capture and name not in GRAPH:
         raise ConfigError(f"backend.capture: only the graph backends ({', '.join(GRAPH)}) capture; "
@@ -65,6 +71,9 @@ def attach_backend(cfg, evaluator, tokenizer=None, gemv=None):
     if name == "fused":
         evaluator.decoder.dense = fused_dense(weights)
         return evaluator
+    mb = cfg.backend.get("gemv_max_mb")
+    if gemv is None and mb is not None:  # the run config's limit (the bench passes its own options)
+        gemv = GemvOptions(max_bytes=None if mb == 0 else int(mb * 2**20))
     return GraphEvaluator(evaluator, layout=cfg.cache.name, tokenizer=tokenizer,
                           capture=bool(cfg.backend.get("capture", True)), gemv=gemv or GemvOptions(),
                           **graph_kernels(name))
