@@ -325,7 +325,7 @@ def test_bench_neox_case_builds_and_runs_on_cpu(tmp_path):
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter does not check what the GPU compiler does (tl.dot's minimum shapes, types): compile
     every kernel ahead of time for sm_90 (H100 / H200) with Triton's own ptxas, at pythia-2.8b's shape
-    (head dim 80, 20 rotary dims, per-head qkv, float16) and at Llama's."""
+    (head dim 80, 20 rotary dims, per-head qkv, float16) and at Llama's; the GPT-NeoX GEMVs at Pythia's."""
     _interpret("""
         import triton
         from triton.backends.compiler import GPUTarget
@@ -362,6 +362,16 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             build(tk._add_layer_norm_kernel, ty, dict(BLOCK=4096, N_ADD=n_add, HAS_C1=True, HAS_C2=n_add > 1, TWO=two,
                                                       WRITE_X=n_add > 0), 8)
         build(tk._bias_gelu_kernel, ty, dict(BLOCK=1024, HAS_BIAS=True), 4)
+        # cudagraph_fused_gemv's GPT-NeoX GEMVs at their measured launch configs: dense_4h_to_h with the bias and
+        # two residual rows in the epilogue, dense with the bias, the final LayerNorm + embed_out
+        from streamkv.backends import gemv_kernels as gk
+        ty.update({n: "*fp16" for n in ("r_ptr", "gamma_ptr", "beta_ptr", "w_ptr", "e1_ptr", "e2_ptr", "y_ptr", "s_ptr")})
+        ty["stride_wn"] = "i32"
+        for (N, K), pro, n_add, k_pow2 in [((2560, 10240), 0, 2, 1), ((2560, 2560), 0, 0, 1), ((50304, 2560), 3, 0, 4096)]:
+            bn, bk, warps = gk.gemv_config(N, K)
+            build(gk._gemv_kernel, ty, dict(K=K, PROLOGUE=pro, HAS_R=False, WRITE_S=False, EXACT=True, HAS_BIAS=True,
+                                            N_ADD=n_add, BLOCK_N=bn, BLOCK_K=bk, UNROLL=gk.gemv_unroll(K, bn, bk, warps),
+                                            K_POW2=k_pow2), warps)
         print("ok")
     """, interpret=False)
 
