@@ -121,22 +121,26 @@ def test_decode_attention_default_launch_in_interpreter():
     """)
 
 
-@needs_triton
-def test_fused_neox_stack_in_interpreter():
-    """The fused GPT-NeoX decode step (cudagraph_fused, un-captured) on tiny GPT-NeoX models with head dim 80:
-    with everything kept (policy=full) it reproduces the HF model's own forward per token; under streaming
-    with prunes (sink re-rotation over the rotary dims only) it reproduces concat x eager, ring and static."""
-    _interpret("""
+# the layer-stack tests' script head: 44 random byte ids, a prefill of 20 (the models: tests/neox_ref.py)
+NEOX_STACK_HEAD = """
         import numpy as np, torch
         from conftest import compose
         from neox_ref import hf_nll, tiny_neox
-        from streamkv.backends.graph import GraphEvaluator
+        from streamkv.backends.graph import GemvOptions, GraphEvaluator
         from streamkv.models import ByteTokenizer
         from streamkv.runner import make_evaluator
         torch.set_num_threads(1)
         torch.manual_seed(0)
         ids = torch.randint(0, ByteTokenizer.vocab_size, (44,))
-        P = 20
+        P = 20"""
+
+
+@needs_triton
+def test_fused_neox_stack_in_interpreter():
+    """The fused GPT-NeoX decode step (cudagraph_fused, un-captured) on tiny GPT-NeoX models with head dim 80:
+    with everything kept (policy=full) it reproduces the HF model's own forward per token; under streaming
+    with prunes (sink re-rotation over the rotary dims only) it reproduces concat x eager, ring and static."""
+    _interpret(NEOX_STACK_HEAD + """
         for rotary_pct, parallel in [(0.25, True), (0.25, False), (1.0, True)]:
             model = tiny_neox(rotary_pct, parallel)
             assert model.gpt_neox.layers[0].attention.rotary_ndims == int(80 * rotary_pct)
@@ -194,19 +198,9 @@ def test_fused_neox_gemv_stack_in_interpreter():
     LayerNorm in embed_out's prologue reproduce the HF model's forward (policy=full) and concat x eager under
     streaming with prunes, for both residuals and rotary_pct 0.25 / 1.0; with the GEMV size limit (every GEMV
     or some of them back on the unfused kernels) and the LM head unfused too."""
-    _interpret("""
-        import numpy as np, torch
-        from conftest import compose
-        from neox_ref import hf_nll, tiny_neox
-        from streamkv.backends.graph import GemvOptions, GraphEvaluator
-        from streamkv.models import ByteTokenizer
-        from streamkv.runner import make_evaluator
+    _interpret(NEOX_STACK_HEAD + """
         import streamkv.backends.gemv_kernels as gk
         gk.gemv_config = lambda N, K, n_sm=132: (256, 64, 4)  # few programs (the interpreter's speed), a K tail
-        torch.set_num_threads(1)
-        torch.manual_seed(0)
-        ids = torch.randint(0, ByteTokenizer.vocab_size, (44,))
-        P = 20
         for rotary_pct, parallel in [(0.25, True), (0.25, False), (1.0, True)]:
             model = tiny_neox(rotary_pct, parallel)
             hf = hf_nll(model, ids)
