@@ -35,8 +35,18 @@ sequential one), as above, but no residual add left for the norm kernel and no c
   dense_h_to_4h    cuBLAS GEMV, then bias_gelu
   dense_4h_to_h    our GEMV + bias + the dense output + x (parallel) or + x (sequential): the next x
 
-Measured on an H200 (docs/benchmarks.md): 2.405 vs 2.598 ms/token for cudagraph_fused on Pythia-2.8B's
-shape. The LayerNorm as the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran
+Two branches (both steps, parallel residual only): the attention (query_key_value, kv_update, the two
+attention launches, dense) runs on a second, high-priority CUDA stream beside the MLP (dense_h_to_4h,
+bias_gelu, dense_4h_to_h up to the residual add), forked after the norms and joined before the residual
+add; CUDA-graph capture records the fork and join as parallel branches of the graph. The attention's
+kernels are short and latency-bound (kv_update and the attention reduce use a few dozen blocks), so they
+fill SMs the MLP's bandwidth-bound GEMVs leave idle. On the CPU the branches run one after the other, in the
+same order. Measured on an H200 (docs/benchmarks.md), Pythia-2.8B's shape, ring layout, R = 32:
+cudagraph_fused 2.596 -> 2.083 ms/token, cudagraph_fused_gemv 2.405 -> 2.157 (our GEMVs share SMs less
+well than cuBLAS's); the MLP on the second stream instead: 2.157 / 2.305; both streams at the default
+priority: 2.130 / 2.206.
+
+The GEMV step without the two branches measured 2.405 vs 2.598 ms/token for cudagraph_fused. The LayerNorm as the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran
 at 2.605: inside the captured step our GEMV with a norm prologue (x, gamma and beta loaded with every
 weight tile) is slower than cuBLAS + one norm kernel by more than the launches saved. Weights above
 `GemvOptions.max_bytes` keep cuBLAS; when every layer's dense and dense_4h_to_h are over it (Pythia-2.8B at
@@ -51,7 +61,46 @@ ones online (tests/test_fused_neox.py).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import torch
 import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------- the parallel residual's two branches
+
+_BRANCH_STREAMS: dict = {}
+
+
+def branch_stream(device):
+    """The high-priority stream the attention branch runs on beside the MLP (one per device, kept: cuBLAS keeps
+    a workspace per stream it has seen). High priority: its short, dependent kernels (qkv, kv_update, the two
+    attention launches, dense) get SMs first as the MLP's GEMV blocks retire. None on the CPU, where the
+    branches run one after the other."""
+    if device.type != "cuda":
+        return None
+    key = str(device)
+    if key not in _BRANCH_STREAMS:
+        _BRANCH_STREAMS[key] = torch.cuda.Stream(device, priority=-1)
+    return _BRANCH_STREAMS[key]
+
+
+@contextmanager
+def beside(side):
+    """Work issued inside runs on `side`, after everything issued so far on the current stream (a fork that
+    CUDA-graph capture records as a parallel branch); `join(side)` orders it back. None: the current stream."""
+    if side is None:
+        yield
+        return
+    side.wait_stream(torch.cuda.current_stream(side.device))
+    with torch.cuda.stream(side):
+        yield
+
+
+def join(side) -> None:
+    """The current stream waits for everything issued on `side` (the end of the branch)."""
+    if side is not None:
+        torch.cuda.current_stream(side.device).wait_stream(side)
 
 
 # ---------------------------------------------------------------- the decode step's layers (capturable)
@@ -67,14 +116,17 @@ def neox_layers_fused(stack, x, t):
     x = x.reshape(1, -1)
     pending = None  # the previous layer's outputs (with their biases) not yet added to the residual x
     fam = w.family
+    side = branch_stream(x.device) if fam.parallel_residual else None
     for i, lw in enumerate(w.layers):
         ln2 = (lw.ln2, lw.ln2_b) if fam.parallel_residual else None
         x, h1, h2 = add_layer_norm(x, pending, (lw.ln1, lw.ln1_b), ln2, w.eps)
-        a = stack.attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv)  # kv_update adds the qkv bias
-        o = F.linear(a.view(1, -1), lw.wo)
+        with beside(side):  # parallel residual: the attention on the branch stream, the MLP beside it
+            a = stack.attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv)  # kv_update adds the qkv bias
+            o = F.linear(a.view(1, -1), lw.wo)
         if not fam.parallel_residual:  # ln2 norms x + attention
             x, h2, _ = add_layer_norm(x, [(o, lw.bo)], (lw.ln2, lw.ln2_b), None, w.eps)
         m = F.linear(bias_gelu(F.linear(h2, lw.wgu), lw.bgu), lw.wd)
+        join(side)
         pending = [(o, lw.bo), (m, lw.bd)] if fam.parallel_residual else [(m, lw.bd)]
     _, h, _ = add_layer_norm(x, pending, (w.norm, w.norm_b), None, w.eps, write_x=False)
     return h
@@ -103,14 +155,19 @@ def neox_layers_fused_gemv(stack, x, t):
 
     x = x.reshape(1, -1)
     parallel = w.family.parallel_residual
+    side = branch_stream(x.device) if parallel else None
     for i, lw in enumerate(w.layers):
         _, h1, h2 = add_layer_norm(x, None, (lw.ln1, lw.ln1_b), (lw.ln2, lw.ln2_b) if parallel else None, w.eps,
                                    write_x=False)
-        a = stack.attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv).view(1, -1)  # kv_update adds the bias
-        if parallel:  # x + attention(ln1(x)) + mlp(ln2(x))
-            o = gemv_add(a, lw.wo, lw.bo, ())
-            x = gemv_add(bias_gelu(F.linear(h2, lw.wgu), lw.bgu), lw.wd, lw.bd, (o, x))
+        if parallel:  # x + attention(ln1(x)) + mlp(ln2(x)); the attention on the branch stream, the MLP beside it
+            with beside(side):
+                a = stack.attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv).view(1, -1)  # + the qkv bias
+                o = gemv_add(a, lw.wo, lw.bo, ())
+            act = bias_gelu(F.linear(h2, lw.wgu), lw.bgu)
+            join(side)
+            x = gemv_add(act, lw.wd, lw.bd, (o, x))
         else:  # x1 = x + attention(ln1(x)); x1 + mlp(ln2(x1))
+            a = stack.attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv).view(1, -1)
             x = gemv_add(a, lw.wo, lw.bo, (x,))
             _, h2, _ = add_layer_norm(x, None, (lw.ln2, lw.ln2_b), None, w.eps, write_x=False)
             x = gemv_add(bias_gelu(F.linear(h2, lw.wgu), lw.bgu), lw.wd, lw.bd, (x,))
