@@ -37,21 +37,20 @@ sequential one), as above, but no residual add left for the norm kernel and no c
 
 Two branches (both steps, parallel residual only): the attention (query_key_value, kv_update, the two
 attention launches, dense) runs on a second, high-priority CUDA stream beside the MLP (dense_h_to_4h,
-bias_gelu, dense_4h_to_h up to the residual add), forked after the norms and joined before the residual
-add; CUDA-graph capture records the fork and join as parallel branches of the graph. The attention's
-kernels are short and latency-bound (kv_update and the attention reduce use a few dozen blocks), so they
-fill SMs the MLP's bandwidth-bound GEMVs leave idle. On the CPU the branches run one after the other, in the
-same order. Measured on an H200 (docs/benchmarks.md), Pythia-2.8B's shape, ring layout, R = 32:
-cudagraph_fused 2.596 -> 2.083 ms/token, cudagraph_fused_gemv 2.405 -> 2.157 (our GEMVs share SMs less
-well than cuBLAS's); the MLP on the second stream instead: 2.157 / 2.305; both streams at the default
-priority: 2.130 / 2.206.
+bias_gelu, dense_4h_to_h), forked after the norms and joined before the residual add; CUDA-graph capture
+records the fork and join as parallel branches of the graph. The attention's kernels are short and
+latency-bound (kv_update runs 1 + n_fix programs, the attention reduce one per head), so they fill SMs the
+MLP's bandwidth-bound GEMVs leave idle. On the CPU the branches run one after the other, in the same order.
+Measured on an H200 (docs/benchmarks.md), Pythia-2.8B's shape, ring layout, R = 32: cudagraph_fused 2.596 ->
+2.083 ms/token, cudagraph_fused_gemv 2.405 -> 2.157 (our GEMVs share SMs less well than cuBLAS's); the MLP on
+the second stream instead: 2.157 / 2.305; the attention's stream at the default priority: 2.130 / 2.206.
 
-The GEMV step without the two branches measured 2.405 vs 2.598 ms/token for cudagraph_fused. The LayerNorm as the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran
-at 2.605: inside the captured step our GEMV with a norm prologue (x, gamma and beta loaded with every
-weight tile) is slower than cuBLAS + one norm kernel by more than the launches saved. Weights above
-`GemvOptions.max_bytes` keep cuBLAS; when every layer's dense and dense_4h_to_h are over it (Pythia-2.8B at
-the default 4 MiB; `backend.gemv_max_mb=0` lifts the limit, as the bench's `--gemv-max-mb 0`) the step is
-cudagraph_fused's.
+The GEMV step without the two branches measured 2.405 vs 2.598 ms/token for cudagraph_fused. The LayerNorm as
+the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran at 2.605: inside the captured
+step our GEMV with a norm prologue (x, gamma and beta loaded with every weight tile) is slower than cuBLAS +
+one norm kernel by more than the launches saved. Weights above `GemvOptions.max_bytes` keep cuBLAS; when every
+layer's dense and dense_4h_to_h are over it (Pythia-2.8B at the default 4 MiB; `backend.gemv_max_mb=0` lifts
+the limit, as the bench's `--gemv-max-mb 0`) the step is cudagraph_fused's.
 
 The attention is the fused LayerStack's (`attend_fused`: kv_update in the family's q/k/v layout and
 rotary dims, the score-based policies' observation, decode attention), so every policy the graph path
