@@ -43,7 +43,8 @@ latency-bound (kv_update runs 1 + n_fix programs, the attention reduce one per h
 MLP's bandwidth-bound GEMVs leave idle. On the CPU the branches run one after the other, in the same order.
 Measured on an H200 (docs/benchmarks.md), Pythia-2.8B's shape, ring layout, R = 32: cudagraph_fused 2.596 ->
 2.083 ms/token, cudagraph_fused_gemv 2.405 -> 2.157 (our GEMVs share SMs less well than cuBLAS's); the MLP on
-the second stream instead: 2.157 / 2.305; the attention's stream at the default priority: 2.130 / 2.206.
+the second stream instead: 2.157 / 2.305; the attention's stream at the default priority: 2.130 / 2.206
+(another process; within the spread between runs).
 
 The GEMV step without the two branches measured 2.405 vs 2.598 ms/token for cudagraph_fused. The LayerNorm as
 the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran at 2.605: inside the captured
@@ -72,10 +73,10 @@ _BRANCH_STREAMS: dict = {}
 
 
 def branch_stream(device):
-    """The high-priority stream the attention branch runs on beside the MLP (one per device, kept: cuBLAS keeps
-    a workspace per stream it has seen). High priority: its short, dependent kernels (qkv, kv_update, the two
-    attention launches, dense) get SMs first as the MLP's GEMV blocks retire. None on the CPU, where the
-    branches run one after the other."""
+    """The stream the attention branch runs on beside the MLP (one per device, kept: cuBLAS keeps a workspace per
+    stream it has seen). High priority, so that its short, dependent kernels (qkv, kv_update, the two attention
+    launches, dense) get SMs first as the MLP's GEMV blocks retire; measured, the priority's effect is within
+    the spread between runs (docs/benchmarks.md). None on the CPU, where the branches run one after the other."""
     if device.type != "cuda":
         return None
     key = str(device)
