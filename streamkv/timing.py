@@ -30,13 +30,18 @@ def sync(device: torch.device) -> None:
 _STREAMS: dict = {}
 
 
-def capture_stream(device: torch.device) -> "torch.cuda.Stream":
-    """One side stream per device for CUDA-graph warm-up and capture: cuBLAS keeps a workspace (32 MiB on
-    Hopper) per stream it has seen, so a new stream per capture would add one per run of a sweep."""
-    key = str(device)
+def kept_stream(device: torch.device, role: str, priority: int = 0) -> "torch.cuda.Stream":
+    """One stream per device and role, kept for the process: cuBLAS keeps a workspace (32 MiB on Hopper) per
+    stream it has seen, so a new stream per capture would add one per run of a sweep."""
+    key = (str(device), role)
     if key not in _STREAMS:
-        _STREAMS[key] = torch.cuda.Stream(device)
+        _STREAMS[key] = torch.cuda.Stream(device, priority=priority)
     return _STREAMS[key]
+
+
+def capture_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The side stream for CUDA-graph warm-up and capture."""
+    return kept_stream(device, "capture")
 
 
 def reset_peak(device: torch.device) -> float:

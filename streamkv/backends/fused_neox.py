@@ -66,23 +66,19 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from streamkv.timing import kept_stream
+
 
 # ---------------------------------------------------------------- the parallel residual's two branches
 
-_BRANCH_STREAMS: dict = {}
-
-
 def branch_stream(device):
-    """The stream the attention branch runs on beside the MLP (one per device, kept: cuBLAS keeps a workspace per
-    stream it has seen). High priority, so that its short, dependent kernels (qkv, kv_update, the two attention
-    launches, dense) get SMs first as the MLP's GEMV blocks retire; measured, the priority's effect is within
-    the spread between runs (docs/benchmarks.md). None on the CPU, where the branches run one after the other."""
+    """The stream the attention branch runs on beside the MLP (kept per device: streamkv.timing.kept_stream).
+    High priority, so that its short, dependent kernels (qkv, kv_update, the two attention launches, dense) get
+    SMs first as the MLP's GEMV blocks retire; measured, the priority's effect is within the spread between
+    runs (docs/benchmarks.md). None on the CPU, where the branches run one after the other."""
     if device.type != "cuda":
         return None
-    key = str(device)
-    if key not in _BRANCH_STREAMS:
-        _BRANCH_STREAMS[key] = torch.cuda.Stream(device, priority=-1)
-    return _BRANCH_STREAMS[key]
+    return kept_stream(device, "branch", priority=-1)
 
 
 @contextmanager
