@@ -170,11 +170,12 @@ def test_fused_neox_stack_in_interpreter():
 @needs_triton
 def test_neox_gemv_kernels_in_interpreter():
     """The GEMV prologue/epilogues the GPT-NeoX step uses (streamkv/backends/gemv_kernels.py): LayerNorm before
-    the dot (with a masked K tail and several K chunks), bias and up to two residual rows after it, against
-    PyTorch in float32."""
+    the dot (with a masked K tail and several K chunks), bias and up to two residual rows after it, and the
+    paired GEMV (query_key_value and dense_h_to_4h + bias + GELU in one launch, masked rows in either half),
+    against PyTorch in float32."""
     _interpret("""
         import torch, torch.nn.functional as F
-        from streamkv.backends.gemv_kernels import gemv, layer_norm_gemv
+        from streamkv.backends.gemv_kernels import gemv, gemv_pair, layer_norm_gemv
         torch.manual_seed(0)
         torch.set_num_threads(1)
         for N, K, cfg in [(40, 160, (4, 32, 1)), (37, 100, (8, 64, 2)), (64, 256, None)]:
@@ -188,6 +189,17 @@ def test_neox_gemv_kernels_in_interpreter():
             for adds in [(), (e1,), (e1, e2)]:
                 ref = x @ W.T + bias + sum(adds, torch.zeros(1, N))
                 assert torch.allclose(gemv(x, W, bias, adds=adds, config=cfg), ref, atol=1e-4, rtol=1e-4), len(adds)
+        # two launch configs with different BLOCK_K: the pair runs both halves at the smaller one
+        for N1, N2, K, cfgs in [(40, 72, 160, ((4, 32, 1), (8, 64, 2))), (37, 50, 100, ((8, 64, 2), (16, 32, 2))),
+                                (48, 64, 256, None)]:
+            x1, x2, W1, W2, b2 = torch.randn(1, K), torch.randn(1, K), torch.randn(N1, K), torch.randn(N2, K), torch.randn(N2)
+            for bias, gelu in [(None, False), (b2, False), (b2, True)]:
+                y1, y2 = gemv_pair(x1, W1, x2, W2, bias, gelu2=gelu, configs=cfgs)
+                r2 = F.linear(x2, W2, bias)
+                r2 = F.gelu(r2) if gelu else r2
+                assert y1.shape == (1, N1) and y2.shape == (1, N2)
+                assert torch.allclose(y1, x1 @ W1.T, atol=1e-4, rtol=1e-4), (N1, K)
+                assert torch.allclose(y2, r2, atol=1e-4, rtol=1e-4), (N2, K, bias is not None, gelu)
         print("ok")
     """)
 
@@ -366,6 +378,14 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             build(gk._gemv_kernel, ty, dict(K=K, PROLOGUE=pro, HAS_R=False, WRITE_S=False, EXACT=True, HAS_BIAS=True,
                                             N_ADD=n_add, BLOCK_N=bn, BLOCK_K=bk, UNROLL=gk.gemv_unroll(K, bn, bk, warps),
                                             K_POW2=k_pow2), warps)
+        # the paired query_key_value + dense_h_to_4h (+ bias + GELU) at its default launch configs
+        ty.update({n: "*fp16" for n in ("x1_ptr", "w1_ptr", "y1_ptr", "x2_ptr", "w2_ptr", "b2_ptr", "y2_ptr")})
+        ty.update({n: "i32" for n in ("N1", "N2", "stride1", "stride2")})
+        (bn1, bk1, w1), (bn2, bk2, w2) = gk.gemv_config(7680, 2560), gk.gemv_config(10240, 2560)
+        bk, warps = min(bk1, bk2), max(w1, w2)
+        build(gk._gemv_pair_kernel, ty, dict(K=2560, HAS_BIAS2=True, GELU2=True, BLOCK_N1=bn1, BLOCK_N2=bn2, BLOCK_K=bk,
+                                             UNROLL1=gk.gemv_unroll(2560, bn1, bk, warps),
+                                             UNROLL2=gk.gemv_unroll(2560, bn2, bk, warps)), warps)
         print("ok")
     """, interpret=False)
 

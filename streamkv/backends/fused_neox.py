@@ -150,24 +150,48 @@ def neox_layers_fused_gemv(stack, x, t):
         return sum(adds, F.linear(a, W, bias))
 
     x = x.reshape(1, -1)
-    parallel = w.family.parallel_residual
-    side = branch_stream(x.device) if parallel else None
-    for i, lw in enumerate(w.layers):
-        _, h1, h2 = add_layer_norm(x, None, (lw.ln1, lw.ln1_b), (lw.ln2, lw.ln2_b) if parallel else None, w.eps,
-                                   write_x=False)
-        if parallel:  # x + attention(ln1(x)) + mlp(ln2(x)); the attention on the branch stream, the MLP beside it
-            with beside(side):
-                a = stack.attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv).view(1, -1)  # + the qkv bias
-                o = gemv_add(a, lw.wo, lw.bo, ())
-            act = bias_gelu(F.linear(h2, lw.wgu), lw.bgu)
-            join(side)
-            x = gemv_add(act, lw.wd, lw.bd, (o, x))
-        else:  # x1 = x + attention(ln1(x)); x1 + mlp(ln2(x1))
-            a = stack.attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv).view(1, -1)
-            x = gemv_add(a, lw.wo, lw.bo, (x,))
-            _, h2, _ = add_layer_norm(x, None, (lw.ln2, lw.ln2_b), None, w.eps, write_x=False)
-            x = gemv_add(bias_gelu(F.linear(h2, lw.wgu), lw.bgu), lw.wd, lw.bd, (x,))
+    if w.family.parallel_residual:
+        return _parallel_gemv_layers(stack, x, t, small)
+    for i, lw in enumerate(w.layers):  # x1 = x + attention(ln1(x)); x1 + mlp(ln2(x1))
+        _, h1, _ = add_layer_norm(x, None, (lw.ln1, lw.ln1_b), None, w.eps, write_x=False)
+        a = stack.attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv).view(1, -1)  # + the qkv bias
+        x = gemv_add(a, lw.wo, lw.bo, (x,))
+        _, h2, _ = add_layer_norm(x, None, (lw.ln2, lw.ln2_b), None, w.eps, write_x=False)
+        x = gemv_add(bias_gelu(F.linear(h2, lw.wgu), lw.bgu), lw.wd, lw.bd, (x,))
     if stack.gemv.lm_head and small(w.lm_head):
         return layer_norm_gemv(x, w.norm, w.norm_b, w.lm_head, w.eps, w.lm_head_b)
     _, h, _ = add_layer_norm(x, None, (w.norm, w.norm_b), None, w.eps, write_x=False)
+    return F.linear(h, w.lm_head, w.lm_head_b)
+
+
+def _parallel_gemv_layers(stack, x, t, small):
+    """`neox_layers_fused_gemv` with the parallel residual: per layer one norm kernel (the previous layer's
+    residual adds + ln1 + ln2), then query_key_value and dense_h_to_4h (+ bias + GELU) as one launch of our
+    paired GEMV, then the attention (kv_update, 2 attention launches, dense) on the branch stream beside
+    dense_4h_to_h. Returns the logits [1, vocab]."""
+    from streamkv.backends.gemv_kernels import gemv, gemv_pair
+    from streamkv.backends.triton_kernels import add_layer_norm, bias_gelu
+
+    w = stack.w
+    side = branch_stream(x.device)
+
+    def linear(a, W):  # W @ a: our GEMV under the size limit, else cuBLAS
+        return gemv(a, W) if small(W) else F.linear(a, W)
+
+    pending = None  # the previous layer's outputs (with their biases) not yet added to the residual x
+    for i, lw in enumerate(w.layers):
+        x, h1, h2 = add_layer_norm(x, pending, (lw.ln1, lw.ln1_b), (lw.ln2, lw.ln2_b), w.eps)
+        if small(lw.wqkv) and small(lw.wgu):
+            qkv, act = gemv_pair(h1, lw.wqkv, h2, lw.wgu, lw.bgu, gelu2=True)
+        else:
+            qkv, act = F.linear(h1, lw.wqkv), bias_gelu(F.linear(h2, lw.wgu), lw.bgu)
+        with beside(side):
+            a = stack.attend_fused(i, qkv, t, bias=lw.bqkv)  # kv_update adds the qkv bias
+            o = linear(a.view(1, -1), lw.wo)
+        m = linear(act, lw.wd)
+        join(side)
+        pending = [(o, lw.bo), (m, lw.bd)]
+    _, h, _ = add_layer_norm(x, pending, (w.norm, w.norm_b), None, w.eps, write_x=False)
+    if stack.gemv.lm_head and small(w.lm_head):
+        return gemv(h, w.lm_head, w.lm_head_b)
     return F.linear(h, w.lm_head, w.lm_head_b)

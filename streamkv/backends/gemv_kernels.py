@@ -197,6 +197,43 @@ def _gemv_kernel(x_ptr, r_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, e1_ptr, e2_ptr
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
+@triton.jit
+def _plain_rows(pid, x_ptr, w_ptr, b_ptr, y_ptr, N, stride_wn, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
+    """Rows [pid * BLOCK_N, ...) of y = W @ x, rounded to y's dtype as a GEMV's output, then (+ bias, rounded)
+    and exact GELU as `triton_kernels.bias_gelu` computes them."""
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    kk = tl.arange(0, BLOCK_K)
+    zero = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
+    wrow = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc, _ = _k_loop(acc, acc, 0.0, 0.0, wrow, rmask, x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, kk, zero, zero != 0,
+                     K, 0, False, False, BLOCK_K, UNROLL)
+    out_ty = y_ptr.dtype.element_ty
+    y = tl.sum(acc, 1).to(out_ty)
+    if HAS_BIAS:
+        y = (y.to(tl.float32) + tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)).to(out_ty)
+    if GELU:
+        u = y.to(tl.float32)
+        y = (0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))).to(out_ty)
+    tl.store(y_ptr + rows, y, mask=rmask)
+
+
+@triton.jit
+def _gemv_pair_kernel(x1_ptr, w1_ptr, y1_ptr, x2_ptr, w2_ptr, b2_ptr, y2_ptr, N1, N2, stride1, stride2,
+                      K: tl.constexpr, HAS_BIAS2: tl.constexpr, GELU2: tl.constexpr, BLOCK_N1: tl.constexpr,
+                      BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL1: tl.constexpr, UNROLL2: tl.constexpr):
+    # programs [0, cdiv(N1, BLOCK_N1)) compute y1, the others y2: one grid, one launch
+    pid = tl.program_id(0)
+    nb1 = tl.cdiv(N1, BLOCK_N1)
+    if pid < nb1:
+        _plain_rows(pid, x1_ptr, w1_ptr, w1_ptr, y1_ptr, N1, stride1, K, False, False, BLOCK_N1, BLOCK_K, UNROLL1)
+    else:
+        _plain_rows(pid - nb1, x2_ptr, w2_ptr, b2_ptr, y2_ptr, N2, stride2, K, HAS_BIAS2, GELU2, BLOCK_N2, BLOCK_K,
+                    UNROLL2)
+
+
 _N_SM: dict = {}
 
 
@@ -320,3 +357,26 @@ def gemv(x, w, bias=None, *, adds=(), config=None, out_dtype=None):
     """y = w @ x (+ bias) (+ the rows in `adds`, up to two [N] tensors: GPT-NeoX's residual adds, summed in
     float32 with the biased output and rounded once) for one row x [..., K]."""
     return _launch(x, w, x.shape[-1], _PRO_NONE, bias=bias, adds=tuple(adds), config=config, out_dtype=out_dtype)
+
+
+def gemv_pair(x1, w1, x2, w2, bias2=None, *, gelu2: bool = False, configs=None):
+    """(w1 @ x1, w2 @ x2 (+ bias2) (then exact GELU)) for two activation rows of the same width K, in one launch
+    (GPT-NeoX's parallel residual: query_key_value of ln1(x) and dense_h_to_4h of ln2(x)). The second output is
+    rounded as `bias_gelu(F.linear(x2, w2), bias2)` rounds. configs: ((BLOCK_N, BLOCK_K, num_warps) for w1, for
+    w2); one launch has one BLOCK_K and num_warps, the smaller BLOCK_K and the larger num_warps of the two."""
+    K = x1.shape[-1]
+    assert x2.shape[-1] == K and x1.numel() == K == x2.numel(), "decode GEMVs: one activation row each, same K"
+    for w in (w1, w2):
+        assert w.stride(1) == 1 and w.shape[1] == K, (tuple(w.shape), K)
+    N1, N2 = w1.shape[0], w2.shape[0]
+    n_sm = _n_sm(w1.device)
+    (bn1, bk1, nw1), (bn2, bk2, nw2) = configs or (gemv_config(N1, K, n_sm), gemv_config(N2, K, n_sm))
+    block_k, num_warps = min(bk1, bk2), max(nw1, nw2)
+    y1 = torch.empty(*x1.shape[:-1], N1, device=x1.device, dtype=x1.dtype)
+    y2 = torch.empty(*x2.shape[:-1], N2, device=x2.device, dtype=x2.dtype)
+    _gemv_pair_kernel[(triton.cdiv(N1, bn1) + triton.cdiv(N2, bn2),)](
+        x1, w1, y1, x2, w2, bias2 if bias2 is not None else w2, y2, N1, N2, w1.stride(0), w2.stride(0),
+        K=K, HAS_BIAS2=bias2 is not None, GELU2=gelu2, BLOCK_N1=bn1, BLOCK_N2=bn2, BLOCK_K=block_k,
+        UNROLL1=gemv_unroll(K, bn1, block_k, num_warps), UNROLL2=gemv_unroll(K, bn2, block_k, num_warps),
+        num_warps=num_warps)
+    return y1, y2
