@@ -43,17 +43,12 @@ def test_neox_kernels_in_interpreter():
         for Hq, Hkv, D, R, C, rot in [(3, 3, 80, 20, 70, True), (3, 3, 80, 20, 45, False), (4, 2, 80, 80, 40, True),
                                       (2, 2, 16, 4, 30, True)]:
             q, k, v, valid, cos, sin, ref = attention_case(Hq, Hkv, D, R, C, rot)
-            # the default choice, and each kernel on every case; the rows kernel merging its splits in the last
-            # program of each head (the default) or in a second launch
-            for rows, merge in [(None, None), (False, None), (True, None), (True, False)]:
+            for rows in (None, False, True):  # the default choice, and each kernel on every case
                 att = DecodeAttention(Hq, Hkv, D, C, torch.device("cpu"), torch.float32, rotate_k=rot, block_n=16,
-                                      n_sm=4, rotary_dim=R, rows=rows, merge=merge)
+                                      n_sm=4, rotary_dim=R, rows=rows)
                 assert att.ns > 1 and att.rows == ((R < D and not rot) if rows is None else rows)
-                assert att.merge == (att.rows and merge is not False)
-                for _ in range(2):  # twice: the merging programs leave the arrival counters at zero
-                    out = att(q, k, v, valid, D ** -0.5, cos if rot else None, sin if rot else None)
-                    assert ((out - ref).norm() / ref.norm()) < 1e-5, (Hq, Hkv, D, R, C, rot, rows, merge)
-                    assert not att.arrived.any()
+                out = att(q, k, v, valid, D ** -0.5, cos if rot else None, sin if rot else None)
+                assert ((out - ref).norm() / ref.norm()) < 1e-5, (Hq, Hkv, D, R, C, rot, rows)
         # kv_update: GPT-NeoX's per-head [q k v] layout with a bias, rotary_dim 20 of 80; the grouped layout
         # (Llama's) with full rotary at head dim 80
         n, F_, S, C = 20, 2, 3, 10
@@ -365,10 +360,9 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         for G, D, R, rotate_k in [(1, 80, 20, False), (1, 80, 20, True), (4, 80, 80, True), (3, 64, 64, False)]:
             build(tk._attn_split_kernel, ty, dict(C=2084, SPLIT_LEN=256, G=G, GP=16, D=D, ROT=R, RHP=tk._dot_width(R // 2),
                                                   PP=tk._dot_width(D - R), BLOCK_N=32, NS=9, ROTATE_K=rotate_k), 8)
-        ty["cnt_ptr"] = "*i32"
-        for rotate_k, merge in [(False, True), (False, False), (True, False)]:  # the rows kernel at its default launch
+        for rotate_k in (False, True):  # the rows kernel at its default launch (one warp)
             build(tk._attn_rows_kernel, ty, dict(C=2084, SPLIT_LEN=64, G=1, D=80, DP=128, ROT=20, BLOCK_N=64, NS=33,
-                                                 ROTATE_K=rotate_k, MERGE=merge, NSP=64), 1)
+                                                 ROTATE_K=rotate_k), 1)
         build(tk._attn_reduce_kernel, ty, dict(NS=9, NSP=16, D=80, DP=128), 1)
         for n_add, two in [(0, True), (2, True), (1, False)]:
             build(tk._add_layer_norm_kernel, ty, dict(BLOCK=4096, N_ADD=n_add, HAS_C1=True, HAS_C2=n_add > 1, TWO=two,

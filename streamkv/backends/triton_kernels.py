@@ -246,10 +246,10 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, 
 
 
 @triton.jit
-def _attn_rows_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, o_ptr,
+def _attn_rows_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l_ptr, acc_ptr,
                       stride_kh, scale, C: tl.constexpr, SPLIT_LEN: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                       DP: tl.constexpr, ROT: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
-                      ROTATE_K: tl.constexpr, MERGE: tl.constexpr, NSP: tl.constexpr):
+                      ROTATE_K: tl.constexpr):
     # one query head per program, whole key/value rows (one contiguous load each), scores and the weighted
     # sum on CUDA cores (no tensor-core dot to pad: the partial-rotary head dim, e.g. 80 = 20 + 60, is one
     # masked row of DP); in the static layout the rotary dims [0, ROT) are rotated at read from a second,
@@ -293,37 +293,23 @@ def _attn_rows_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l
     tl.store(m_ptr + row, m_i)
     tl.store(l_ptr + row, l_i)
     tl.store(acc_ptr + row * D + e, acc, mask=em)
-    if MERGE:  # the head's last split to finish merges all of them: no reduce launch
-        tl.debug_barrier()  # every thread's stores above precede the release below
-        done = tl.atomic_add(cnt_ptr + hq, 1, sem="acq_rel")
-        if done == NS - 1:
-            _merge_splits(m_ptr, l_ptr, acc_ptr, o_ptr, hq, NS, NSP, D, DP)
-            tl.store(cnt_ptr + hq, 0)  # zero again for the next layer / step (the graph replays reuse it)
-
-
-@triton.jit
-def _merge_splits(m_ptr, l_ptr, acc_ptr, o_ptr, hq, NS: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr,
-                  DP: tl.constexpr):
-    """Query head hq's output from its NS split partials (max, sum, weighted values). Loads bypass L1 (.cg):
-    other programs wrote the partials."""
-    sp = tl.arange(0, NSP)
-    sm = sp < NS
-    m = tl.load(m_ptr + hq * NS + sp, mask=sm, other=-1.0e30, cache_modifier=".cg")
-    l = tl.load(l_ptr + hq * NS + sp, mask=sm, other=0.0, cache_modifier=".cg")
-    w = tl.exp(m - tl.max(m, 0))
-    w = tl.where(sm, w, 0.0)
-    d = tl.arange(0, DP)
-    dm = d < D
-    acc = tl.load(acc_ptr + (hq * NS + sp)[:, None] * D + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0,
-                  cache_modifier=".cg")
-    o = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
-    tl.store(o_ptr + hq * D + d, o.to(o_ptr.dtype.element_ty), mask=dm)
 
 
 @triton.jit
 def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NS: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr,
                         DP: tl.constexpr):
-    _merge_splits(m_ptr, l_ptr, acc_ptr, o_ptr, tl.program_id(0), NS, NSP, D, DP)
+    hq = tl.program_id(0)
+    sp = tl.arange(0, NSP)
+    sm = sp < NS
+    m = tl.load(m_ptr + hq * NS + sp, mask=sm, other=-1.0e30)
+    l = tl.load(l_ptr + hq * NS + sp, mask=sm, other=0.0)
+    w = tl.exp(m - tl.max(m, 0))
+    w = tl.where(sm, w, 0.0)
+    d = tl.arange(0, DP)
+    dm = d < D
+    acc = tl.load(acc_ptr + (hq * NS + sp)[:, None] * D + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
+    o = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
+    tl.store(o_ptr + hq * D + d, o.to(o_ptr.dtype.element_ty), mask=dm)
 
 
 def _dot_width(n: int) -> int:
@@ -339,7 +325,7 @@ class DecodeAttention:
     def __init__(self, n_heads: int, n_kv: int, head_dim: int, capacity: int, device, dtype,
                  rotate_k: bool = False, block_n: int | None = None, n_sm: int | None = None,
                  rotary_dim: int | None = None, rows: bool | None = None, waves: int | None = None,
-                 num_warps: int | None = None, merge: bool | None = None):
+                 num_warps: int | None = None):
         # An earlier CUDA-core variant for MHA (no tensor-core dot padded to 16 query rows) measured 9% slower
         # than the parts kernel on the 7B shape (full rotary, head dim 128) on an H100: 733 vs 671 us per
         # token; so by default (rows=None) the rows kernel runs only for partial rotary.
@@ -375,10 +361,6 @@ class DecodeAttention:
         self.l = torch.empty_like(self.m)
         self.acc = torch.empty(n_heads * self.ns, head_dim, device=device, dtype=torch.float32)
         self.out = torch.empty(n_heads, head_dim, device=device, dtype=dtype)
-        # rows kernel: the last split of each head to finish merges the partials (a per-head arrival counter,
-        # zeroed again by that program), instead of a second launch
-        self.merge = self.rows if merge is None else bool(merge) and self.rows
-        self.arrived = torch.zeros(n_heads, device=device, dtype=torch.int32)
 
     def __call__(self, q, k, v, valid, scale: float, cos=None, sin=None):
         """q: [Hq, D] (rotated); k, v: [Hkv, slots >= C, D]; valid: [>= C] bool -> [Hq, D] (a reused buffer)."""
@@ -387,12 +369,9 @@ class DecodeAttention:
         D, rot = self.D, self.rot
         if self.rows:
             _attn_rows_kernel[(self.n_heads, self.ns)](
-                q, k, v, valid, cos, sin, self.m, self.l, self.acc, self.arrived, self.out, k.stride(0), scale, C=self.C,
+                q, k, v, valid, cos, sin, self.m, self.l, self.acc, k.stride(0), scale, C=self.C,
                 SPLIT_LEN=self.split_len, G=self.G, D=D, DP=triton.next_power_of_2(D), ROT=rot,
-                BLOCK_N=self.block_n, NS=self.ns, ROTATE_K=self.rotate_k, MERGE=self.merge,
-                NSP=triton.next_power_of_2(self.ns), num_warps=self.num_warps)
-            if self.merge:
-                return self.out
+                BLOCK_N=self.block_n, NS=self.ns, ROTATE_K=self.rotate_k, num_warps=self.num_warps)
         else:
             _attn_split_kernel[(self.n_kv, self.ns)](
                 q, k, v, valid, cos, sin, self.m, self.l, self.acc, k.stride(0), scale, C=self.C,
