@@ -24,27 +24,18 @@ weights, streamkv/backends/gemv_kernels.py), and no liger kernel is needed (it h
 a fused residual add nor an exact GELU). Which GPT-NeoX models this step takes (exact GELU) is checked
 when the weights are gathered (families.check_backend_model).
 
-`cudagraph_fused_gemv` (`neox_layers_fused_gemv`) puts the two GEMVs after the attention on our Triton
-kernel (streamkv/backends/gemv_kernels.py) with the residual adds in their epilogues, and the final
-LayerNorm into embed_out's prologue. Per layer, 9 launches with the parallel residual (10 with the
-sequential one), as above, but no residual add left for the norm kernel and no cuBLAS split-K reduce:
+`cudagraph_fused_gemv` (`neox_layers_fused_gemv`) runs every GEMV but embed_out on our Triton kernels
+(streamkv/backends/gemv_kernels.py). With the parallel residual, per layer 7 launches:
 
-  add_layer_norm   ln1 and ln2 of x (nothing to add: the previous layer's dense_4h_to_h wrote x)
-  query_key_value  cuBLAS GEMV, no bias; kv_update, attention (2 launches) as above
-  dense            our GEMV + bias (parallel residual); sequential: + bias + x, the residual after attention
-  dense_h_to_4h    cuBLAS GEMV, then bias_gelu
-  dense_4h_to_h    our GEMV + bias + the dense output + x (parallel) or + x (sequential): the next x
+  add_layer_norm   the previous layer's residual adds + ln1 + ln2, as above
+  gemv_pair        query_key_value of ln1(x) and dense_h_to_4h of ln2(x) + bias + exact GELU: one launch (the
+                   two weights stay where they are; the first programs do one GEMV, the rest the other)
+  kv_update, attention (2 launches), dense   on the branch stream, as above (dense on our GEMV)
+  dense_4h_to_h    our GEMV, beside the attention (its bias goes into the next add_layer_norm)
 
-Two branches (both steps, parallel residual only): the attention (query_key_value, kv_update, the two
-attention launches, dense) runs on a second, high-priority CUDA stream beside the MLP (dense_h_to_4h,
-bias_gelu, dense_4h_to_h), forked after the norms and joined before the residual add; CUDA-graph capture
-records the fork and join as parallel branches of the graph. The attention's kernels are short and
-latency-bound (kv_update runs 1 + n_fix programs, the attention reduce one per head), so they fill SMs the
-MLP's bandwidth-bound GEMVs leave idle. On the CPU the branches run one after the other, in the same order.
-Measured on an H200 (docs/benchmarks.md), Pythia-2.8B's shape, ring layout, R = 32: cudagraph_fused 2.596 ->
-2.083 ms/token, cudagraph_fused_gemv 2.405 -> 2.157 (our GEMVs share SMs less well than cuBLAS's); the MLP on
-the second stream instead: 2.157 / 2.305; the attention's stream at the default priority: 2.130 / 2.206
-(another process; within the spread between runs).
+With the sequential residual (10 launches) dense and dense_4h_to_h carry the bias and the residual add in their
+epilogue (`gemv(..., adds=)`), query_key_value and dense_h_to_4h stay on cuBLAS, and the final LayerNorm is
+embed_out's prologue (`layer_norm_gemv`).
 
 The GEMV step without the two branches measured 2.405 vs 2.598 ms/token for cudagraph_fused. The LayerNorm as
 the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran at 2.605: inside the captured

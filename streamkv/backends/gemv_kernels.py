@@ -6,8 +6,10 @@
 * `swiglu_gemv`: y = Wd @ (silu(g) * u) for gu = [g | u] (the fused gate/up output): replaces
   liger's SwiGLU and the down projection.
 * GPT-NeoX (streamkv/backends/fused_neox.py): `gemv(..., adds=)` adds up to two residual rows to the
-  biased output (the parallel residual's x + attention + MLP in dense_4h_to_h's epilogue), and
-  `layer_norm_gemv` is the final LayerNorm + embed_out.
+  biased output (the sequential residual's adds in the epilogues of dense and dense_4h_to_h), and
+  `layer_norm_gemv` is the final LayerNorm + embed_out; `gemv_pair` runs query_key_value of ln1(x) and
+  dense_h_to_4h of ln2(x) (+ bias + exact GELU) as one launch: one grid over both weights' rows, so the
+  larger read streams at a higher bandwidth than two GEMVs and no bias_gelu launch follows.
 
 Why our own kernel: the captured decode step of a small model is launch/latency-bound, not
 bandwidth-bound (SmolLM2-135M reads 270 MB per token, 92 us at H100 bandwidth, but runs 321 kernels
