@@ -378,10 +378,10 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             build(gk._gemv_kernel, ty, dict(K=K, PROLOGUE=pro, HAS_R=False, WRITE_S=False, EXACT=True, HAS_BIAS=True,
                                             N_ADD=n_add, BLOCK_N=bn, BLOCK_K=bk, UNROLL=gk.gemv_unroll(K, bn, bk, warps),
                                             K_POW2=k_pow2), warps)
-        # the paired query_key_value + dense_h_to_4h (+ bias + GELU) at its default launch configs
+        # the paired query_key_value + dense_h_to_4h (+ bias + GELU) at its measured launch configs
         ty.update({n: "*fp16" for n in ("x1_ptr", "w1_ptr", "y1_ptr", "x2_ptr", "w2_ptr", "b2_ptr", "y2_ptr")})
         ty.update({n: "i32" for n in ("N1", "N2", "stride1", "stride2")})
-        (bn1, bk1, w1), (bn2, bk2, w2) = gk.gemv_config(7680, 2560), gk.gemv_config(10240, 2560)
+        (bn1, bk1, w1), (bn2, bk2, w2) = gk.MEASURED_PAIRS[(7680, 10240, 2560)]
         bk, warps = min(bk1, bk2), max(w1, w2)
         build(gk._gemv_pair_kernel, ty, dict(K=2560, HAS_BIAS2=True, GELU2=True, BLOCK_N1=bn1, BLOCK_N2=bn2, BLOCK_K=bk,
                                              UNROLL1=gk.gemv_unroll(2560, bn1, bk, warps),

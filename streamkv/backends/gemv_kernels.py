@@ -267,6 +267,14 @@ MEASURED = {
 }
 
 
+# (N1, N2, K) -> `gemv_pair`'s two configs, measured fastest on an H200 (2026-12-03, the pair's sweep in
+# docs/benchmarks/neox_pair_variants/): Pythia-2.8B's query_key_value + dense_h_to_4h, 23.7 us against 25.6 at
+# the two single-GEMV configs (16, 32 rows a program).
+MEASURED_PAIRS = {
+    (7680, 10240, 2560): ((32, 256, 8), (16, 256, 8)),
+}
+
+
 def load_measured(path) -> dict:
     """Add the best launch configs of a `scripts/gemv_bench.py` JSON (its rows' N, K, best_cfg) to
     MEASURED, for the shapes where the best config beat the heuristic one; returns what was added.
@@ -372,7 +380,8 @@ def gemv_pair(x1, w1, x2, w2, bias2=None, *, gelu2: bool = False, configs=None):
         assert w.stride(1) == 1 and w.shape[1] == K, (tuple(w.shape), K)
     N1, N2 = w1.shape[0], w2.shape[0]
     n_sm = _n_sm(w1.device)
-    (bn1, bk1, nw1), (bn2, bk2, nw2) = configs or (gemv_config(N1, K, n_sm), gemv_config(N2, K, n_sm))
+    (bn1, bk1, nw1), (bn2, bk2, nw2) = (configs or MEASURED_PAIRS.get((N1, N2, K))
+                                        or (gemv_config(N1, K, n_sm), gemv_config(N2, K, n_sm)))
     block_k, num_warps = min(bk1, bk2), max(nw1, nw2)
     y1 = torch.empty(*x1.shape[:-1], N1, device=x1.device, dtype=x1.dtype)
     y2 = torch.empty(*x2.shape[:-1], N2, device=x2.device, dtype=x2.dtype)
