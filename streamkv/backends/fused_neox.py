@@ -19,10 +19,9 @@ Per layer, 9 launches:
 With the sequential residual (use_parallel_residual=False) ln2 needs the attention's sum first: one
 add_layer_norm more per layer. The final add + final_layer_norm is one more; embed_out is a GEMV
 (functional.lm_head, shared with every family).
-The big GEMVs stay with cuBLAS (bandwidth-bound: cuBLAS beats our Triton GEMVs above ~10 MB of
-weights, streamkv/backends/gemv_kernels.py), and no liger kernel is needed (it has no LayerNorm with
-a fused residual add nor an exact GELU). Which GPT-NeoX models this step takes (exact GELU) is checked
-when the weights are gathered (families.check_backend_model).
+The GEMVs stay with cuBLAS in this step (`cudagraph_fused_gemv`, below, moves them to our Triton GEMVs), and no
+liger kernel is needed (it has no LayerNorm with a fused residual add nor an exact GELU). Which GPT-NeoX models
+this step takes (exact GELU) is checked when the weights are gathered (families.check_backend_model).
 
 `cudagraph_fused_gemv` (`neox_layers_fused_gemv`) runs every GEMV but embed_out on our Triton kernels
 (streamkv/backends/gemv_kernels.py). With the parallel residual, per layer 7 launches:
@@ -37,10 +36,15 @@ With the sequential residual (10 launches) dense and dense_4h_to_h carry the bia
 epilogue (`gemv(..., adds=)`), query_key_value and dense_h_to_4h stay on cuBLAS, and the final LayerNorm is
 embed_out's prologue (`layer_norm_gemv`).
 
-The GEMV step without the two branches measured 2.405 vs 2.598 ms/token for cudagraph_fused. The LayerNorm as
-the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran at 2.605: inside the captured
-step our GEMV with a norm prologue (x, gamma and beta loaded with every weight tile) is slower than cuBLAS +
-one norm kernel by more than the launches saved. Weights above `GemvOptions.max_bytes` keep cuBLAS; when every
+Measured on an H200 (docs/benchmarks.md), Pythia-2.8B's shape, ring, R = 32: the paired step 1.999 ms/token
+(2.068 at the single-GEMV launch configs, 2.186 for the previous step: the attention beside dense_h_to_4h on
+cuBLAS, the residual adds in dense_4h_to_h's epilogue); with dense and dense_4h_to_h on cuBLAS 2.180, with
+bias + GELU as its own launch 2.249, on one stream 2.459.
+
+Before the paired GEMV, the GEMV step without the two branches measured 2.405 vs 2.598 ms/token for
+cudagraph_fused. The LayerNorm as the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran
+at 2.605: inside the captured step our GEMV with a norm prologue (x, gamma and beta loaded with every weight
+tile) is slower than cuBLAS + one norm kernel by more than the launches saved. Weights above `GemvOptions.max_bytes` keep cuBLAS; when every
 layer's dense and dense_4h_to_h are over it (Pythia-2.8B at the default 4 MiB; `backend.gemv_max_mb=0` lifts
 the limit, as the bench's `--gemv-max-mb 0`) the step is cudagraph_fused's.
 
