@@ -44,9 +44,10 @@ bias + GELU as its own launch 2.249, on one stream 2.459.
 Before the paired GEMV, the GEMV step without the two branches measured 2.405 vs 2.598 ms/token for
 cudagraph_fused. The LayerNorm as the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran
 at 2.605: inside the captured step our GEMV with a norm prologue (x, gamma and beta loaded with every weight
-tile) is slower than cuBLAS + one norm kernel by more than the launches saved. Weights above `GemvOptions.max_bytes` keep cuBLAS; when every
-layer's dense and dense_4h_to_h are over it (Pythia-2.8B at the default 4 MiB; `backend.gemv_max_mb=0` lifts
-the limit, as the bench's `--gemv-max-mb 0`) the step is cudagraph_fused's.
+tile) is slower than cuBLAS + one norm kernel by more than the launches saved. Weights above
+`GemvOptions.max_bytes` keep cuBLAS; when every layer's dense and dense_4h_to_h are over it (Pythia-2.8B at the
+default 4 MiB; `backend.gemv_max_mb=0` lifts the limit, as the bench's `--gemv-max-mb 0`) the step is
+cudagraph_fused's.
 
 The attention is the fused LayerStack's (`attend_fused`: kv_update in the family's q/k/v layout and
 rotary dims, the score-based policies' observation, decode attention), so every policy the graph path
