@@ -98,11 +98,17 @@ def join(side) -> None:
 # ---------------------------------------------------------------- the decode step's layers (capturable)
 
 
-def neox_layers_fused(stack, x, t):
+def neox_layers_fused(stack, x, t, ours=None):
     """The decode step's layers and final norm for GPT-NeoX, from the token's embedding x [1, 1, hidden]:
     returns the final LayerNorm's output [1, hidden] (the caller applies embed_out). `stack`: the fused
-    LayerStack (its weights `w` and `attend_fused`)."""
+    LayerStack (its weights `w` and `attend_fused`). `ours(W)`: whether weight W runs on our Triton GEMV
+    (`cudagraph_fused_gemv`, parallel residual); None: cuBLAS throughout (`cudagraph_fused`). With both
+    query_key_value and dense_h_to_4h on ours they are one `gemv_pair` launch before the fork."""
+    from streamkv.backends.gemv_kernels import gemv, gemv_pair
     from streamkv.backends.triton_kernels import add_layer_norm, bias_gelu
+
+    def linear(a, W):
+        return gemv(a, W) if ours is not None and ours(W) else F.linear(a, W)
 
     w = stack.w
     x = x.reshape(1, -1)
@@ -112,12 +118,15 @@ def neox_layers_fused(stack, x, t):
     for i, lw in enumerate(w.layers):
         ln2 = (lw.ln2, lw.ln2_b) if fam.parallel_residual else None
         x, h1, h2 = add_layer_norm(x, pending, (lw.ln1, lw.ln1_b), ln2, w.eps)
+        paired = ours is not None and fam.parallel_residual and ours(lw.wqkv) and ours(lw.wgu)
+        if paired:  # query_key_value and dense_h_to_4h + bias + GELU: one launch
+            qkv, act = gemv_pair(h1, lw.wqkv, h2, lw.wgu, lw.bgu, gelu2=True)
         with beside(side):  # parallel residual: the attention on the branch stream, the MLP beside it
-            a = stack.attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv)  # kv_update adds the qkv bias
-            o = F.linear(a.view(1, -1), lw.wo)
+            a = stack.attend_fused(i, qkv if paired else F.linear(h1, lw.wqkv), t, bias=lw.bqkv)  # + the qkv bias
+            o = linear(a.view(1, -1), lw.wo)
         if not fam.parallel_residual:  # ln2 norms x + attention
             x, h2, _ = add_layer_norm(x, [(o, lw.bo)], (lw.ln2, lw.ln2_b), None, w.eps)
-        m = F.linear(bias_gelu(F.linear(h2, lw.wgu), lw.bgu), lw.wd)
+        m = linear(act if paired else bias_gelu(F.linear(h2, lw.wgu), lw.bgu), lw.wd)
         join(side)
         pending = [(o, lw.bo), (m, lw.bd)] if fam.parallel_residual else [(m, lw.bd)]
     _, h, _ = add_layer_norm(x, pending, (w.norm, w.norm_b), None, w.eps, write_x=False)
@@ -145,9 +154,11 @@ def neox_layers_fused_gemv(stack, x, t):
             return gemv(a, W, bias, adds=adds)
         return sum(adds, F.linear(a, W, bias))
 
+    if w.family.parallel_residual:  # cudagraph_fused's layers with our GEMVs; embed_out on ours too if small
+        h = neox_layers_fused(stack, x, t, ours=small)
+        return gemv(h, w.lm_head, w.lm_head_b) if stack.gemv.lm_head and small(w.lm_head) else \
+            F.linear(h, w.lm_head, w.lm_head_b)
     x = x.reshape(1, -1)
-    if w.family.parallel_residual:
-        return _parallel_gemv_layers(stack, x, t, small)
     for i, lw in enumerate(w.layers):  # x1 = x + attention(ln1(x)); x1 + mlp(ln2(x1))
         _, h1, _ = add_layer_norm(x, None, (lw.ln1, lw.ln1_b), None, w.eps, write_x=False)
         a = stack.attend_fused(i, F.linear(h1, lw.wqkv), t, bias=lw.bqkv).view(1, -1)  # + the qkv bias
@@ -159,35 +170,3 @@ def neox_layers_fused_gemv(stack, x, t):
     _, h, _ = add_layer_norm(x, None, (w.norm, w.norm_b), None, w.eps, write_x=False)
     return F.linear(h, w.lm_head, w.lm_head_b)
 
-
-def _parallel_gemv_layers(stack, x, t, small):
-    """`neox_layers_fused_gemv` with the parallel residual: per layer one norm kernel (the previous layer's
-    residual adds + ln1 + ln2), then query_key_value and dense_h_to_4h (+ bias + GELU) as one launch of our
-    paired GEMV, then the attention (kv_update, 2 attention launches, dense) on the branch stream beside
-    dense_4h_to_h. Returns the logits [1, vocab]."""
-    from streamkv.backends.gemv_kernels import gemv, gemv_pair
-    from streamkv.backends.triton_kernels import add_layer_norm, bias_gelu
-
-    w = stack.w
-    side = branch_stream(x.device)
-
-    def linear(a, W):  # W @ a: our GEMV under the size limit, else cuBLAS
-        return gemv(a, W) if small(W) else F.linear(a, W)
-
-    pending = None  # the previous layer's outputs (with their biases) not yet added to the residual x
-    for i, lw in enumerate(w.layers):
-        x, h1, h2 = add_layer_norm(x, pending, (lw.ln1, lw.ln1_b), (lw.ln2, lw.ln2_b), w.eps)
-        if small(lw.wqkv) and small(lw.wgu):
-            qkv, act = gemv_pair(h1, lw.wqkv, h2, lw.wgu, lw.bgu, gelu2=True)
-        else:
-            qkv, act = F.linear(h1, lw.wqkv), bias_gelu(F.linear(h2, lw.wgu), lw.bgu)
-        with beside(side):
-            a = stack.attend_fused(i, qkv, t, bias=lw.bqkv)  # kv_update adds the qkv bias
-            o = linear(a.view(1, -1), lw.wo)
-        m = linear(act, lw.wd)
-        join(side)
-        pending = [(o, lw.bo), (m, lw.bd)]
-    _, h, _ = add_layer_norm(x, pending, (w.norm, w.norm_b), None, w.eps, write_x=False)
-    if stack.gemv.lm_head and small(w.lm_head):
-        return gemv(h, w.lm_head, w.lm_head_b)
-    return F.linear(h, w.lm_head, w.lm_head_b)
