@@ -339,10 +339,13 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         from streamkv.backends import triton_kernels as tk
 
         def build(kernel, types, const, num_warps):
+            const = {**{q.name: q.default for q in kernel.params if q.is_constexpr and q.has_default}, **const}
             sig = {n: ("constexpr" if n in const else types[n]) for n in kernel.arg_names}
             src = ASTSource(fn=kernel, signature=sig,
                             constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
-            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+            pdl = const.get("PDL", False)  # launched with programmatic dependent launch (streamkv/backends/pdl.py)
+            return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
+                                                                                 "launch_pdl": pdl})
 
         ty = {n: "*fp16" for n in ("qkv_ptr", "bias_ptr", "q_out_ptr", "k_ptr", "v_ptr", "side_ptr", "q_ptr", "o_ptr",
                                    "x_ptr", "r1_ptr", "c1_ptr", "r2_ptr", "c2_ptr", "xo_ptr", "wa_ptr", "ba_ptr",
@@ -386,6 +389,25 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         build(gk._gemv_pair_kernel, ty, dict(K=2560, HAS_BIAS2=True, GELU2=True, BLOCK_N1=bn1, BLOCK_N2=bn2, BLOCK_K=bk,
                                              UNROLL1=gk.gemv_unroll(2560, bn1, bk, warps),
                                              UNROLL2=gk.gemv_unroll(2560, bn2, bk, warps)), warps)
+        # the GPT-NeoX GEMV step's kernels with PDL: each lets the next one launch, then waits for the previous
+        pdl = [build(tk._kv_update_kernel, ty, dict(
+                   HQ=32, HKV=32, HQP=32, HKVP=32, D=80, DP=128, ROT=20, RHP=16, **tk.qkv_offsets("per_head", 32, 32, 80),
+                   F=4, ROTATE_K=True, HAS_SIDE=True, HAS_BIAS=True, PDL=True), 2),
+               build(tk._attn_rows_kernel, ty, dict(C=2084, SPLIT_LEN=64, G=1, D=80, DP=128, ROT=20, BLOCK_N=64, NS=33,
+                                                    ROTATE_K=False, PDL=True), 1),
+               build(tk._attn_reduce_kernel, ty, dict(NS=33, NSP=64, D=80, DP=128, PDL=True), 1),
+               build(tk._add_layer_norm_kernel, ty, dict(BLOCK=4096, N_ADD=2, HAS_C1=True, HAS_C2=True, TWO=True,
+                                                         WRITE_X=True, PDL=True), 8),
+               build(gk._gemv_kernel, ty, dict(K=10240, PROLOGUE=0, HAS_R=False, WRITE_S=False, EXACT=True,
+                                               HAS_BIAS=False, N_ADD=0, BLOCK_N=4, BLOCK_K=256,
+                                               UNROLL=gk.gemv_unroll(10240, 4, 256, 8), K_POW2=1, PDL=True), 8),
+               build(gk._gemv_pair_kernel, ty, dict(K=2560, HAS_BIAS2=True, GELU2=True, BLOCK_N1=bn1, BLOCK_N2=bn2,
+                                                    BLOCK_K=bk, UNROLL1=gk.gemv_unroll(2560, bn1, bk, warps),
+                                                    UNROLL2=gk.gemv_unroll(2560, bn2, bk, warps), PDL=True), warps)]
+        for k in pdl:
+            ptx = k.asm["ptx"]
+            assert k.metadata.launch_pdl and ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
+            assert ptx.index("griddepcontrol.wait") < min(ptx.index(op) for op in ("ld.global", "st.global") if op in ptx)
         print("ok")
     """, interpret=False)
 

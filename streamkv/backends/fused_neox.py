@@ -36,10 +36,13 @@ With the sequential residual (10 launches) dense and dense_4h_to_h carry the bia
 epilogue (`gemv(..., adds=)`), query_key_value and dense_h_to_4h stay on cuBLAS, and the final LayerNorm is
 embed_out's prologue (`layer_norm_gemv`).
 
-Measured on an H200 (docs/benchmarks.md), Pythia-2.8B's shape, ring, R = 32: the paired step 1.999 ms/token
-(2.068 at the single-GEMV launch configs, 2.186 for the previous step: the attention beside dense_h_to_4h on
-cuBLAS, the residual adds in dense_4h_to_h's epilogue); with dense and dense_4h_to_h on cuBLAS 2.180, with
-bias + GELU as its own launch 2.249, on one stream 2.459.
+On sm_90+ every kernel of this step (all ours: Triton) is launched with programmatic dependent launch
+(streamkv/backends/pdl.py, `GemvOptions.pdl`): it starts while the kernel before it on its stream drains.
+
+Measured on an H200 (docs/benchmarks.md), Pythia-2.8B's shape, ring, R = 32: the paired step with PDL 1.882
+ms/token, 1.993 without; before PDL in other batches: 1.999 (2.068 at the single-GEMV launch configs, 2.186 for
+the previous step: the attention beside dense_h_to_4h on cuBLAS, the residual adds in dense_4h_to_h's epilogue);
+with dense and dense_4h_to_h on cuBLAS 2.180, with bias + GELU as its own launch 2.249, on one stream 2.459.
 
 Before the paired GEMV, the GEMV step without the two branches measured 2.405 vs 2.598 ms/token for
 cudagraph_fused. The LayerNorm as the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran
@@ -105,31 +108,35 @@ def neox_layers_fused(stack, x, t, ours=None):
     (`cudagraph_fused_gemv`, parallel residual); None: cuBLAS throughout (`cudagraph_fused`). With both
     query_key_value and dense_h_to_4h on ours they are one `gemv_pair` launch before the fork."""
     from streamkv.backends.gemv_kernels import gemv, gemv_pair
+    from streamkv.backends.pdl import pdl_supported
     from streamkv.backends.triton_kernels import add_layer_norm, bias_gelu
 
-    def linear(a, W):
-        return gemv(a, W) if ours is not None and ours(W) else F.linear(a, W)
-
     w = stack.w
+    pdl = ours is not None and stack.gemv.pdl and pdl_supported(x.device)  # our GEMV step on Hopper
+
+    def linear(a, W):
+        return gemv(a, W, pdl=pdl) if ours is not None and ours(W) else F.linear(a, W)
+
     x = x.reshape(1, -1)
     pending = None  # the previous layer's outputs (with their biases) not yet added to the residual x
     fam = w.family
     side = branch_stream(x.device) if fam.parallel_residual else None
     for i, lw in enumerate(w.layers):
         ln2 = (lw.ln2, lw.ln2_b) if fam.parallel_residual else None
-        x, h1, h2 = add_layer_norm(x, pending, (lw.ln1, lw.ln1_b), ln2, w.eps)
+        x, h1, h2 = add_layer_norm(x, pending, (lw.ln1, lw.ln1_b), ln2, w.eps, pdl=pdl)
         paired = ours is not None and fam.parallel_residual and ours(lw.wqkv) and ours(lw.wgu)
         if paired:  # query_key_value and dense_h_to_4h + bias + GELU: one launch
-            qkv, act = gemv_pair(h1, lw.wqkv, h2, lw.wgu, lw.bgu, gelu2=True)
+            qkv, act = gemv_pair(h1, lw.wqkv, h2, lw.wgu, lw.bgu, gelu2=True, pdl=pdl)
         with beside(side):  # parallel residual: the attention on the branch stream, the MLP beside it
-            a = stack.attend_fused(i, qkv if paired else F.linear(h1, lw.wqkv), t, bias=lw.bqkv)  # + the qkv bias
+            a = stack.attend_fused(i, qkv if paired else F.linear(h1, lw.wqkv), t, bias=lw.bqkv,  # + qkv bias
+                                   pdl=pdl)
             o = linear(a.view(1, -1), lw.wo)
         if not fam.parallel_residual:  # ln2 norms x + attention
             x, h2, _ = add_layer_norm(x, [(o, lw.bo)], (lw.ln2, lw.ln2_b), None, w.eps)
         m = linear(act if paired else bias_gelu(F.linear(h2, lw.wgu), lw.bgu), lw.wd)
         join(side)
         pending = [(o, lw.bo), (m, lw.bd)] if fam.parallel_residual else [(m, lw.bd)]
-    _, h, _ = add_layer_norm(x, pending, (w.norm, w.norm_b), None, w.eps, write_x=False)
+    _, h, _ = add_layer_norm(x, pending, (w.norm, w.norm_b), None, w.eps, write_x=False, pdl=pdl)
     return h
 
 
@@ -137,6 +144,7 @@ def neox_layers_fused_gemv(stack, x, t):
     """`cudagraph_fused_gemv`'s GPT-NeoX step (module docstring): from the token's embedding x [1, 1, hidden] to
     the logits [1, vocab]."""
     from streamkv.backends.gemv_kernels import gemv, layer_norm_gemv
+    from streamkv.backends.pdl import pdl_supported
     from streamkv.backends.triton_kernels import add_layer_norm, bias_gelu
 
     w = stack.w
@@ -156,7 +164,8 @@ def neox_layers_fused_gemv(stack, x, t):
 
     if w.family.parallel_residual:  # cudagraph_fused's layers with our GEMVs; embed_out on ours too if small
         h = neox_layers_fused(stack, x, t, ours=small)
-        return gemv(h, w.lm_head, w.lm_head_b) if stack.gemv.lm_head and small(w.lm_head) else \
+        pdl = stack.gemv.pdl and pdl_supported(x.device)
+        return gemv(h, w.lm_head, w.lm_head_b, pdl=pdl) if stack.gemv.lm_head and small(w.lm_head) else \
             F.linear(h, w.lm_head, w.lm_head_b)
     x = x.reshape(1, -1)
     for i, lw in enumerate(w.layers):  # x1 = x + attention(ln1(x)); x1 + mlp(ln2(x1))

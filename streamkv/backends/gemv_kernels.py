@@ -56,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
+from streamkv.backends.pdl import pdl_enter
+
 _PRO_NONE, _PRO_ADD_RMSNORM, _PRO_SWIGLU, _PRO_LAYERNORM = 0, 1, 2, 3
 
 
@@ -149,12 +151,14 @@ def _ln_stats(x_ptr, eps, K: tl.constexpr, K_POW2: tl.constexpr):
 def _gemv_kernel(x_ptr, r_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, e1_ptr, e2_ptr, y_ptr, s_ptr, eps, N, stride_wn,
                  K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_R: tl.constexpr, WRITE_S: tl.constexpr,
                  EXACT: tl.constexpr, HAS_BIAS: tl.constexpr, N_ADD: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, K_POW2: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, K_POW2: tl.constexpr,
+                 PDL: tl.constexpr = False):
     # The activation is loaded as a [BLOCK_N, BLOCK_K] tile (every row of the block reads the same K
     # values: L1 hits) in the weight tile's layout, and the norm's sum of squares is reduced along the
     # same axis as the dot products: no layout conversion through shared memory, hence no barrier
     # between the weight loads of successive K chunks (a 1-D activation vector broadcast to the tile
     # costs a shared-memory round trip + bar.sync per chunk, seen in the PTX).
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -201,9 +205,11 @@ def _gemv_kernel(x_ptr, r_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, e1_ptr, e2_ptr
 
 @triton.jit
 def _plain_rows(pid, x_ptr, w_ptr, b_ptr, y_ptr, N, stride_wn, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
+                GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
+                PDL: tl.constexpr):
     """Rows [pid * BLOCK_N, ...) of y = W @ x, rounded to y's dtype as a GEMV's output, then (+ bias, rounded)
     and exact GELU as `triton_kernels.bias_gelu` computes them."""
+    pdl_enter(PDL)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     kk = tl.arange(0, BLOCK_K)
@@ -225,15 +231,17 @@ def _plain_rows(pid, x_ptr, w_ptr, b_ptr, y_ptr, N, stride_wn, K: tl.constexpr, 
 @triton.jit
 def _gemv_pair_kernel(x1_ptr, w1_ptr, y1_ptr, x2_ptr, w2_ptr, b2_ptr, y2_ptr, N1, N2, stride1, stride2,
                       K: tl.constexpr, HAS_BIAS2: tl.constexpr, GELU2: tl.constexpr, BLOCK_N1: tl.constexpr,
-                      BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL1: tl.constexpr, UNROLL2: tl.constexpr):
+                      BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL1: tl.constexpr, UNROLL2: tl.constexpr,
+                      PDL: tl.constexpr = False):
     # programs [0, cdiv(N1, BLOCK_N1)) compute y1, the others y2: one grid, one launch
     pid = tl.program_id(0)
     nb1 = tl.cdiv(N1, BLOCK_N1)
     if pid < nb1:
-        _plain_rows(pid, x1_ptr, w1_ptr, w1_ptr, y1_ptr, N1, stride1, K, False, False, BLOCK_N1, BLOCK_K, UNROLL1)
+        _plain_rows(pid, x1_ptr, w1_ptr, w1_ptr, y1_ptr, N1, stride1, K, False, False, BLOCK_N1, BLOCK_K, UNROLL1,
+                    PDL)
     else:
         _plain_rows(pid - nb1, x2_ptr, w2_ptr, b2_ptr, y2_ptr, N2, stride2, K, HAS_BIAS2, GELU2, BLOCK_N2, BLOCK_K,
-                    UNROLL2)
+                    UNROLL2, PDL)
 
 
 _N_SM: dict = {}
@@ -319,7 +327,7 @@ def gemv_unroll(K: int, block_n: int, block_k: int, num_warps: int) -> int:
 
 
 def _launch(x, w, K, prologue, *, r=None, gamma=None, beta=None, bias=None, adds=(), s_out=None, eps=0.0,
-            exact=True, config=None, out_dtype=None):
+            exact=True, config=None, out_dtype=None, pdl=False):
     N = w.shape[0]
     assert w.stride(1) == 1 and w.shape[1] == K, (tuple(w.shape), K)
     assert len(adds) <= 2 and all(a.numel() == N and a.is_contiguous() for a in adds), "epilogue adds: <= 2 [N] rows"
@@ -333,7 +341,8 @@ def _launch(x, w, K, prologue, *, r=None, gamma=None, beta=None, bias=None, adds
         bias if bias is not None else w, e1, e2, y, s_out if s_out is not None else x, float(eps), N, w.stride(0),
         K=K, PROLOGUE=prologue, HAS_R=r is not None, WRITE_S=s_out is not None, EXACT=exact,
         HAS_BIAS=bias is not None, N_ADD=len(adds), BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=unroll,
-        K_POW2=triton.next_power_of_2(K) if prologue == _PRO_LAYERNORM else 1, num_warps=num_warps)
+        K_POW2=triton.next_power_of_2(K) if prologue == _PRO_LAYERNORM else 1, num_warps=num_warps,
+        PDL=pdl, launch_pdl=pdl)
     return y
 
 
@@ -363,13 +372,15 @@ def swiglu_gemv(gu, w, *, config=None, out_dtype=None):
     return _launch(gu, w, gu.shape[-1] // 2, _PRO_SWIGLU, config=config, out_dtype=out_dtype)
 
 
-def gemv(x, w, bias=None, *, adds=(), config=None, out_dtype=None):
+def gemv(x, w, bias=None, *, adds=(), config=None, out_dtype=None, pdl: bool = False):
     """y = w @ x (+ bias) (+ the rows in `adds`, up to two [N] tensors: GPT-NeoX's residual adds, summed in
-    float32 with the biased output and rounded once) for one row x [..., K]."""
-    return _launch(x, w, x.shape[-1], _PRO_NONE, bias=bias, adds=tuple(adds), config=config, out_dtype=out_dtype)
+    float32 with the biased output and rounded once) for one row x [..., K]. pdl: launched with programmatic
+    dependent launch (streamkv/backends/pdl.py)."""
+    return _launch(x, w, x.shape[-1], _PRO_NONE, bias=bias, adds=tuple(adds), config=config, out_dtype=out_dtype,
+                   pdl=pdl)
 
 
-def gemv_pair(x1, w1, x2, w2, bias2=None, *, gelu2: bool = False, configs=None):
+def gemv_pair(x1, w1, x2, w2, bias2=None, *, gelu2: bool = False, configs=None, pdl: bool = False):
     """(w1 @ x1, w2 @ x2 (+ bias2) (then exact GELU)) for two activation rows of the same width K, in one launch
     (GPT-NeoX's parallel residual: query_key_value of ln1(x) and dense_h_to_4h of ln2(x)). The second output is
     rounded as `bias_gelu(F.linear(x2, w2), bias2)` rounds. configs: ((BLOCK_N, BLOCK_K, num_warps) for w1, for
@@ -389,5 +400,5 @@ def gemv_pair(x1, w1, x2, w2, bias2=None, *, gelu2: bool = False, configs=None):
         x1, w1, y1, x2, w2, bias2 if bias2 is not None else w2, y2, N1, N2, w1.stride(0), w2.stride(0),
         K=K, HAS_BIAS2=bias2 is not None, GELU2=gelu2, BLOCK_N1=bn1, BLOCK_N2=bn2, BLOCK_K=block_k,
         UNROLL1=gemv_unroll(K, bn1, block_k, num_warps), UNROLL2=gemv_unroll(K, bn2, block_k, num_warps),
-        num_warps=num_warps)
+        num_warps=num_warps, PDL=pdl, launch_pdl=pdl)
     return y1, y2

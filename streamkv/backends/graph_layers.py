@@ -41,6 +41,9 @@ class GemvOptions:
     # False = the one-pass norm prologue (y = rstd * W @ (s * gamma): the weight loads do not wait for the
     # norm; h not rounded to bf16 before the dot, see gemv_kernels.py); True = HF's roundings.
     exact: bool = True
+    # GPT-NeoX's step: every Triton kernel launched with programmatic dependent launch on sm_90+ (each kernel
+    # starts while the one before it drains; streamkv/backends/pdl.py). Same results; False for comparisons.
+    pdl: bool = True
 
 
 @dataclass
@@ -218,7 +221,7 @@ class LayerStack:
 
     # ------------------------------------------------------------------ attention (fused paths)
 
-    def attend_fused(self, i: int, qkv, t, bias=None):
+    def attend_fused(self, i: int, qkv, t, bias=None, pdl: bool = False):
         """Layer i's attention on the fused paths, from its qkv projection (+ `bias`, added by kv_update):
         RoPE of the rotary dims + slot write (Triton kv_update, in the family's q/k/v layout), the scored
         policies' observation, split-KV decode attention. Returns [H, D]."""
@@ -230,11 +233,11 @@ class LayerStack:
                   c.cos, c.sin, t, c.qpos, c.write_slot, c.side_write,
                   c.fix_slot if c.n_fix else None, c.fix_src, c.fix_pos,
                   n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=c.rotate_stored, has_side=c.has_side,
-                  rotary_dim=w.rotary_ndims, qkv_layout=w.family.qkv_layout, bias=bias)
+                  rotary_dim=w.rotary_ndims, qkv_layout=w.family.qkv_layout, bias=bias, pdl=pdl)
         if self.scored is not None:  # the Triton attention exposes no probabilities: a torch softmax
             self._observe(i, q_rot.view(1, w.n_heads, 1, -1), c.observed_keys)
         return self.attn(q_rot, c.k[i], c.v[i], c.valid, self.scale,
-                         None if c.rotate_stored else c.cos, None if c.rotate_stored else c.sin)
+                         None if c.rotate_stored else c.cos, None if c.rotate_stored else c.sin, pdl=pdl)
 
     def _observe(self, i: int, q, keys) -> None:
         """The scored policy's view of layer i's decode attention; `keys(layer)` gives a layer's rotated slot

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from streamkv.backends.pdl import pdl_enter
+
 QKV_LAYOUTS = ("grouped", "per_head")
 
 
@@ -50,8 +52,10 @@ def _kv_update_kernel(qkv_ptr, bias_ptr, q_out_ptr, k_ptr, v_ptr, side_ptr, cos_
                       HQ: tl.constexpr, HKV: tl.constexpr, HQP: tl.constexpr, HKVP: tl.constexpr,
                       D: tl.constexpr, DP: tl.constexpr, ROT: tl.constexpr, RHP: tl.constexpr,
                       Q_HS: tl.constexpr, KV_HS: tl.constexpr, K_OFF: tl.constexpr, V_OFF: tl.constexpr,
-                      F: tl.constexpr, ROTATE_K: tl.constexpr, HAS_SIDE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                      F: tl.constexpr, ROTATE_K: tl.constexpr, HAS_SIDE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      PDL: tl.constexpr = False):
     # rotary dims [0, ROT) as two halves of RH (rotate_half), padded to RHP; dims [ROT, D) pass through
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     t = tl.load(step_ptr)
     RH: tl.constexpr = ROT // 2
@@ -143,10 +147,11 @@ def qkv_offsets(layout: str, n_heads: int, n_kv: int, D: int) -> dict:
 
 def kv_update(qkv, q_out, k, v, side, cos, sin, step, qpos, ws, sw, fslot, fsrc, fpos, *, n_heads, n_kv,
               rotate_k: bool, has_side: bool, rotary_dim: int | None = None, qkv_layout: str = "grouped",
-              bias=None):
+              bias=None, pdl: bool = False):
     """qkv: [(Hq + 2 Hkv) * D] of one token (un-rotated; `bias` of the same shape added if given), laid out
     as `qkv_layout` says; q_out: [Hq, D]; k, v: [Hkv, slots, D] (one layer); side: [Hkv, rows, D];
-    cos/sin: [positions, rotary_dim] (rotary_dim = D when None); step: [1]; qpos/ws/sw: [n]; f*: [n, F]."""
+    cos/sin: [positions, rotary_dim] (rotary_dim = D when None); step: [1]; qpos/ws/sw: [n]; f*: [n, F].
+    pdl: launched with programmatic dependent launch (streamkv/backends/pdl.py)."""
     D = k.shape[-1]
     rot = D if rotary_dim is None else int(rotary_dim)
     if rot % 2 or not 0 < rot <= D or cos.shape[-1] != rot:
@@ -163,7 +168,7 @@ def kv_update(qkv, q_out, k, v, side, cos, sin, step, qpos, ws, sw, fslot, fsrc,
         D=D, DP=triton.next_power_of_2(D), ROT=rot, RHP=triton.next_power_of_2(rot // 2),
         **qkv_offsets(qkv_layout, n_heads, n_kv, D),
         F=max(F, 1), ROTATE_K=rotate_k, HAS_SIDE=has_side, HAS_BIAS=bias is not None,
-        num_warps=1 if D <= 64 else 2)
+        num_warps=1 if D <= 64 else 2, PDL=pdl, launch_pdl=pdl)
 
 
 @triton.jit
@@ -178,7 +183,9 @@ def _key_block(valid_ptr, start, end, i, BLOCK_N: tl.constexpr):
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l_ptr, acc_ptr,
                        stride_kh, scale, C: tl.constexpr, SPLIT_LEN: tl.constexpr,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, RHP: tl.constexpr,
-                       PP: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr, ROTATE_K: tl.constexpr):
+                       PP: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr, ROTATE_K: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # the head dim in three padded, masked parts: the rotary halves [0, RH), [RH, ROT) (rotated together
     # in the static layout) and the pass-through dims [ROT, D) (GPT-NeoX's partial rotary)
     h = tl.program_id(0)  # KV head
@@ -249,7 +256,8 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, 
 def _attn_rows_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l_ptr, acc_ptr,
                       stride_kh, scale, C: tl.constexpr, SPLIT_LEN: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                       DP: tl.constexpr, ROT: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
-                      ROTATE_K: tl.constexpr):
+                      ROTATE_K: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # one query head per program, whole key/value rows (one contiguous load each), scores and the weighted
     # sum on CUDA cores (no tensor-core dot to pad: the partial-rotary head dim, e.g. 80 = 20 + 60, is one
     # masked row of DP); in the static layout the rotary dims [0, ROT) are rotated at read from a second,
@@ -297,7 +305,8 @@ def _attn_rows_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l
 
 @triton.jit
 def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NS: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr,
-                        DP: tl.constexpr):
+                        DP: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     hq = tl.program_id(0)
     sp = tl.arange(0, NSP)
     sm = sp < NS
@@ -362,8 +371,9 @@ class DecodeAttention:
         self.acc = torch.empty(n_heads * self.ns, head_dim, device=device, dtype=torch.float32)
         self.out = torch.empty(n_heads, head_dim, device=device, dtype=dtype)
 
-    def __call__(self, q, k, v, valid, scale: float, cos=None, sin=None):
-        """q: [Hq, D] (rotated); k, v: [Hkv, slots >= C, D]; valid: [>= C] bool -> [Hq, D] (a reused buffer)."""
+    def __call__(self, q, k, v, valid, scale: float, cos=None, sin=None, pdl: bool = False):
+        """q: [Hq, D] (rotated); k, v: [Hkv, slots >= C, D]; valid: [>= C] bool -> [Hq, D] (a reused buffer).
+        pdl: both launches with programmatic dependent launch (streamkv/backends/pdl.py)."""
         cos = k if cos is None else cos
         sin = k if sin is None else sin
         D, rot = self.D, self.rot
@@ -371,16 +381,18 @@ class DecodeAttention:
             _attn_rows_kernel[(self.n_heads, self.ns)](
                 q, k, v, valid, cos, sin, self.m, self.l, self.acc, k.stride(0), scale, C=self.C,
                 SPLIT_LEN=self.split_len, G=self.G, D=D, DP=triton.next_power_of_2(D), ROT=rot,
-                BLOCK_N=self.block_n, NS=self.ns, ROTATE_K=self.rotate_k, num_warps=self.num_warps)
+                BLOCK_N=self.block_n, NS=self.ns, ROTATE_K=self.rotate_k, num_warps=self.num_warps,
+                PDL=pdl, launch_pdl=pdl)
         else:
             _attn_split_kernel[(self.n_kv, self.ns)](
                 q, k, v, valid, cos, sin, self.m, self.l, self.acc, k.stride(0), scale, C=self.C,
                 SPLIT_LEN=self.split_len, G=self.G, GP=_dot_width(self.G), D=D, ROT=rot, RHP=_dot_width(rot // 2),
                 PP=_dot_width(D - rot), BLOCK_N=self.block_n, NS=self.ns,
-                ROTATE_K=self.rotate_k, num_warps=self.num_warps, num_stages=2)
+                ROTATE_K=self.rotate_k, num_warps=self.num_warps, num_stages=2, PDL=pdl, launch_pdl=pdl)
         _attn_reduce_kernel[(self.n_heads,)](self.m, self.l, self.acc, self.out, NS=self.ns,
                                               NSP=triton.next_power_of_2(self.ns), D=D,
-                                              DP=triton.next_power_of_2(D), num_warps=1)
+                                              DP=triton.next_power_of_2(D), num_warps=1, PDL=pdl,
+                                              launch_pdl=pdl)
         return self.out
 
 
@@ -390,7 +402,8 @@ class DecodeAttention:
 @triton.jit
 def _add_layer_norm_kernel(x_ptr, r1_ptr, c1_ptr, r2_ptr, c2_ptr, xo_ptr, wa_ptr, ba_ptr, ha_ptr, wb_ptr, bb_ptr,
                            hb_ptr, N, eps, BLOCK: tl.constexpr, N_ADD: tl.constexpr, HAS_C1: tl.constexpr,
-                           HAS_C2: tl.constexpr, TWO: tl.constexpr, WRITE_X: tl.constexpr):
+                           HAS_C2: tl.constexpr, TWO: tl.constexpr, WRITE_X: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     i = tl.arange(0, BLOCK)
     m = i < N
     x = tl.load(x_ptr + i, mask=m, other=0.0).to(tl.float32)
@@ -419,7 +432,7 @@ def _add_layer_norm_kernel(x_ptr, r1_ptr, c1_ptr, r2_ptr, c2_ptr, xo_ptr, wa_ptr
         tl.store(hb_ptr + i, (y * wb + bb).to(out), mask=m)
 
 
-def add_layer_norm(x, adds, ln_a, ln_b=None, eps: float = 1e-5, write_x: bool = True):
+def add_layer_norm(x, adds, ln_a, ln_b=None, eps: float = 1e-5, write_x: bool = True, pdl: bool = False):
     """One launch: s = x + sum(adds) (adds: up to two (tensor, bias or None) pairs, summed in float32 and
     rounded once to x's dtype), then LayerNorm(s) with (weight, bias) ln_a and, if given, ln_b (GPT-NeoX's
     parallel residual norms the same s twice). x, adds: [1, N]. Returns (s, ha, hb) (s is x itself when
@@ -435,7 +448,7 @@ def add_layer_norm(x, adds, ln_a, ln_b=None, eps: float = 1e-5, write_x: bool = 
         x, r1, x if c1 is None else c1, r2, x if c2 is None else c2, xo, ln_a[0], ln_a[1], ha, wb, bb,
         ha if hb is None else hb, N, eps, BLOCK=triton.next_power_of_2(N), N_ADD=len(adds), HAS_C1=c1 is not None,
         HAS_C2=c2 is not None, TWO=ln_b is not None, WRITE_X=bool(adds) and write_x,
-        num_warps=4 if N <= 2048 else 8)
+        num_warps=4 if N <= 2048 else 8, PDL=pdl, launch_pdl=pdl)
     return xo, ha, hb
 
 

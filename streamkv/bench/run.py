@@ -169,6 +169,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "scripts/gemv_bench.py (its --out), added to gemv_kernels.MEASURED for this run")
     ap.add_argument("--gemv-max-mb", type=float, default=None, help="cudagraph_fused_gemv: fuse GEMVs with "
                     "weights up to this many MiB (default: GemvOptions.max_bytes, 4; 0 = no limit)")
+    ap.add_argument("--no-pdl", action="store_true", help="cudagraph_fused_gemv (GPT-NeoX): launch without "
+                    "programmatic dependent launch (GemvOptions.pdl), to compare")
     ap.add_argument("--memory-history", action="store_true", help="CUDA: record allocation call sites and list, "
                     "per case, what it left allocated (the process's one-time overheads)")
     ap.add_argument("--out", default="bench-out")
@@ -195,9 +197,11 @@ def main(argv=None) -> int:
         added = gemv_kernels.load_measured(args.gemv_configs)
         gemv_meta["gemv_configs_added"] = {f"{n}x{k}": list(c) for (n, k), c in added.items()}
         print(f"gemv configs from {args.gemv_configs}: {gemv_meta['gemv_configs_added']}", flush=True)
-    if args.gemv_max_mb is not None:
-        gemv = GemvOptions(max_bytes=None if args.gemv_max_mb == 0 else int(args.gemv_max_mb * 2**20))
-        gemv_meta["gemv_max_bytes"] = gemv.max_bytes
+    if args.gemv_max_mb is not None or args.no_pdl:
+        limit = {} if args.gemv_max_mb is None else \
+            {"max_bytes": None if args.gemv_max_mb == 0 else int(args.gemv_max_mb * 2**20)}
+        gemv = GemvOptions(pdl=not args.no_pdl, **limit)
+        gemv_meta.update({"gemv_max_bytes": gemv.max_bytes} if limit else {}, pdl=gemv.pdl)
     if args.memory_history and device.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     import transformers
