@@ -395,6 +395,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
                    F=4, ROTATE_K=True, HAS_SIDE=True, HAS_BIAS=True, PDL=True), 2),
                build(tk._attn_rows_kernel, ty, dict(C=2084, SPLIT_LEN=64, G=1, D=80, DP=128, ROT=20, BLOCK_N=64, NS=33,
                                                     ROTATE_K=False, PDL=True), 1),
+               build(tk._attn_split_kernel, ty, dict(C=2084, SPLIT_LEN=256, G=1, GP=16, D=80, ROT=20, RHP=16, PP=64,
+                                                     BLOCK_N=32, NS=9, ROTATE_K=True, PDL=True), 8),
                build(tk._attn_reduce_kernel, ty, dict(NS=33, NSP=64, D=80, DP=128, PDL=True), 1),
                build(tk._add_layer_norm_kernel, ty, dict(BLOCK=4096, N_ADD=2, HAS_C1=True, HAS_C2=True, TWO=True,
                                                          WRITE_X=True, PDL=True), 8),

@@ -36,8 +36,10 @@ With the sequential residual (10 launches) dense and dense_4h_to_h carry the bia
 epilogue (`gemv(..., adds=)`), query_key_value and dense_h_to_4h stay on cuBLAS, and the final LayerNorm is
 embed_out's prologue (`layer_norm_gemv`).
 
-On sm_90+ every kernel of this step (all ours: Triton) is launched with programmatic dependent launch
-(streamkv/backends/pdl.py, `GemvOptions.pdl`): it starts while the kernel before it on its stream drains.
+On sm_90+ our Triton kernels in the parallel-residual layers of this step (in the paired step every kernel is
+ours) and embed_out on our GEMV are launched with programmatic dependent launch (streamkv/backends/pdl.py,
+`GemvOptions.pdl`): each kernel starts while the one before it on its stream drains. cuBLAS GEMVs (weights over
+the size limit) and the sequential residual's step run without it.
 
 Measured on an H200 (docs/benchmarks.md), Pythia-2.8B's shape, ring, R = 32: the paired step with PDL 1.882
 ms/token, 1.993 without; before PDL in other batches: 1.999 (2.068 at the single-GEMV launch configs, 2.186 for
@@ -101,18 +103,17 @@ def join(side) -> None:
 # ---------------------------------------------------------------- the decode step's layers (capturable)
 
 
-def neox_layers_fused(stack, x, t, ours=None):
+def neox_layers_fused(stack, x, t, ours=None, pdl: bool = False):
     """The decode step's layers and final norm for GPT-NeoX, from the token's embedding x [1, 1, hidden]:
     returns the final LayerNorm's output [1, hidden] (the caller applies embed_out). `stack`: the fused
     LayerStack (its weights `w` and `attend_fused`). `ours(W)`: whether weight W runs on our Triton GEMV
     (`cudagraph_fused_gemv`, parallel residual); None: cuBLAS throughout (`cudagraph_fused`). With both
-    query_key_value and dense_h_to_4h on ours they are one `gemv_pair` launch before the fork."""
+    query_key_value and dense_h_to_4h on ours they are one `gemv_pair` launch before the fork. `pdl`: our kernels
+    with programmatic dependent launch (streamkv/backends/pdl.py; the caller checks the device)."""
     from streamkv.backends.gemv_kernels import gemv, gemv_pair
-    from streamkv.backends.pdl import pdl_supported
     from streamkv.backends.triton_kernels import add_layer_norm, bias_gelu
 
     w = stack.w
-    pdl = ours is not None and stack.gemv.pdl and pdl_supported(x.device)  # our GEMV step on Hopper
 
     def linear(a, W):
         return gemv(a, W, pdl=pdl) if ours is not None and ours(W) else F.linear(a, W)
@@ -163,8 +164,8 @@ def neox_layers_fused_gemv(stack, x, t):
         return sum(adds, F.linear(a, W, bias))
 
     if w.family.parallel_residual:  # cudagraph_fused's layers with our GEMVs; embed_out on ours too if small
-        h = neox_layers_fused(stack, x, t, ours=small)
-        pdl = stack.gemv.pdl and pdl_supported(x.device)
+        pdl = stack.gemv.pdl and pdl_supported(x.device)  # Hopper or newer
+        h = neox_layers_fused(stack, x, t, ours=small, pdl=pdl)
         return gemv(h, w.lm_head, w.lm_head_b, pdl=pdl) if stack.gemv.lm_head and small(w.lm_head) else \
             F.linear(h, w.lm_head, w.lm_head_b)
     x = x.reshape(1, -1)

@@ -205,11 +205,9 @@ def _gemv_kernel(x_ptr, r_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, e1_ptr, e2_ptr
 
 @triton.jit
 def _plain_rows(pid, x_ptr, w_ptr, b_ptr, y_ptr, N, stride_wn, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
-                PDL: tl.constexpr):
+                GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
     """Rows [pid * BLOCK_N, ...) of y = W @ x, rounded to y's dtype as a GEMV's output, then (+ bias, rounded)
     and exact GELU as `triton_kernels.bias_gelu` computes them."""
-    pdl_enter(PDL)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     kk = tl.arange(0, BLOCK_K)
@@ -234,14 +232,14 @@ def _gemv_pair_kernel(x1_ptr, w1_ptr, y1_ptr, x2_ptr, w2_ptr, b2_ptr, y2_ptr, N1
                       BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL1: tl.constexpr, UNROLL2: tl.constexpr,
                       PDL: tl.constexpr = False):
     # programs [0, cdiv(N1, BLOCK_N1)) compute y1, the others y2: one grid, one launch
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     nb1 = tl.cdiv(N1, BLOCK_N1)
     if pid < nb1:
-        _plain_rows(pid, x1_ptr, w1_ptr, w1_ptr, y1_ptr, N1, stride1, K, False, False, BLOCK_N1, BLOCK_K, UNROLL1,
-                    PDL)
+        _plain_rows(pid, x1_ptr, w1_ptr, w1_ptr, y1_ptr, N1, stride1, K, False, False, BLOCK_N1, BLOCK_K, UNROLL1)
     else:
         _plain_rows(pid - nb1, x2_ptr, w2_ptr, b2_ptr, y2_ptr, N2, stride2, K, HAS_BIAS2, GELU2, BLOCK_N2, BLOCK_K,
-                    UNROLL2, PDL)
+                    UNROLL2)
 
 
 _N_SM: dict = {}

@@ -41,8 +41,8 @@ class GemvOptions:
     # False = the one-pass norm prologue (y = rstd * W @ (s * gamma): the weight loads do not wait for the
     # norm; h not rounded to bf16 before the dot, see gemv_kernels.py); True = HF's roundings.
     exact: bool = True
-    # GPT-NeoX's step: every Triton kernel launched with programmatic dependent launch on sm_90+ (each kernel
-    # starts while the one before it drains; streamkv/backends/pdl.py). Same results; False for comparisons.
+    # GPT-NeoX's parallel-residual step: our Triton kernels launched with programmatic dependent launch on
+    # sm_90+ (each starts while the one before it drains; streamkv/backends/pdl.py). Same results; False to compare.
     pdl: bool = True
 
 

@@ -11,10 +11,12 @@ completes only after its predecessor completed, which completed only after its o
 A kernel launched without PDL waits for its predecessor as usual. Captured into a CUDA graph the launch
 attribute becomes a programmatic edge (CUDA >= 12.3).
 
-The Triton interpreter has no inline assembly: PDL is off on the CPU (`pdl_supported`).
+The Triton interpreter has no inline assembly: PDL is off there and on the CPU (`pdl_supported`).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -23,8 +25,10 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 def pdl_supported(device) -> bool:
-    """PDL needs a CUDA device of compute capability 9.0 or newer (Hopper)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """PDL needs an NVIDIA GPU of compute capability 9.0 or newer (Hopper), compiled kernels (not Triton's
+    interpreter) and CUDA, not ROCm (whose MI300 also reports a major version 9)."""
+    return (device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 @triton.jit

@@ -201,7 +201,8 @@ def main(argv=None) -> int:
         limit = {} if args.gemv_max_mb is None else \
             {"max_bytes": None if args.gemv_max_mb == 0 else int(args.gemv_max_mb * 2**20)}
         gemv = GemvOptions(pdl=not args.no_pdl, **limit)
-        gemv_meta.update({"gemv_max_bytes": gemv.max_bytes} if limit else {}, pdl=gemv.pdl)
+        gemv_meta.update({"gemv_max_bytes": gemv.max_bytes} if limit else {})
+    gemv_meta["pdl"] = (gemv or GemvOptions()).pdl  # GPT-NeoX's GEMV step on sm_90+ (streamkv/backends/pdl.py)
     if args.memory_history and device.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     import transformers
