@@ -16,6 +16,7 @@ The Triton interpreter has no inline assembly: PDL is off there and on the CPU (
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -26,9 +27,15 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 def pdl_supported(device) -> bool:
     """PDL needs an NVIDIA GPU of compute capability 9.0 or newer (Hopper), compiled kernels (not Triton's
-    interpreter) and CUDA, not ROCm (whose MI300 also reports a major version 9)."""
+    interpreter) and CUDA, not ROCm (whose MI300 also reports a major version 9). Asked once per decode step
+    (un-captured steps too): the device query is cached."""
     return (device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+            and _major(device.index if device.index is not None else torch.cuda.current_device()) >= 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 @triton.jit

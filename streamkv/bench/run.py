@@ -190,19 +190,19 @@ def main(argv=None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         models = args.models.split(",") if args.models else ["smollm2", "llama-1.1b", "llama-7b"]
-    gemv, gemv_meta = None, {}
+    gemv_meta = {}
     if args.gemv_configs:
         from streamkv.backends import gemv_kernels
 
         added = gemv_kernels.load_measured(args.gemv_configs)
         gemv_meta["gemv_configs_added"] = {f"{n}x{k}": list(c) for (n, k), c in added.items()}
         print(f"gemv configs from {args.gemv_configs}: {gemv_meta['gemv_configs_added']}", flush=True)
-    if args.gemv_max_mb is not None or args.no_pdl:
-        limit = {} if args.gemv_max_mb is None else \
-            {"max_bytes": None if args.gemv_max_mb == 0 else int(args.gemv_max_mb * 2**20)}
-        gemv = GemvOptions(pdl=not args.no_pdl, **limit)
-        gemv_meta.update({"gemv_max_bytes": gemv.max_bytes} if limit else {})
-    gemv_meta["pdl"] = (gemv or GemvOptions()).pdl  # GPT-NeoX's GEMV step on sm_90+ (streamkv/backends/pdl.py)
+    options = {"pdl": not args.no_pdl}  # GPT-NeoX's GEMV step on sm_90+ (streamkv/backends/pdl.py)
+    if args.gemv_max_mb is not None:
+        options["max_bytes"] = gemv_meta["gemv_max_bytes"] = \
+            None if args.gemv_max_mb == 0 else int(args.gemv_max_mb * 2**20)
+    gemv = GemvOptions(**options)
+    gemv_meta["pdl"] = gemv.pdl
     if args.memory_history and device.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     import transformers
