@@ -57,14 +57,25 @@ def test_neox_kernels_in_interpreter():
                                                       (3, 3, 80, 80, "per_head", False, True),
                                                       (4, 2, 80, 80, "grouped", True, True)]:
             qkv = torch.randn((H + 2 * Hkv) * D); b = torch.randn_like(qkv) if bias else None
-            K = torch.zeros(Hkv, C + 1, D); V = torch.zeros(Hkv, C + 1, D); side = torch.randn(Hkv, S + 1, D)
+            side0 = torch.randn(Hkv, S + 1, D)
             cos, sin = tables(100, R)
             step = torch.tensor([5]); qpos = torch.arange(n) * 3; ws = torch.arange(n) % C; sw = torch.arange(n) % (S + 1)
             fslot = torch.randint(0, C, (n, F_)); fsrc = torch.randint(0, S, (n, F_)); fpos = torch.randint(0, 90, (n, F_))
             fslot[5] = torch.tensor([7, 9]); fsrc[5] = torch.tensor([0, 2]); sw[5] = 1
-            side0 = side.clone(); qo = torch.empty(H, D)
-            kv_update(qkv, qo, K, V, side, cos, sin, step, qpos, ws, sw, fslot, fsrc, fpos, n_heads=H, n_kv=Hkv,
-                      rotate_k=rotate_k, has_side=True, rotary_dim=R, qkv_layout=layout, bias=b)
+            outs = []
+            for nb in (1, Hkv):  # one program for every head; one per KV head (the GPT-NeoX GEMV step's form)
+                K = torch.zeros(Hkv, C + 1, D); V = torch.zeros(Hkv, C + 1, D); side = side0.clone(); qo = torch.empty(H, D)
+                kv_update(qkv, qo, K, V, side, cos, sin, step, qpos, ws, sw, fslot, fsrc, fpos, n_heads=H, n_kv=Hkv,
+                          rotate_k=rotate_k, has_side=True, rotary_dim=R, qkv_layout=layout, bias=b, head_blocks=nb)
+                outs.append((qo, K, V, side))
+            assert all(torch.equal(a, b_) for a, b_ in zip(*outs)), (layout, "head_blocks")
+            try:  # a block size that does not divide the head counts is refused
+                kv_update(qkv, qo, K, V, side, cos, sin, step, qpos, ws, sw, fslot, fsrc, fpos, n_heads=H, n_kv=Hkv,
+                          rotate_k=rotate_k, has_side=True, rotary_dim=R, qkv_layout=layout, bias=b, head_blocks=Hkv + 1)
+                raise AssertionError("head_blocks that does not divide the heads was accepted")
+            except ValueError:
+                pass
+            qo, K, V, side = outs[0]
             full = qkv + b if bias else qkv
             if layout == "per_head":
                 q, k, v = full.view(H, 3 * D).chunk(3, -1)
@@ -393,6 +404,9 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         pdl = [build(tk._kv_update_kernel, ty, dict(
                    HQ=32, HKV=32, HQP=32, HKVP=32, D=80, DP=128, ROT=20, RHP=16, **tk.qkv_offsets("per_head", 32, 32, 80),
                    F=4, ROTATE_K=True, HAS_SIDE=True, HAS_BIAS=True, PDL=True), 2),
+               build(tk._kv_update_kernel, ty, dict(  # one program per KV head, as the GEMV step launches it
+                   HQ=32, HKV=32, HQP=1, HKVP=1, D=80, DP=128, ROT=20, RHP=16, **tk.qkv_offsets("per_head", 32, 32, 80),
+                   F=4, ROTATE_K=True, HAS_SIDE=True, HAS_BIAS=True, NB=32, PDL=True), 2),
                build(tk._attn_rows_kernel, ty, dict(C=2084, SPLIT_LEN=64, G=1, D=80, DP=128, ROT=20, BLOCK_N=64, NS=33,
                                                     ROTATE_K=False, PDL=True), 1),
                build(tk._attn_split_kernel, ty, dict(C=2084, SPLIT_LEN=256, G=1, GP=16, D=80, ROT=20, RHP=16, PP=64,

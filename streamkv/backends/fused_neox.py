@@ -29,7 +29,8 @@ this step takes (exact GELU) is checked when the weights are gathered (families.
   add_layer_norm   the previous layer's residual adds + ln1 + ln2, as above
   gemv_pair        query_key_value of ln1(x) and dense_h_to_4h of ln2(x) + bias + exact GELU: one launch (the
                    two weights stay where they are; the first programs do one GEMV, the rest the other)
-  kv_update, attention (2 launches), dense   on the branch stream, as above (dense on our GEMV)
+  kv_update, attention (2 launches), dense   on the branch stream, as above (dense on our GEMV; kv_update one
+                   program per KV head)
   dense_4h_to_h    our GEMV, beside the attention (its bias goes into the next add_layer_norm)
 
 With the sequential residual (10 launches) dense and dense_4h_to_h carry the bias and the residual add in their
@@ -41,8 +42,9 @@ ours) and embed_out on our GEMV are launched with programmatic dependent launch 
 `GemvOptions.pdl`): each kernel starts while the one before it on its stream drains. cuBLAS GEMVs (weights over
 the size limit) and the sequential residual's step run without it.
 
-Measured on an H200 (docs/benchmarks.md), Pythia-2.8B's shape, ring, R = 32: the paired step with PDL 1.882
-ms/token, 1.993 without; before PDL in other batches: 1.999 (2.068 at the single-GEMV launch configs, 2.186 for
+Measured on an H200 (docs/benchmarks.md), Pythia-2.8B's shape, ring, R = 32: the paired step with PDL and
+kv_update per KV head 1.874 ms/token (1.892 with one kv_update program for all heads); with one program 1.882 with
+PDL, 1.993 without; before PDL in other batches: 1.999 (2.068 at the single-GEMV launch configs, 2.186 for
 the previous step: the attention beside dense_h_to_4h on cuBLAS, the residual adds in dense_4h_to_h's epilogue);
 with dense and dense_4h_to_h on cuBLAS 2.180, with bias + GELU as its own launch 2.249, on one stream 2.459.
 
@@ -130,7 +132,7 @@ def neox_layers_fused(stack, x, t, ours=None, pdl: bool = False):
             qkv, act = gemv_pair(h1, lw.wqkv, h2, lw.wgu, lw.bgu, gelu2=True, pdl=pdl)
         with beside(side):  # parallel residual: the attention on the branch stream, the MLP beside it
             a = stack.attend_fused(i, qkv if paired else F.linear(h1, lw.wqkv), t, bias=lw.bqkv,  # + qkv bias
-                                   pdl=pdl)
+                                   pdl=pdl, head_blocks=w.n_kv_heads if ours is not None else 1)
             o = linear(a.view(1, -1), lw.wo)
         if not fam.parallel_residual:  # ln2 norms x + attention
             x, h2, _ = add_layer_norm(x, [(o, lw.bo)], (lw.ln2, lw.ln2_b), None, w.eps)

@@ -221,10 +221,10 @@ class LayerStack:
 
     # ------------------------------------------------------------------ attention (fused paths)
 
-    def attend_fused(self, i: int, qkv, t, bias=None, pdl: bool = False):
+    def attend_fused(self, i: int, qkv, t, bias=None, pdl: bool = False, head_blocks: int = 1):
         """Layer i's attention on the fused paths, from its qkv projection (+ `bias`, added by kv_update):
-        RoPE of the rotary dims + slot write (Triton kv_update, in the family's q/k/v layout), the scored
-        policies' observation, split-KV decode attention. Returns [H, D]."""
+        RoPE of the rotary dims + slot write (Triton kv_update, in the family's q/k/v layout, in `head_blocks`
+        programs per token), the scored policies' observation, split-KV decode attention. Returns [H, D]."""
         from streamkv.backends.triton_kernels import kv_update
 
         w, c = self.w, self.c
@@ -233,7 +233,8 @@ class LayerStack:
                   c.cos, c.sin, t, c.qpos, c.write_slot, c.side_write,
                   c.fix_slot if c.n_fix else None, c.fix_src, c.fix_pos,
                   n_heads=w.n_heads, n_kv=w.n_kv_heads, rotate_k=c.rotate_stored, has_side=c.has_side,
-                  rotary_dim=w.rotary_ndims, qkv_layout=w.family.qkv_layout, bias=bias, pdl=pdl)
+                  rotary_dim=w.rotary_ndims, qkv_layout=w.family.qkv_layout, bias=bias,
+                  head_blocks=head_blocks, pdl=pdl)
         if self.scored is not None:  # the Triton attention exposes no probabilities: a torch softmax
             self._observe(i, q_rot.view(1, w.n_heads, 1, -1), c.observed_keys)
         return self.attn(q_rot, c.k[i], c.v[i], c.valid, self.scale,
