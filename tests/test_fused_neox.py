@@ -64,14 +64,16 @@ def test_neox_kernels_in_interpreter():
             fslot[5] = torch.tensor([7, 9]); fsrc[5] = torch.tensor([0, 2]); sw[5] = 1
             outs = []
             for nb in (1, Hkv):  # one program for every head; one per KV head (the GPT-NeoX GEMV step's form)
-                K = torch.zeros(Hkv, C + 1, D); V = torch.zeros(Hkv, C + 1, D); side = side0.clone(); qo = torch.empty(H, D)
+                K = torch.zeros(Hkv, C + 1, D); V = torch.zeros(Hkv, C + 1, D)
+                side = side0.clone(); qo = torch.empty(H, D)
                 kv_update(qkv, qo, K, V, side, cos, sin, step, qpos, ws, sw, fslot, fsrc, fpos, n_heads=H, n_kv=Hkv,
                           rotate_k=rotate_k, has_side=True, rotary_dim=R, qkv_layout=layout, bias=b, head_blocks=nb)
                 outs.append((qo, K, V, side))
             assert all(torch.equal(a, b_) for a, b_ in zip(*outs)), (layout, "head_blocks")
             try:  # a block size that does not divide the head counts is refused
                 kv_update(qkv, qo, K, V, side, cos, sin, step, qpos, ws, sw, fslot, fsrc, fpos, n_heads=H, n_kv=Hkv,
-                          rotate_k=rotate_k, has_side=True, rotary_dim=R, qkv_layout=layout, bias=b, head_blocks=Hkv + 1)
+                          rotate_k=rotate_k, has_side=True, rotary_dim=R, qkv_layout=layout, bias=b,
+                          head_blocks=Hkv + 1)
                 raise AssertionError("head_blocks that does not divide the heads was accepted")
             except ValueError:
                 pass
@@ -379,8 +381,10 @@ def test_kernels_compile_for_hopper_without_a_gpu():
                                                  ROTATE_K=rotate_k), 1)
         build(tk._attn_reduce_kernel, ty, dict(NS=9, NSP=16, D=80, DP=128), 1)
         for n_add, two in [(0, True), (2, True), (1, False)]:
-            build(tk._add_layer_norm_kernel, ty, dict(BLOCK=4096, N_ADD=n_add, HAS_C1=True, HAS_C2=n_add > 1, TWO=two,
-                                                      WRITE_X=n_add > 0), 8)
+            ln = build(tk._add_layer_norm_kernel, ty, dict(BLOCK=4096, N_ADD=n_add, HAS_C1=True, HAS_C2=n_add > 1,
+                                                           TWO=two, WRITE_X=n_add > 0), 8)
+            ptx = ln.asm["ptx"]  # every load (inputs and the norm's weights) before the first store: one round trip
+            assert ptx.rindex("ld.global") < ptx.index("st.global"), (n_add, two)
         build(tk._bias_gelu_kernel, ty, dict(BLOCK=1024, HAS_BIAS=True), 4)
         # cudagraph_fused_gemv's GPT-NeoX GEMVs at their measured launch configs: dense_4h_to_h with the bias and
         # two residual rows in the epilogue, dense with the bias, the final LayerNorm + embed_out

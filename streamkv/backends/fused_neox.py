@@ -42,11 +42,12 @@ ours) and embed_out on our GEMV are launched with programmatic dependent launch 
 `GemvOptions.pdl`): each kernel starts while the one before it on its stream drains. cuBLAS GEMVs (weights over
 the size limit) and the sequential residual's step run without it.
 
-Measured on an H200 (docs/benchmarks.md), Pythia-2.8B's shape, ring, R = 32: the paired step with PDL and
-kv_update per KV head 1.874 ms/token (1.892 with one kv_update program for all heads); with one program 1.882 with
-PDL, 1.993 without; before PDL in other batches: 1.999 (2.068 at the single-GEMV launch configs, 2.186 for
-the previous step: the attention beside dense_h_to_4h on cuBLAS, the residual adds in dense_4h_to_h's epilogue);
-with dense and dense_4h_to_h on cuBLAS 2.180, with bias + GELU as its own launch 2.249, on one stream 2.459.
+Measured on an H200 (docs/benchmarks.md), Pythia-2.8B's shape, ring, R = 32: the paired step with PDL, kv_update
+per KV head and add_layer_norm loading its weights first 1.806 ms/token (1.864 with the weights loaded after its
+stores; 1.892 with one kv_update program for all heads); with one program 1.882 with PDL, 1.993 without; before
+PDL in other batches: 1.999 (2.068 at the single-GEMV launch configs, 2.186 for the previous step: the attention
+beside dense_h_to_4h on cuBLAS, the residual adds in dense_4h_to_h's epilogue); with dense and dense_4h_to_h on
+cuBLAS 2.180, with bias + GELU as its own launch 2.249, on one stream 2.459.
 
 Before the paired GEMV, the GEMV step without the two branches measured 2.405 vs 2.598 ms/token for
 cudagraph_fused. The LayerNorm as the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran

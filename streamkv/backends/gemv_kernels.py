@@ -213,13 +213,15 @@ def _plain_rows(pid, x_ptr, w_ptr, b_ptr, y_ptr, N, stride_wn, K: tl.constexpr, 
     kk = tl.arange(0, BLOCK_K)
     zero = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
     wrow = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    # the bias before the weights: loaded in the epilogue it would add a memory round trip to every program
+    bias = tl.load(b_ptr + rows, mask=rmask & HAS_BIAS, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc, _ = _k_loop(acc, acc, 0.0, 0.0, wrow, rmask, x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, kk, zero, zero != 0,
                      K, 0, False, False, BLOCK_K, UNROLL)
     out_ty = y_ptr.dtype.element_ty
     y = tl.sum(acc, 1).to(out_ty)
     if HAS_BIAS:
-        y = (y.to(tl.float32) + tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)).to(out_ty)
+        y = (y.to(tl.float32) + bias).to(out_ty)
     if GELU:
         u = y.to(tl.float32)
         y = (0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))).to(out_ty)

@@ -414,6 +414,12 @@ def _add_layer_norm_kernel(x_ptr, r1_ptr, c1_ptr, r2_ptr, c2_ptr, xo_ptr, wa_ptr
     pdl_enter(PDL)
     i = tl.arange(0, BLOCK)
     m = i < N
+    # the norm's weights first, with the inputs: loaded after the residual store they would be one more memory
+    # round trip on the decode step's critical path (a store may alias them); wb, bb are wa, ba without TWO
+    wa = tl.load(wa_ptr + i, mask=m, other=0.0).to(tl.float32)
+    ba = tl.load(ba_ptr + i, mask=m, other=0.0).to(tl.float32)
+    wb = tl.load(wb_ptr + i, mask=m, other=0.0).to(tl.float32)
+    bb = tl.load(bb_ptr + i, mask=m, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + i, mask=m, other=0.0).to(tl.float32)
     if N_ADD >= 1:
         x += tl.load(r1_ptr + i, mask=m, other=0.0).to(tl.float32)
@@ -431,12 +437,8 @@ def _add_layer_norm_kernel(x_ptr, r1_ptr, c1_ptr, r2_ptr, c2_ptr, xo_ptr, wa_ptr
     xc = tl.where(m, xf - mean, 0.0)
     y = xc / tl.sqrt(tl.sum(xc * xc, 0) / N + eps)
     out = ha_ptr.dtype.element_ty
-    wa = tl.load(wa_ptr + i, mask=m, other=0.0).to(tl.float32)
-    ba = tl.load(ba_ptr + i, mask=m, other=0.0).to(tl.float32)
     tl.store(ha_ptr + i, (y * wa + ba).to(out), mask=m)
     if TWO:
-        wb = tl.load(wb_ptr + i, mask=m, other=0.0).to(tl.float32)
-        bb = tl.load(bb_ptr + i, mask=m, other=0.0).to(tl.float32)
         tl.store(hb_ptr + i, (y * wb + bb).to(out), mask=m)
 
 
