@@ -125,6 +125,7 @@ def neox_layers_fused(stack, x, t, ours=None, pdl: bool = False):
     pending = None  # the previous layer's outputs (with their biases) not yet added to the residual x
     fam = w.family
     side = branch_stream(x.device) if fam.parallel_residual else None
+    head_blocks = w.n_kv_heads if ours is not None else 1  # kv_update per KV head in the GEMV step
     for i, lw in enumerate(w.layers):
         ln2 = (lw.ln2, lw.ln2_b) if fam.parallel_residual else None
         x, h1, h2 = add_layer_norm(x, pending, (lw.ln1, lw.ln1_b), ln2, w.eps, pdl=pdl)
@@ -133,7 +134,7 @@ def neox_layers_fused(stack, x, t, ours=None, pdl: bool = False):
             qkv, act = gemv_pair(h1, lw.wqkv, h2, lw.wgu, lw.bgu, gelu2=True, pdl=pdl)
         with beside(side):  # parallel residual: the attention on the branch stream, the MLP beside it
             a = stack.attend_fused(i, qkv if paired else F.linear(h1, lw.wqkv), t, bias=lw.bqkv,  # + qkv bias
-                                   pdl=pdl, head_blocks=w.n_kv_heads if ours is not None else 1)
+                                   pdl=pdl, head_blocks=head_blocks)
             o = linear(a.view(1, -1), lw.wo)
         if not fam.parallel_residual:  # ln2 norms x + attention
             x, h2, _ = add_layer_norm(x, [(o, lw.bo)], (lw.ln2, lw.ln2_b), None, w.eps)
