@@ -130,6 +130,19 @@ def test_decode_attention_default_launch_in_interpreter():
             assert (att.rows, att.block_n, att.waves, att.num_warps) == launch and att.ns > 1, (D, rot)
             out = att(q, k, v, valid, D ** -0.5, cos if rot else None, sin if rot else None)
             assert ((out - ref).norm() / ref.norm()) < 1e-5, (D, rot)
+        # the rows kernel's head dim in two tiles where it is not a power of two (keys stored rotated): Pythia's 80
+        # = 64 + 16 unpadded; the static layout (rotation at read) keeps one padded tile
+        from streamkv.backends.triton_kernels import row_tiles
+        assert att.row_tiles == (64, 16)  # the last case above: head dim 80 on the ring
+        assert [row_tiles(D) for D in (80, 96, 112, 48, 64, 128)] == [(64, 16), (64, 32), (64, 64), (32, 16), (64, 0),
+                                                                       (128, 0)]
+        assert row_tiles(80, two=False) == (128, 0)
+        for Hq, Hkv, D, R, C in [(2, 2, 112, 16, 90), (4, 2, 48, 16, 70)]:  # a masked second tile; GQA
+            q, k, v, valid, cos, sin, ref = attention_case(Hq, Hkv, D, R, C, False)
+            att = DecodeAttention(Hq, Hkv, D, C, torch.device("cpu"), torch.float32, n_sm=2, rotary_dim=R, rows=True)
+            assert att.row_tiles == row_tiles(D) and att.row_tiles[1] > 0 and att.ns > 1
+            out = att(q, k, v, valid, D ** -0.5)
+            assert ((out - ref).norm() / ref.norm()) < 1e-5, D
         print("ok")
     """)
 
@@ -413,6 +426,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
                    F=4, ROTATE_K=True, HAS_SIDE=True, HAS_BIAS=True, NB=32, PDL=True), 2),
                build(tk._attn_rows_kernel, ty, dict(C=2084, SPLIT_LEN=64, G=1, D=80, DP=128, ROT=20, BLOCK_N=64, NS=33,
                                                     ROTATE_K=False, PDL=True), 1),
+               build(tk._attn_rows_kernel, ty, dict(C=2084, SPLIT_LEN=64, G=1, D=80, DP=64, DB=16, ROT=20, BLOCK_N=64,
+                                                    NS=33, ROTATE_K=False, PDL=True), 1),  # two tiles, as launched
                build(tk._attn_split_kernel, ty, dict(C=2084, SPLIT_LEN=256, G=1, GP=16, D=80, ROT=20, RHP=16, PP=64,
                                                      BLOCK_N=32, NS=9, ROTATE_K=True, PDL=True), 8),
                build(tk._attn_reduce_kernel, ty, dict(NS=33, NSP=64, D=80, DP=128, PDL=True), 1),

@@ -264,12 +264,13 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, 
 def _attn_rows_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l_ptr, acc_ptr,
                       stride_kh, scale, C: tl.constexpr, SPLIT_LEN: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                       DP: tl.constexpr, ROT: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
-                      ROTATE_K: tl.constexpr, PDL: tl.constexpr = False):
+                      ROTATE_K: tl.constexpr, PDL: tl.constexpr = False, DB: tl.constexpr = 0):
     pdl_enter(PDL)
     # one query head per program, whole key/value rows (one contiguous load each), scores and the weighted
     # sum on CUDA cores (no tensor-core dot to pad: the partial-rotary head dim, e.g. 80 = 20 + 60, is one
-    # masked row of DP); in the static layout the rotary dims [0, ROT) are rotated at read from a second,
-    # partner load (rotate_half: dim e pairs with e + ROT/2 or e - ROT/2)
+    # masked row of DP, or with DB > 0 two tiles, dims [0, DP) and [DP, DP + DB) masked to D: 80 = 64 + 16
+    # unpadded, 154 registers instead of 181 at one warp); in the static layout (one tile) the rotary dims
+    # [0, ROT) are rotated at read from a second, partner load (rotate_half: dim e pairs with e +- ROT/2)
     hq = tl.program_id(0)  # query head
     sp = tl.program_id(1)  # split of the keys
     h = hq // G
@@ -280,6 +281,11 @@ def _attn_rows_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l
     m_i = tl.max(tl.full([BLOCK_N], -1.0e30, tl.float32), 0)
     l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     acc = tl.zeros([DP], tl.float32)
+    if DB > 0:  # the second tile
+        f = DP + tl.arange(0, DB)
+        fm = f < D
+        qb = tl.load(q_ptr + hq * D + f, mask=fm, other=0.0).to(tl.float32)
+        accb = tl.zeros([DB], tl.float32)
     start = sp * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, C)
     for i in range(0, SPLIT_LEN, BLOCK_N):
@@ -287,6 +293,8 @@ def _attn_rows_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l
         rm = nm[:, None] & em[None, :]
         rows = h * stride_kh + n[:, None] * D
         k = tl.load(k_ptr + rows + e[None, :], mask=rm, other=0.0).to(tl.float32)
+        if DB > 0:
+            kb = tl.load(k_ptr + rows + f[None, :], mask=nm[:, None] & fm[None, :], other=0.0).to(tl.float32)
         if ROTATE_K:  # static layout: key n sits at position n
             rot = e < ROT
             partner = tl.where(e < RH, e + RH, e - RH)
@@ -296,19 +304,26 @@ def _attn_rows_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l
             cs = tl.load(cos_ptr + n[:, None] * ROT + e[None, :], mask=cm, other=1.0).to(tl.float32)
             sn = tl.load(sin_ptr + n[:, None] * ROT + e[None, :], mask=cm, other=0.0).to(tl.float32)
             k = k * cs + sign[None, :] * kp * sn
-        s = tl.sum(k * q[None, :], 1) * scale
-        s = tl.where(ok, s, float("-inf"))
+        s = tl.sum(k * q[None, :], 1)
+        if DB > 0:
+            s += tl.sum(kb * qb[None, :], 1)
+        s = tl.where(ok, s * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp(m_i - m_new)
         pr = tl.exp(s - m_new)
         l_i = l_i * alpha + tl.sum(pr, 0)
         v = tl.load(v_ptr + rows + e[None, :], mask=rm, other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(pr[:, None] * v, 0)
+        if DB > 0:
+            vb = tl.load(v_ptr + rows + f[None, :], mask=nm[:, None] & fm[None, :], other=0.0).to(tl.float32)
+            accb = accb * alpha + tl.sum(pr[:, None] * vb, 0)
         m_i = m_new
     row = hq * NS + sp
     tl.store(m_ptr + row, m_i)
     tl.store(l_ptr + row, l_i)
     tl.store(acc_ptr + row * D + e, acc, mask=em)
+    if DB > 0:
+        tl.store(acc_ptr + row * D + f, accb, mask=fm)
 
 
 @triton.jit
@@ -327,6 +342,17 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NS: tl.constexpr, NSP: tl.
     acc = tl.load(acc_ptr + (hq * NS + sp)[:, None] * D + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
     o = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
     tl.store(o_ptr + hq * D + d, o.to(o_ptr.dtype.element_ty), mask=dm)
+
+
+def row_tiles(D: int, two: bool = True) -> tuple[int, int]:
+    """The rows kernel's head-dim tiles (widths DP, DB): a head dim that is not a power of two in two tiles, the
+    largest power of two below it and the rest padded (80 = 64 + 16: no padding; measured faster on Pythia-2.8B's
+    step than one tile of 128, docs/benchmarks.md), else one tile (DB = 0). `two=False`: one padded tile (the
+    static layout, whose rotation at read pairs dims within one tile)."""
+    dp = triton.next_power_of_2(D)
+    if not two or dp == D:
+        return dp, 0
+    return dp // 2, triton.next_power_of_2(D - dp // 2)
 
 
 def _dot_width(n: int) -> int:
@@ -374,6 +400,7 @@ class DecodeAttention:
         self.split_len = triton.cdiv(n_blocks, self.ns) * block_n
         self.ns = triton.cdiv(capacity, self.split_len)
         self.rotate_k = rotate_k
+        self.row_tiles = row_tiles(head_dim, two=not rotate_k)
         self.m = torch.empty(n_heads * self.ns, device=device, dtype=torch.float32)
         self.l = torch.empty_like(self.m)
         self.acc = torch.empty(n_heads * self.ns, head_dim, device=device, dtype=torch.float32)
@@ -388,9 +415,9 @@ class DecodeAttention:
         if self.rows:
             _attn_rows_kernel[(self.n_heads, self.ns)](
                 q, k, v, valid, cos, sin, self.m, self.l, self.acc, k.stride(0), scale, C=self.C,
-                SPLIT_LEN=self.split_len, G=self.G, D=D, DP=triton.next_power_of_2(D), ROT=rot,
+                SPLIT_LEN=self.split_len, G=self.G, D=D, DP=self.row_tiles[0], ROT=rot,
                 BLOCK_N=self.block_n, NS=self.ns, ROTATE_K=self.rotate_k, num_warps=self.num_warps,
-                PDL=pdl, launch_pdl=pdl)
+                PDL=pdl, launch_pdl=pdl, DB=self.row_tiles[1])
         else:
             _attn_split_kernel[(self.n_kv, self.ns)](
                 q, k, v, valid, cos, sin, self.m, self.l, self.acc, k.stride(0), scale, C=self.C,
@@ -458,7 +485,7 @@ def add_layer_norm(x, adds, ln_a, ln_b=None, eps: float = 1e-5, write_x: bool = 
         x, r1, x if c1 is None else c1, r2, x if c2 is None else c2, xo, ln_a[0], ln_a[1], ha, wb, bb,
         ha if hb is None else hb, N, eps, BLOCK=triton.next_power_of_2(N), N_ADD=len(adds), HAS_C1=c1 is not None,
         HAS_C2=c2 is not None, TWO=ln_b is not None, WRITE_X=bool(adds) and write_x,
-        num_warps=4 if N <= 2048 else 8, PDL=pdl, launch_pdl=pdl)
+        num_warps=4 if N <= 2048 else 16, PDL=pdl, launch_pdl=pdl)  # 16 for Pythia-2.8B's 2560: 0.4 % faster than 8
     return xo, ha, hb
 
 
