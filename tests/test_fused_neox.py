@@ -136,7 +136,9 @@ def test_decode_attention_default_launch_in_interpreter():
         assert att.row_tiles == (64, 16)  # the last case above: head dim 80 on the ring
         assert [row_tiles(D) for D in (80, 96, 112, 48, 64, 128)] == [(64, 16), (64, 32), (64, 64), (32, 16), (64, 0),
                                                                        (128, 0)]
-        assert row_tiles(80, two=False) == (128, 0)
+        assert row_tiles(80, two=False) == (128, 0) and [row_tiles(D) for D in (6, 24)] == [(4, 2), (16, 8)]
+        assert DecodeAttention(2, 2, 80, 40, torch.device("cpu"), torch.float32, rotate_k=True, n_sm=2, rotary_dim=20,
+                               rows=True).row_tiles == (128, 0)  # the static layout rotates at read: one tile
         for Hq, Hkv, D, R, C in [(2, 2, 112, 16, 90), (4, 2, 48, 16, 70)]:  # a masked second tile; GQA
             q, k, v, valid, cos, sin, ref = attention_case(Hq, Hkv, D, R, C, False)
             att = DecodeAttention(Hq, Hkv, D, C, torch.device("cpu"), torch.float32, n_sm=2, rotary_dim=R, rows=True)
@@ -398,6 +400,9 @@ def test_kernels_compile_for_hopper_without_a_gpu():
                                                            TWO=two, WRITE_X=n_add > 0), 8)
             ptx = ln.asm["ptx"]  # every load (inputs and the norm's weights) before the first store: one round trip
             assert ptx.rindex("ld.global") < ptx.index("st.global"), (n_add, two)
+        ptx = build(tk._add_layer_norm_kernel, ty, dict(BLOCK=4096, N_ADD=2, HAS_C1=True, HAS_C2=True, TWO=True,
+                                                        WRITE_X=True), 16).asm["ptx"]  # as launched for width 2560
+        assert ptx.rindex("ld.global") < ptx.index("st.global")
         build(tk._bias_gelu_kernel, ty, dict(BLOCK=1024, HAS_BIAS=True), 4)
         # cudagraph_fused_gemv's GPT-NeoX GEMVs at their measured launch configs: dense_4h_to_h with the bias and
         # two residual rows in the epilogue, dense with the bias, the final LayerNorm + embed_out

@@ -43,12 +43,13 @@ ours) and embed_out on our GEMV are launched with programmatic dependent launch 
 the size limit) and the sequential residual's step run without it.
 
 Measured on H200s (docs/benchmarks.md), Pythia-2.8B's shape, ring, R = 32: the paired step with PDL, kv_update
-per KV head, add_layer_norm loading its weights first (at 16 warps) and the attention's head dim in two tiles
-1.781-1.787 ms/token (1.801-1.817 with one padded tile, add_layer_norm at 8 warps and dense_4h_to_h at (4, 256, 8);
-1.864 with the norm's weights loaded after its stores; 1.892 with one kv_update program for all heads); with one program 1.882 with PDL, 1.993 without; before
-PDL in other batches: 1.999 (2.068 at the single-GEMV launch configs, 2.186 for the previous step: the attention
-beside dense_h_to_4h on cuBLAS, the residual adds in dense_4h_to_h's epilogue); with dense and dense_4h_to_h on
-cuBLAS 2.180, with bias + GELU as its own launch 2.249, on one stream 2.459.
+per KV head, add_layer_norm loading its weights first (at 16 warps), dense_4h_to_h at (2, 256, 4) and the
+attention's head dim in two tiles 1.781-1.787 ms/token (1.801-1.817 with add_layer_norm at 8 warps,
+dense_4h_to_h at (4, 256, 8) and one padded tile; earlier forms in earlier batches: 1.864 with the norm's
+weights loaded after its stores, 1.892 with one kv_update program for all heads); with one program 1.882 with
+PDL, 1.993 without; before PDL in other batches: 1.999 (2.068 at the single-GEMV launch configs, 2.186 for the
+previous step: the attention beside dense_h_to_4h on cuBLAS, the residual adds in dense_4h_to_h's epilogue); with
+dense and dense_4h_to_h on cuBLAS 2.180, with bias + GELU as its own launch 2.249, on one stream 2.459.
 
 Before the paired GEMV, the GEMV step without the two branches measured 2.405 vs 2.598 ms/token for
 cudagraph_fused. The LayerNorm as the prologue of query_key_value and dense_h_to_4h too (7 launches per layer) ran

@@ -270,7 +270,7 @@ MEASURED = {
     (7680, 2560): (16, 256, 8),   # query_key_value
     (2560, 2560): (4, 256, 8),    # dense
     (10240, 2560): (32, 256, 8),  # dense_h_to_4h
-    (2560, 10240): (2, 256, 4),   # dense_4h_to_h, in the step beside the attention (alone (4, 256, 8) is faster)
+    (2560, 10240): (2, 256, 4),   # dense_4h_to_h: measured in the step, beside the attention (the sweep: (4, 256, 8))
     (50304, 2560): (16, 256, 4),  # embed_out
 }
 

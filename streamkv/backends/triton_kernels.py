@@ -265,6 +265,7 @@ def _attn_rows_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, cos_ptr, sin_ptr, m_ptr, l
                       stride_kh, scale, C: tl.constexpr, SPLIT_LEN: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                       DP: tl.constexpr, ROT: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
                       ROTATE_K: tl.constexpr, PDL: tl.constexpr = False, DB: tl.constexpr = 0):
+    tl.static_assert(DB == 0 or not ROTATE_K, "two head-dim tiles need the keys stored rotated")
     pdl_enter(PDL)
     # one query head per program, whole key/value rows (one contiguous load each), scores and the weighted
     # sum on CUDA cores (no tensor-core dot to pad: the partial-rotary head dim, e.g. 80 = 20 + 60, is one
@@ -346,9 +347,9 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NS: tl.constexpr, NSP: tl.
 
 def row_tiles(D: int, two: bool = True) -> tuple[int, int]:
     """The rows kernel's head-dim tiles (widths DP, DB): a head dim that is not a power of two in two tiles, the
-    largest power of two below it and the rest padded (80 = 64 + 16: no padding; measured faster on Pythia-2.8B's
-    step than one tile of 128, docs/benchmarks.md), else one tile (DB = 0). `two=False`: one padded tile (the
-    static layout, whose rotation at read pairs dims within one tile)."""
+    largest power of two below it and the rest padded (80 = 64 + 16: no padding, fewer registers; Pythia-2.8B's
+    step 1.787 -> 1.783 ms/token on an H200, docs/benchmarks.md), else one tile (DB = 0). `two=False`: one padded
+    tile (the static layout, whose rotation at read pairs dims within one tile)."""
     dp = triton.next_power_of_2(D)
     if not two or dp == D:
         return dp, 0
